@@ -1,0 +1,333 @@
+"""Validation and dispatch: the one place that decides which kernel runs, with which tiles and lists.
+
+The low-level functions here take and return arrays of any supported framework (torch, CuPy, Numba device
+arrays; numpy and CPU torch tensors under the simulator) and do no autograd; `autograd.py` wraps them for
+torch. Layout is (batch, seqlen, nheads, headdim), any strides with a contiguous last dim.
+"""
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import interop
+from .blocksparse import BlockMask
+from .kernels import configs
+from .kernels.intrinsics import DTYPES, SIMULATOR
+from .kernels.simt_bwd import make_dkdv_kernel, make_dot_do_o_kernel, make_dq_kernel
+from .kernels.simt_fwd import LOG2E, make_forward_kernel
+
+CAUSAL_ALIGNS = ("bottom_right", "top_left")
+
+
+@dataclass(frozen=True)
+class Problem:
+    batch: int
+    seqlen_q: int
+    seqlen_k: int
+    nheads: int
+    headdim: int
+    dtype: str
+    framework: str
+    device: object
+
+
+@dataclass(frozen=True)
+class MaskLists:
+    """A block mask's lists as arrays of any framework (see docs/CONTRACTS.md), with its block size."""
+    kv_count: object
+    kv_index: object
+    q_count: object
+    q_index: object
+    block_q: int
+    block_k: int
+
+
+# --------------------------------------------------------------------------------------------------
+# validation
+# --------------------------------------------------------------------------------------------------
+
+def _check_device(name, fw, dev):
+    if SIMULATOR:
+        if dev != "cpu":
+            raise ValueError(f"{name} is on CUDA device {dev}, but numba_flash runs under the CUDA "
+                             f"simulator (NUMBA_ENABLE_CUDASIM=1): pass host arrays")
+    elif dev == "cpu":
+        raise ValueError(f"{name} is on the host ({fw}); numba_flash runs on the GPU: move it to a CUDA "
+                         f"device (or run under the simulator with NUMBA_ENABLE_CUDASIM=1)")
+
+
+def check_qkv(q, k, v):
+    """Problem of a (q, k, v) call; TypeError / ValueError naming the argument for anything unsupported."""
+    descs = {}
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        fw, shape, strides, dtype, dev = interop.describe(x, name)
+        if len(shape) != 4:
+            raise ValueError(f"{name} must have shape (batch, seqlen, nheads, headdim), got {shape}")
+        if dtype not in DTYPES:
+            raise TypeError(f"{name} has dtype {dtype}; supported: {', '.join(DTYPES)}")
+        if shape[3] > 1 and strides[3] != 1:
+            raise ValueError(f"{name} must be contiguous in its last (headdim) dim, got strides {strides}")
+        _check_device(name, fw, dev)
+        descs[name] = (fw, shape, dtype, dev)
+    fq, sq, dq, devq = descs["q"]
+    for name in ("k", "v"):
+        fw, s, dt, dev = descs[name]
+        if fw != fq:
+            raise TypeError(f"{name} is a {fw} array but q is a {fq} array")
+        if dev != devq:
+            raise ValueError(f"{name} is on device {dev} but q is on device {devq}")
+        if dt != dq:
+            raise TypeError(f"{name} has dtype {dt} but q has dtype {dq}")
+        if s[0] != sq[0]:
+            raise ValueError(f"{name} has batch {s[0]} but q has batch {sq[0]}")
+        if s[2] != sq[2]:
+            raise ValueError(f"{name} has {s[2]} heads but q has {sq[2]}")
+        if s[3] != sq[3]:
+            raise ValueError(f"{name} has head dim {s[3]} but q has head dim {sq[3]}")
+    if descs["k"][1][1] != descs["v"][1][1]:
+        raise ValueError(f"k has seqlen {descs['k'][1][1]} but v has seqlen {descs['v'][1][1]}")
+    d = sq[3]
+    if not configs.MIN_HEADDIM <= d <= configs.MAX_HEADDIM:
+        raise ValueError(f"head dim {d} is not supported: numba_flash supports head dims "
+                         f"{configs.MIN_HEADDIM}..{configs.MAX_HEADDIM}")
+    if dq == "bfloat16" and fq == "cupy":
+        raise TypeError("q: CuPy has no bfloat16 dtype")
+    return Problem(sq[0], sq[1], descs["k"][1][1], sq[2], d, dq, fq, devq)
+
+
+def check_scale(softmax_scale, headdim):
+    if softmax_scale is None:
+        return 1.0 / math.sqrt(headdim)
+    try:
+        s = float(softmax_scale)
+    except (TypeError, ValueError):
+        raise TypeError(f"softmax_scale must be a float, got {type(softmax_scale).__name__}") from None
+    if not math.isfinite(s):
+        raise ValueError(f"softmax_scale must be finite, got {softmax_scale}")
+    return s
+
+
+def causal_offset(causal, causal_align, seqlen_q, seqlen_k):
+    """Key c is visible to query r iff c <= r + offset (bottom-right: offset = seqlen_k - seqlen_q)."""
+    if causal_align not in CAUSAL_ALIGNS:
+        raise ValueError(f"causal_align must be one of {CAUSAL_ALIGNS}, got {causal_align!r}")
+    if not causal:
+        return 0
+    return seqlen_k - seqlen_q if causal_align == "bottom_right" else 0
+
+
+def _check_out(name, x, p, shape, dtype, contiguous=False):
+    fw, s, strides, dt, dev = interop.describe(x, name)
+    if fw != p.framework or dev != p.device:
+        raise ValueError(f"{name} must be a {p.framework} array on device {p.device}, got {fw} on {dev}")
+    if s != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {s}")
+    if dt != dtype:
+        raise TypeError(f"{name} must have dtype {dtype}, got {dt}")
+    if contiguous:
+        expect = tuple(int(np.prod(shape[i + 1:])) for i in range(len(shape)))
+        if any(n > 1 and st != e for n, st, e in zip(s, strides, expect)):
+            raise ValueError(f"{name} must be C-contiguous, got strides {strides}")
+    elif s[-1] > 1 and strides[-1] != 1:
+        raise ValueError(f"{name} must be contiguous in its last dim, got strides {strides}")
+    return x
+
+
+def lse_dtype(dtype):
+    return "float64" if dtype == "float64" else "float32"
+
+
+# --------------------------------------------------------------------------------------------------
+# lists of key / query tiles
+# --------------------------------------------------------------------------------------------------
+
+_dense_lists = {}
+
+
+def _dense(p):
+    """Dense attention is a block mask with one block covering everything: [[1]] / [[[0]]]."""
+    key = p.device
+    if key not in _dense_lists:
+        one = np.ones((1, 1), np.int32)
+        zero = np.zeros((1, 1, 1), np.int32)
+        _dense_lists[key] = tuple(interop.to_device_like(a, p.framework, p.device)
+                                  for a in (one, zero, one, zero))
+    return _dense_lists[key]
+
+
+def mask_lists_of(block_mask, p):
+    """MaskLists on p's device for a BlockMask (cached on the mask) or a MaskLists (passed through)."""
+    if isinstance(block_mask, MaskLists):
+        return block_mask
+    if not isinstance(block_mask, BlockMask):
+        raise TypeError(f"block_mask must be a numba_flash.BlockMask, got {type(block_mask).__name__}")
+    cached = block_mask._device_cache.get(p.device)
+    if cached is None:
+        cached = tuple(interop.to_device_like(a, p.framework, p.device)
+                       for a in (block_mask.kv_count, block_mask.kv_index,
+                                 block_mask.q_count, block_mask.q_index))
+        block_mask._device_cache[p.device] = cached
+    return MaskLists(*cached, *block_mask.block_size)
+
+
+def validate_block_mask(block_mask, p):
+    if block_mask is None or isinstance(block_mask, MaskLists):
+        return
+    if not isinstance(block_mask, BlockMask):
+        raise TypeError(f"block_mask must be a numba_flash.BlockMask, got {type(block_mask).__name__}")
+    block_mask.check(p.nheads, p.seqlen_q, p.seqlen_k, configs.mask_tile(p.headdim, p.dtype))
+
+
+def _walk_args(p, cfg, block_mask, transpose):
+    """Kernel arguments (count, index, head stride, row length, q_per_blk, k_per_blk) of the tile lists."""
+    if block_mask is None:
+        count_kv, index_kv, count_q, index_q = _dense(p)
+        tq, tk = -(-p.seqlen_q // cfg.br), -(-p.seqlen_k // cfg.bc)
+        count, index = (count_q, index_q) if transpose else (count_kv, index_kv)
+        return (interop.flat_view(count, "block_mask").flat, interop.flat_view(index, "block_mask").flat,
+                0, 1, max(tq, 1), tk)
+    ml = mask_lists_of(block_mask, p)
+    count, index = (ml.q_count, ml.q_index) if transpose else (ml.kv_count, ml.kv_index)
+    cv, iv = interop.flat_view(count, "block_mask"), interop.flat_view(index, "block_mask")
+    hm, rows = cv.shape
+    return (cv.flat, iv.flat, rows if hm > 1 else 0, iv.shape[2],
+            ml.block_q // cfg.br, ml.block_k // cfg.bc)
+
+
+def _strides3(view):
+    """(batch, seqlen, head) element strides of a (B, N, H, d) view."""
+    return view.strides[0], view.strides[1], view.strides[2]
+
+
+# --------------------------------------------------------------------------------------------------
+# forward / backward
+# --------------------------------------------------------------------------------------------------
+
+def flash_attn_forward(q, k, v, *, softmax_scale=None, causal=False, causal_align="bottom_right",
+                       block_mask=None, out=None, lse=None):
+    """FlashAttention forward: `(out, lse)` of softmax(softmax_scale * Q K^T) V, without autograd.
+
+    Args:
+        q: (batch, seqlen_q, nheads, headdim); k, v: (batch, seqlen_k, nheads, headdim). torch tensors,
+            CuPy arrays or Numba device arrays on one GPU (numpy arrays / CPU tensors under the
+            simulator), all float32, float16, bfloat16 or float64; any strides with the last dim contiguous.
+            headdim 16..256.
+        softmax_scale: float, default 1/sqrt(headdim).
+        causal: mask keys right of the diagonal. causal_align: "bottom_right" (flash-attn >= 2.1: query r
+            sees key c iff c <= r + seqlen_k - seqlen_q) or "top_left" (torch SDPA: c <= r).
+        block_mask: optional `BlockMask`; only its nonzero blocks are computed.
+        out: optional preallocated (batch, seqlen_q, nheads, headdim) output, input dtype.
+        lse: optional preallocated C-contiguous (batch, nheads, seqlen_q) float32 (float64 for float64 inputs).
+
+    Returns:
+        (out, lse), arrays of the inputs' framework. lse is the natural-log log-sum-exp of each row's scaled
+        scores. A row that sees no key (causal with seqlen_q > seqlen_k, or empty mask blocks) gets
+        out = 0 and lse = -inf. NaN inputs give NaN outputs in the rows they reach.
+    """
+    p = check_qkv(q, k, v)
+    scale = check_scale(softmax_scale, p.headdim)
+    offset = causal_offset(causal, causal_align, p.seqlen_q, p.seqlen_k)
+    validate_block_mask(block_mask, p)
+    B, Nq, H, d = p.batch, p.seqlen_q, p.nheads, p.headdim
+    if out is None:
+        out = interop.empty_like_framework(p.framework, p.device, (B, Nq, H, d), p.dtype)
+    else:
+        _check_out("out", out, p, (B, Nq, H, d), p.dtype)
+    if lse is None:
+        lse = interop.empty_like_framework(p.framework, p.device, (B, H, Nq), lse_dtype(p.dtype))
+    else:
+        _check_out("lse", lse, p, (B, H, Nq), lse_dtype(p.dtype), contiguous=True)
+    if B * H * Nq == 0:
+        return out, lse
+
+    cfg = configs.forward_config(d, p.dtype)
+    kernel = make_forward_kernel(cfg, d, p.dtype, bool(causal))
+    qv, kv, vv = (interop.flat_view(x, n) for x, n in ((q, "q"), (k, "k"), (v, "v")))
+    ov, lv = interop.flat_view(out, "out"), interop.flat_view(lse, "lse")
+    walk = _walk_args(p, cfg, block_mask, transpose=False)
+    grid = (-(-Nq // cfg.br), H, B)
+    stream = interop.launch_stream(p.framework, p.device)
+    with _on_device(p):
+        kernel(grid, stream, qv.flat, kv.flat, vv.flat, ov.flat, lv.flat, Nq, p.seqlen_k,
+               *_strides3(qv), *_strides3(kv), *_strides3(vv), *_strides3(ov),
+               lv.strides[0], lv.strides[1], scale * LOG2E, offset, *walk)
+    return out, lse
+
+
+def flash_attn_backward(dout, q, k, v, out, lse, *, softmax_scale=None, causal=False,
+                        causal_align="bottom_right", block_mask=None, dq=None, dk=None, dv=None):
+    """FlashAttention backward: `(dq, dk, dv)` given dout = dL/dout and the forward's `out` and `lse`.
+
+    Shapes and dtypes as `flash_attn_forward` (dout, out: like q; lse: C-contiguous (batch, nheads,
+    seqlen_q)); softmax_scale, causal, causal_align and block_mask must be those of the forward call.
+    dq, dk, dv: optional preallocated outputs shaped like q, k, v. Deterministic: the same inputs give
+    bitwise the same gradients (no atomics). Rows that saw no key contribute nothing.
+    """
+    p = check_qkv(q, k, v)
+    scale = check_scale(softmax_scale, p.headdim)
+    offset = causal_offset(causal, causal_align, p.seqlen_q, p.seqlen_k)
+    validate_block_mask(block_mask, p)
+    B, Nq, Nk, H, d = p.batch, p.seqlen_q, p.seqlen_k, p.nheads, p.headdim
+    _check_out("dout", dout, p, (B, Nq, H, d), p.dtype)
+    _check_out("out", out, p, (B, Nq, H, d), p.dtype)
+    _check_out("lse", lse, p, (B, H, Nq), lse_dtype(p.dtype), contiguous=True)
+    outs = []
+    for name, x, n in (("dq", dq, Nq), ("dk", dk, Nk), ("dv", dv, Nk)):
+        if x is None:
+            x = interop.empty_like_framework(p.framework, p.device, (B, n, H, d), p.dtype)
+        else:
+            _check_out(name, x, p, (B, n, H, d), p.dtype)
+        outs.append(x)
+    dq, dk, dv = outs
+    if B * H == 0 or (Nq == 0 and Nk == 0):
+        return dq, dk, dv
+
+    cfg = configs.backward_config(d, p.dtype)
+    views = {n: interop.flat_view(x, n) for n, x in
+             (("q", q), ("k", k), ("v", v), ("dout", dout), ("out", out), ("lse", lse),
+              ("dq", dq), ("dk", dk), ("dv", dv))}
+    dvec = interop.empty_like_framework(p.framework, p.device, (B, H, Nq), lse_dtype(p.dtype))
+    dview = interop.flat_view(dvec, "D")
+    lv = views["lse"]
+    stream = interop.launch_stream(p.framework, p.device)
+    args_common = (Nq, Nk, *_strides3(views["q"]), *_strides3(views["k"]), *_strides3(views["v"]),
+                   *_strides3(views["dout"]))
+    with _on_device(p):
+        if Nq > 0:
+            dot = make_dot_do_o_kernel(d, p.dtype)
+            rows = B * H * Nq
+            dot((-(-rows // dot.threads),), stream, views["out"].flat, views["dout"].flat, dview.flat,
+                rows, Nq, H, *_strides3(views["out"]), *_strides3(views["dout"]),
+                dview.strides[0], dview.strides[1])
+        if Nk > 0:
+            dkdv = make_dkdv_kernel(cfg, d, p.dtype, bool(causal))
+            dkdv((-(-Nk // cfg.bc), H, B), stream,
+                 views["q"].flat, views["k"].flat, views["v"].flat, views["dout"].flat, lv.flat,
+                 dview.flat, views["dk"].flat, views["dv"].flat, *args_common,
+                 *_strides3(views["dk"]), *_strides3(views["dv"]), lv.strides[0], lv.strides[1],
+                 scale, scale * LOG2E, offset, *_walk_args(p, cfg, block_mask, transpose=True))
+        if Nq > 0:
+            dqk = make_dq_kernel(cfg, d, p.dtype, bool(causal))
+            dqk((-(-Nq // cfg.br), H, B), stream,
+                views["q"].flat, views["k"].flat, views["v"].flat, views["dout"].flat, lv.flat,
+                dview.flat, views["dq"].flat, *args_common, *_strides3(views["dq"]),
+                lv.strides[0], lv.strides[1], scale, scale * LOG2E, offset,
+                *_walk_args(p, cfg, block_mask, transpose=False))
+    return dq, dk, dv
+
+
+class _on_device:
+    """Make the arrays' device Numba's current one for the launch (a no-op under the simulator)."""
+
+    def __init__(self, p):
+        self.ctx = None if SIMULATOR or p.device == "cpu" else p.device
+
+    def __enter__(self):
+        if self.ctx is not None:
+            from numba import cuda
+            self._cm = cuda.gpus[self.ctx]
+            self._cm.__enter__()
+
+    def __exit__(self, *exc):
+        if self.ctx is not None:
+            self._cm.__exit__(*exc)

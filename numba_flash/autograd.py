@@ -1,0 +1,98 @@
+"""torch integration: the kernels as `torch.library` custom ops with fake implementations and autograd.
+
+Registered this way (not as a bare autograd.Function) so `torch.compile` can trace through them: the fake
+implementations tell it the outputs' shapes without running anything. The ops only allocate and launch,
+through `api.py`. A block mask travels as its four list tensors plus its block size, since custom ops take
+tensors and scalars, not Python objects.
+"""
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import api
+
+_LIB = "numba_flash"
+
+
+def _lists(kv_count, kv_index, q_count, q_index, block_q, block_k):
+    if kv_count is None:
+        return None
+    return api.MaskLists(kv_count, kv_index, q_count, q_index, block_q, block_k)
+
+
+def _align(top_left):
+    return "top_left" if top_left else "bottom_right"
+
+
+@torch.library.custom_op(f"{_LIB}::fwd", mutates_args=())
+def flash_fwd_op(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float, causal: bool, top_left: bool,
+                 kv_count: Optional[Tensor], kv_index: Optional[Tensor], q_count: Optional[Tensor],
+                 q_index: Optional[Tensor], block_q: int, block_k: int) -> tuple[Tensor, Tensor]:
+    return api.flash_attn_forward(
+        q, k, v, softmax_scale=softmax_scale, causal=causal, causal_align=_align(top_left),
+        block_mask=_lists(kv_count, kv_index, q_count, q_index, block_q, block_k))
+
+
+@flash_fwd_op.register_fake
+def _(q, k, v, softmax_scale, causal, top_left, kv_count, kv_index, q_count, q_index, block_q, block_k):
+    B, Nq, H, d = q.shape
+    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return q.new_empty((B, Nq, H, d)), q.new_empty((B, H, Nq), dtype=lse_dtype)
+
+
+@torch.library.custom_op(f"{_LIB}::bwd", mutates_args=())
+def flash_bwd_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                 softmax_scale: float, causal: bool, top_left: bool,
+                 kv_count: Optional[Tensor], kv_index: Optional[Tensor], q_count: Optional[Tensor],
+                 q_index: Optional[Tensor], block_q: int, block_k: int) -> tuple[Tensor, Tensor, Tensor]:
+    return api.flash_attn_backward(
+        dout, q, k, v, out, lse, softmax_scale=softmax_scale, causal=causal,
+        causal_align=_align(top_left),
+        block_mask=_lists(kv_count, kv_index, q_count, q_index, block_q, block_k))
+
+
+@flash_bwd_op.register_fake
+def _(dout, q, k, v, out, lse, softmax_scale, causal, top_left, kv_count, kv_index, q_count, q_index,
+      block_q, block_k):
+    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, scale, causal, top_left, kv_count, kv_index, q_count, q_index, block_q, block_k = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, kv_count, kv_index, q_count, q_index)
+    ctx.params = (scale, causal, top_left, block_q, block_k)
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, dout, dlse):
+    q, k, v, out, lse, kv_count, kv_index, q_count, q_index = ctx.saved_tensors
+    scale, causal, top_left, block_q, block_k = ctx.params
+    if dout.stride(-1) != 1:
+        # e.g. the expanded gradient of out.sum() has stride 0 everywhere; the kernels need a
+        # contiguous head dim (other strides, zeros included, are fine).
+        dout = dout.contiguous()
+    dq, dk, dv = flash_bwd_op(dout, q, k, v, out, lse, scale, causal, top_left,
+                              kv_count, kv_index, q_count, q_index, block_q, block_k)
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None
+
+
+flash_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def mask_tensors(block_mask, device):
+    """A BlockMask's lists as int32 tensors on `device`, made once and cached on the mask."""
+    if block_mask is None:
+        return None, None, None, None, 0, 0
+    if isinstance(block_mask, api.MaskLists):
+        m = block_mask
+        return m.kv_count, m.kv_index, m.q_count, m.q_index, m.block_q, m.block_k
+    key = ("torch", str(device))
+    cached = block_mask._device_cache.get(key)
+    if cached is None:
+        cached = tuple(torch.from_numpy(a.copy()).to(device)
+                       for a in (block_mask.kv_count, block_mask.kv_index,
+                                 block_mask.q_count, block_mask.q_index))
+        block_mask._device_cache[key] = cached
+    return (*cached, *block_mask.block_size)

@@ -1,0 +1,169 @@
+"""The one place that converts arrays: torch tensors, CuPy arrays, Numba device arrays, numpy (simulator).
+
+Kernels see every tensor as a flat 1-D array over the tensor's memory plus element strides, so any view
+whose last dim is contiguous (a slice of a packed QKV tensor, a (B, H, N, d) transpose) runs without a copy,
+and index arithmetic is 64-bit. A `View` carries that flat array and the logical shape and strides.
+
+torch and CuPy arrays are wrapped zero-copy through `__cuda_array_interface__`; bfloat16 goes as its raw
+16 bits (uint16), since torch refuses bfloat16 in the interface. Kernels launch on the framework's current
+stream, with no host synchronisation. Under the CUDA simulator the arrays are host memory: numpy arrays
+and CPU torch tensors are wrapped as numpy views.
+"""
+from dataclasses import dataclass
+
+import numpy as np
+from numba import cuda
+
+from .kernels.intrinsics import SIMULATOR
+
+_TYPESTR = {"float32": "<f4", "float16": "<f2", "bfloat16": "<u2", "float64": "<f8", "int32": "<i4"}
+
+
+@dataclass(frozen=True)
+class View:
+    flat: object          # 1-D array the kernels index (numba device array, or numpy under the simulator)
+    shape: tuple
+    strides: tuple        # in elements
+    dtype: str            # "float32", "float16", "bfloat16", "float64", "int32", ...
+    framework: str        # "torch", "cupy", "numba", "numpy"
+    device: object        # CUDA device ordinal, or "cpu"
+
+
+def framework_of(x):
+    mod = type(x).__module__
+    if mod.startswith("torch"):
+        return "torch"
+    if mod.startswith("cupy"):
+        return "cupy"
+    if isinstance(x, np.ndarray):
+        return "numpy"
+    if cuda.is_cuda_array(x):
+        return "numba"
+    return None
+
+
+def _torch_dtype_name(t):
+    import torch
+    names = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16",
+             torch.float64: "float64", torch.int32: "int32"}
+    return names.get(t.dtype, str(t.dtype).replace("torch.", ""))
+
+
+def describe(x, name):
+    """(framework, shape, strides in elements, dtype name, device) of an array, without touching its data."""
+    fw = framework_of(x)
+    if fw is None:
+        raise TypeError(f"{name} must be a torch tensor, CuPy array, Numba device array or (under the "
+                        f"simulator) numpy array, got {type(x).__name__}")
+    if fw == "torch":
+        dev = x.device.index if x.is_cuda else "cpu"
+        if x.is_cuda and dev is None:
+            dev = 0
+        return fw, tuple(x.shape), tuple(x.stride()), _torch_dtype_name(x), dev
+    if fw == "cupy":
+        item = x.dtype.itemsize
+        return fw, tuple(x.shape), tuple(s // item for s in x.strides), str(x.dtype), x.device.id
+    if fw == "numpy":
+        item = x.dtype.itemsize
+        return fw, x.shape, tuple(s // item for s in x.strides), str(x.dtype), "cpu"
+    item = x.dtype.itemsize
+    dev = _numba_device_of(x)
+    return fw, tuple(x.shape), tuple(s // item for s in x.strides), str(x.dtype), dev
+
+
+def _numba_device_of(x):
+    # A Numba device array belongs to the context that was current when it was made.
+    return "cpu" if SIMULATOR else cuda.get_current_device().id
+
+
+def _span(shape, strides):
+    """Elements from the first to one past the last element the view touches (strides >= 0)."""
+    if any(s == 0 for s in shape):
+        return 0
+    return 1 + sum((n - 1) * st for n, st in zip(shape, strides))
+
+
+def flat_view(x, name):
+    fw, shape, strides, dtype, dev = describe(x, name)
+    if any(st < 0 for st in strides):
+        raise ValueError(f"{name} has negative strides {strides}; make it contiguous first")
+    span = _span(shape, strides)
+    if dev == "cpu":
+        if fw == "numba":  # the simulator's device arrays wrap a numpy array
+            x = x._ary
+            fw = "numba"
+        if fw == "torch":
+            import torch
+            t = x.view(torch.int16) if x.dtype == torch.bfloat16 else x
+            arr = t.detach().numpy()
+            if x.dtype == torch.bfloat16:
+                arr = arr.view(np.uint16)
+        else:
+            arr = np.asarray(x)
+        flat = np.lib.stride_tricks.as_strided(arr, shape=(span,), strides=(arr.dtype.itemsize,))
+        return View(flat, shape, strides, dtype, fw, "cpu")
+    if dtype not in _TYPESTR:
+        raise TypeError(f"{name} has unsupported dtype {dtype}")
+    if fw == "torch":
+        ptr = x.data_ptr()
+    elif fw == "cupy":
+        ptr = x.data.ptr
+    else:
+        ptr = x.__cuda_array_interface__["data"][0]
+    desc = {"shape": (span,), "strides": None, "typestr": _TYPESTR[dtype], "data": (ptr, False),
+            "version": 3}
+    flat = cuda.from_cuda_array_interface(desc, owner=x, sync=False)
+    return View(flat, shape, strides, dtype, fw, dev)
+
+
+def empty_like_framework(framework, device, shape, dtype):
+    """Allocate an output with the framework of the inputs (torch allocates torch's outputs)."""
+    if framework == "torch":
+        import torch
+        tdt = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+               "float64": torch.float64, "int32": torch.int32}[dtype]
+        dev = "cpu" if device == "cpu" else torch.device("cuda", device)
+        return torch.empty(shape, dtype=tdt, device=dev)
+    npdt = np.uint16 if dtype == "bfloat16" else np.dtype(dtype)
+    if framework == "cupy":
+        import cupy
+        with cupy.cuda.Device(device):
+            if dtype == "bfloat16":
+                raise TypeError("CuPy has no bfloat16 dtype")
+            return cupy.empty(shape, dtype=npdt)
+    if framework == "numpy":
+        return np.empty(shape, dtype=npdt)
+    with cuda.gpus[device]:
+        return cuda.device_array(shape, dtype=npdt)
+
+
+def to_device_like(host_array, framework, device):
+    """Copy a small host int32 array (mask lists) to where the kernels run (simulator: stays on the host)."""
+    if SIMULATOR or device == "cpu":
+        return np.ascontiguousarray(host_array)
+    with cuda.gpus[device]:
+        return cuda.to_device(np.ascontiguousarray(host_array))
+
+
+_streams = {}
+
+
+def launch_stream(framework, device):
+    """The stream kernels go on: torch's / CuPy's current stream, Numba's default stream otherwise."""
+    if SIMULATOR or device == "cpu":
+        return 0
+    if framework == "torch":
+        import torch
+        ptr = torch.cuda.current_stream(device).cuda_stream
+    elif framework == "cupy":
+        import cupy
+        ptr = cupy.cuda.get_current_stream().ptr
+    else:
+        return 0
+    if ptr == 0:
+        return 0
+    s = _streams.get((device, ptr))
+    if s is None:
+        with cuda.gpus[device]:
+            s = _streams[(device, ptr)] = cuda.external_stream(ptr)
+    return s

@@ -1,0 +1,56 @@
+"""Tile sizes: the one place that decides how work is cut.
+
+A kernel runs TY x TX threads. Each thread owns a TM x TN micro-tile of a score tile (TM = rows / TY,
+TN = cols / TX) and a TM x DPT micro-tile of an output tile (DPT = padded head dim / TX), so its partial
+dot products stay in registers and every value it reads from shared memory feeds TM or TN multiply-adds.
+"""
+from dataclasses import dataclass
+
+from .intrinsics import SIMULATOR
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    br: int   # query rows per tile (Br)
+    bc: int   # key rows per tile (Bc)
+    ty: int   # thread rows
+    tx: int   # thread columns (a power of two <= 32: a row's threads are consecutive lanes of one warp)
+
+    @property
+    def threads(self):
+        return self.ty * self.tx
+
+    def padded_headdim(self, headdim):
+        return -(-headdim // self.tx) * self.tx
+
+
+# The simulator runs every thread as a Python thread: 16 threads on 16 x 16 tiles keep the tests quick
+# and still give several tiles per sequence at the small lengths tests use.
+_SIM = TileConfig(br=16, bc=16, ty=4, tx=4)
+
+MAX_HEADDIM = 256
+MIN_HEADDIM = 16
+
+
+def forward_config(headdim, dtype_name):
+    if SIMULATOR:
+        return _SIM
+    if headdim <= 128:
+        return TileConfig(br=64, bc=64, ty=16, tx=16)
+    return TileConfig(br=32, bc=32, ty=16, tx=16)
+
+
+def backward_config(headdim, dtype_name):
+    """Shared by the dQ and the dK/dV kernels: both must cut the sequence into the same tiles."""
+    if SIMULATOR:
+        return _SIM
+    if headdim <= 128:
+        return TileConfig(br=64, bc=64, ty=16, tx=16)
+    return TileConfig(br=32, bc=32, ty=16, tx=16)
+
+
+def mask_tile(headdim, dtype_name):
+    """The (Br, Bc) a block mask's block size must be a multiple of, for both passes."""
+    f, b = forward_config(headdim, dtype_name), backward_config(headdim, dtype_name)
+    import math
+    return (math.lcm(f.br, b.br), math.lcm(f.bc, b.bc))

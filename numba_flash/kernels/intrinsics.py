@@ -1,0 +1,165 @@
+"""Small device functions the kernels share: element conversions and row reductions.
+
+Two implementations exist only where the CUDA simulator cannot run the GPU's: it has no warp shuffles and no
+libdevice bit casts, so there rows are reduced through shared memory and bfloat16 bits are reinterpreted
+through a numpy view. Everything else is one code path.
+"""
+import numpy as np
+from numba import config, cuda, float32, float64, int32, uint16, uint32
+
+SIMULATOR = bool(config.ENABLE_CUDASIM)
+
+if not SIMULATOR:
+    from numba.cuda import libdevice
+
+
+def inline_device(fn):
+    """A device function NVVM must inline (local arrays passed to it then stay in registers)."""
+    if SIMULATOR:  # the simulator's jit takes no inlining options
+        return cuda.jit(device=True)(fn)
+    return cuda.jit(device=True, forceinline=True)(fn)
+
+# Element types the kernels read and write. bfloat16 travels as its raw 16 bits (torch refuses bfloat16
+# in __cuda_array_interface__), so its storage type is uint16.
+DTYPES = ("float32", "float16", "bfloat16", "float64")
+
+
+def storage_dtype(dtype_name):
+    """numpy dtype of the arrays a kernel of `dtype_name` is launched on."""
+    return np.dtype("uint16" if dtype_name == "bfloat16" else dtype_name)
+
+
+def acc_type(dtype_name):
+    """Arithmetic type: float64 for float64 inputs (so gradcheck works), float32 for everything else."""
+    return float64 if dtype_name == "float64" else float32
+
+
+if SIMULATOR:
+    @cuda.jit(device=True)
+    def _bits_to_f32(bits):
+        t = cuda.local.array(1, uint32)
+        t[0] = bits
+        return t.view(np.float32)[0]
+
+    @cuda.jit(device=True)
+    def _f32_to_bits(x):
+        t = cuda.local.array(1, float32)
+        t[0] = x
+        return t.view(np.uint32)[0]
+else:
+    @inline_device
+    def _bits_to_f32(bits):
+        return libdevice.int_as_float(int32(bits))
+
+    @inline_device
+    def _f32_to_bits(x):
+        return uint32(libdevice.float_as_int(x))
+
+
+@inline_device
+def bf16_to_f32(b):
+    return _bits_to_f32(uint32(b) << 16)
+
+
+@inline_device
+def f32_to_bf16(x):
+    """Round to nearest even, keeping NaN a NaN (plain rounding could carry a NaN's payload into inf)."""
+    if x != x:
+        return uint16(0x7FC0)
+    bits = _f32_to_bits(x)
+    bits += uint32(0x7FFF) + ((bits >> 16) & uint32(1))
+    return uint16(bits >> 16)
+
+
+@inline_device
+def to_f32(x):
+    return float32(x)
+
+
+@inline_device
+def to_f64(x):
+    return float64(x)
+
+
+@inline_device
+def identity(x):
+    return x
+
+
+def loader(dtype_name):
+    """Device function converting one stored element to the arithmetic type."""
+    return {"float32": identity, "float16": to_f32, "bfloat16": bf16_to_f32, "float64": identity}[dtype_name]
+
+
+def storer(dtype_name):
+    """Device function converting an arithmetic value to the stored element (float16 converts on store)."""
+    return {"float32": identity, "float16": identity, "bfloat16": f32_to_bf16, "float64": identity}[dtype_name]
+
+
+@inline_device
+def fmax_nan_ignoring(a, b):
+    # Written out, not max(): the row max must skip NaN so a NaN score reaches the output through P
+    # (exp2(NaN - m) is NaN) instead of turning the whole row's max into NaN and its l into 0/0 early.
+    return b if b > a else a
+
+
+def make_row_reducers(tm, tx_count, use_shuffles):
+    """Reductions, for each of a thread's `tm` rows, over the `tx_count` threads that share the row.
+
+    Threads are numbered tid = ty * tx_count + tx, so a row's threads are `tx_count` consecutive lanes of one
+    warp: XOR shuffles with offsets tx_count/2 ... 1 stay inside the group. The simulator has no shuffles, so
+    there the partial values go through a shared-memory buffer `red` of tx_count * nrows values; the
+    caller must put a barrier between the last read of one reduction and the first write of the next (the
+    kernels' per-tile barriers do).
+    Returns (row_max, row_sum, needs_shared_buffer); both reduce `vals[0:tm]` in place.
+    """
+    assert tx_count & (tx_count - 1) == 0 and tx_count <= 32
+
+    if use_shuffles:
+        @inline_device
+        def row_max(vals, red, red_off, ty, tx, tystride, nrows):
+            for i in range(tm):
+                v = vals[i]
+                off = tx_count // 2
+                while off > 0:
+                    v = fmax_nan_ignoring(v, cuda.shfl_xor_sync(0xFFFFFFFF, v, off))
+                    off //= 2
+                vals[i] = v
+
+        @inline_device
+        def row_sum(vals, red, red_off, ty, tx, tystride, nrows):
+            for i in range(tm):
+                v = vals[i]
+                off = tx_count // 2
+                while off > 0:
+                    v += cuda.shfl_xor_sync(0xFFFFFFFF, v, off)
+                    off //= 2
+                vals[i] = v
+
+        return row_max, row_sum, False
+
+    @inline_device
+    def row_max(vals, red, red_off, ty, tx, tystride, nrows):
+        for i in range(tm):
+            red[red_off + tx * nrows + ty + i * tystride] = vals[i]
+        cuda.syncthreads()
+        for i in range(tm):
+            row = ty + i * tystride
+            r = red[red_off + row]
+            for t in range(1, tx_count):
+                r = fmax_nan_ignoring(r, red[red_off + t * nrows + row])
+            vals[i] = r
+
+    @inline_device
+    def row_sum(vals, red, red_off, ty, tx, tystride, nrows):
+        for i in range(tm):
+            red[red_off + tx * nrows + ty + i * tystride] = vals[i]
+        cuda.syncthreads()
+        for i in range(tm):
+            row = ty + i * tystride
+            r = red[red_off + row]
+            for t in range(1, tx_count):
+                r += red[red_off + t * nrows + row]
+            vals[i] = r
+
+    return row_max, row_sum, True

@@ -1,0 +1,129 @@
+"""Tile building blocks of the SIMT kernels: global -> shared loads and register-blocked micro-GEMMs.
+
+Every tile lives in shared memory row-major, `rows x ld` with the head dim (or the key/query index) along
+the row, so no tile is ever transposed: both products the attention passes need are of two shapes,
+
+    mm_nt:  C[r, c] += sum_k A[r, k] * B[c, k]     (S = Q K^T, dP = dO V^T, S^T = K Q^T, dP^T = V dO^T)
+    mm_nn:  C[r, n] += sum_k A[r, k] * B[k, n]     (O += P V, dV += P^T dO, dK += dS^T Q, dQ += dS K)
+
+A thread (ty, tx) owns rows r = ty + i*TY (i < TM) of C. In mm_nt it owns columns c = tx + j*TX (j < TN);
+in mm_nn it owns the DPT consecutive columns n = tx*DPT + m, so its B reads are contiguous. The k loop reads
+4 consecutive values of each row it needs (16-byte shared loads once vectorised) and does 4*TM*TN
+multiply-adds with them from registers.
+
+Row strides `ld` are odd multiples of 4 words: rows tx and tx+1 then start 4 banks apart, so the 16-byte
+reads of a half-warp's 16 different rows hit every bank exactly twice (the minimum for 256 bytes), and
+the two thread rows of a warp read rows in disjoint banks.
+
+All loops run over closure constants, so NVVM unrolls them and the micro-tiles stay in registers.
+"""
+from functools import lru_cache
+
+from numba import cuda
+
+from .intrinsics import inline_device
+
+
+def row_stride(width):
+    """Smallest row stride >= width that is an odd multiple of 4 words (see the module docstring)."""
+    ld = -(-width // 4) * 4
+    if (ld // 4) % 2 == 0:
+        ld += 4
+    return ld
+
+
+@lru_cache(maxsize=None)
+def make_row_loader(rows, width, valid_width, ld, nthreads, load_elem, acc):
+    """load(smem, off, g, base, row0, nrows_valid, stride_row, tid): smem[off + r*ld + c] = g[...] as `acc`.
+
+    Reads rows row0 .. row0+rows-1 of a (seqlen, width) slab of `g` starting at element `base` with row
+    stride `stride_row` (the head dim is contiguous). Rows past `nrows_valid` and columns past `valid_width`
+    are zero-filled: the products then need no bounds tests, and unwritten shared memory never reaches a
+    result. Consecutive threads take consecutive columns, so global reads are coalesced.
+    """
+    total = rows * width
+    assert total % nthreads == 0
+    steps = total // nthreads
+
+    @inline_device
+    def load(smem, off, g, base, row0, nrows_valid, stride_row, tid):
+        for s in range(steps):
+            idx = tid + s * nthreads
+            r = idx // width
+            c = idx - r * width
+            val = acc(0)
+            if r < nrows_valid and c < valid_width:
+                val = load_elem(g[base + (row0 + r) * stride_row + c])
+            smem[off + r * ld + c] = val
+
+    return load
+
+
+@lru_cache(maxsize=None)
+def make_vector_loader(rows, nthreads, acc):
+    """load(smem, off, g, base, row0, nrows_valid, fill, tid): smem[off + r] = g[base + row0 + r] or `fill`."""
+    steps = -(-rows // nthreads)
+
+    @inline_device
+    def load(smem, off, g, base, row0, nrows_valid, fill, tid):
+        for s in range(steps):
+            r = tid + s * nthreads
+            if r < rows:
+                val = acc(fill)
+                if r < nrows_valid:
+                    val = acc(g[base + row0 + r])
+                smem[off + r] = val
+
+    return load
+
+
+@lru_cache(maxsize=None)
+def make_mm_nt(tm, tn, ty_count, tx_count, kdim, lda, ldb, acc):
+    """mm(smem, offA, offB, C, ty, tx): C[i, j] += sum_k A[ty + i*TY, k] * B[tx + j*TX, k]."""
+    assert kdim % 4 == 0
+
+    @inline_device
+    def mm(smem, off_a, off_b, c, ty, tx):
+        a = cuda.local.array((tm, 4), acc)
+        b = cuda.local.array((tn, 4), acc)
+        for k0 in range(0, kdim, 4):
+            for i in range(tm):
+                row = off_a + (ty + i * ty_count) * lda + k0
+                for kk in range(4):
+                    a[i, kk] = smem[row + kk]
+            for j in range(tn):
+                row = off_b + (tx + j * tx_count) * ldb + k0
+                for kk in range(4):
+                    b[j, kk] = smem[row + kk]
+            for kk in range(4):
+                for i in range(tm):
+                    for j in range(tn):
+                        c[i, j] += a[i, kk] * b[j, kk]
+
+    return mm
+
+
+@lru_cache(maxsize=None)
+def make_mm_nn(tm, npt, ty_count, kdim, lda, ldb, acc):
+    """mm(smem, offA, offB, C, ty, tx): C[i, m] += sum_k A[ty + i*TY, k] * B[k, tx*NPT + m]."""
+    assert kdim % 4 == 0
+
+    @inline_device
+    def mm(smem, off_a, off_b, c, ty, tx):
+        a = cuda.local.array((tm, 4), acc)
+        b = cuda.local.array(npt, acc)
+        col = off_b + tx * npt
+        for k0 in range(0, kdim, 4):
+            for i in range(tm):
+                row = off_a + (ty + i * ty_count) * lda + k0
+                for kk in range(4):
+                    a[i, kk] = smem[row + kk]
+            for kk in range(4):
+                brow = col + (k0 + kk) * ldb
+                for m in range(npt):
+                    b[m] = smem[brow + m]
+                for i in range(tm):
+                    for m in range(npt):
+                        c[i, m] += a[i, kk] * b[m]
+
+    return mm
