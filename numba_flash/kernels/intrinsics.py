@@ -163,3 +163,78 @@ def make_row_reducers(tm, tx_count, use_shuffles):
             vals[i] = r
 
     return row_max, row_sum, True
+
+
+# --------------------------------------------------------------------------------------------------
+# Shared-memory access without Numba's negative-index wraparound, and as 8/16-byte vectors.
+#
+# `smem[i]` with a signed index makes Numba emit a compare-and-select per access (Python's negative
+# indices), which also hides the alignment the LLVM load/store vectoriser needs. These intrinsics index
+# the array's data pointer directly; `ld_vec(n)` reads n consecutive elements as one `ld.shared.v{n}`.
+# The caller guarantees 0 <= idx and, for vectors, idx * itemsize a multiple of n * itemsize (every tile
+# offset and row stride here is a multiple of 4 elements; the dynamic shared window is 16-byte aligned).
+# --------------------------------------------------------------------------------------------------
+def _make_vector_load(n):
+    if SIMULATOR:
+        def ld(arr, idx):
+            return tuple(arr[idx:idx + n])
+        return ld
+
+    from llvmlite import ir
+    from numba.core import types
+    from numba.cuda.extending import intrinsic
+
+    @intrinsic
+    def ld(typingctx, arr, idx):
+        sig = types.UniTuple(arr.dtype, n)(arr, idx)
+
+        def codegen(context, builder, signature, args):
+            ary = context.make_array(signature.args[0])(context, builder, args[0])
+            ptr = builder.gep(ary.data, [args[1]])
+            elty = context.get_value_type(signature.args[0].dtype)
+            vecty = ir.VectorType(elty, n)
+            nbytes = n * context.get_abi_sizeof(elty)
+            v = builder.load(builder.bitcast(ptr, vecty.as_pointer()), align=nbytes)
+            return context.make_tuple(builder, signature.return_type,
+                                      [builder.extract_element(v, ir.Constant(ir.IntType(32), i))
+                                       for i in range(n)])
+
+        return sig, codegen
+
+    return ld
+
+
+def _make_scalar_access():
+    if SIMULATOR:
+        def ld(arr, idx):
+            return arr[idx]
+
+        def st(arr, idx, val):
+            arr[idx] = val
+        return ld, st
+
+    from numba.core import types
+    from numba.cuda.extending import intrinsic
+
+    @intrinsic
+    def ld(typingctx, arr, idx):
+        def codegen(context, builder, signature, args):
+            ary = context.make_array(signature.args[0])(context, builder, args[0])
+            return builder.load(builder.gep(ary.data, [args[1]]))
+        return arr.dtype(arr, idx), codegen
+
+    @intrinsic
+    def st(typingctx, arr, idx, val):
+        def codegen(context, builder, signature, args):
+            ary = context.make_array(signature.args[0])(context, builder, args[0])
+            v = context.cast(builder, args[2], signature.args[2], signature.args[0].dtype)
+            builder.store(v, builder.gep(ary.data, [args[1]]))
+            return context.get_dummy_value()
+        return types.void(arr, idx, val), codegen
+
+    return ld, st
+
+
+ld2 = _make_vector_load(2)
+ld4 = _make_vector_load(4)
+ld1, st1 = _make_scalar_access()

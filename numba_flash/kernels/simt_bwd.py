@@ -142,7 +142,7 @@ def make_dkdv_kernel(cfg, headdim, dtype_name, causal):
                     c = col0 + ty + i * TY
                     trow = OFF_T + (ty + i * TY) * LDT + tx
                     for j in range(TN):
-                        lse_r = smem[OFF_LSE + tx + j * TX]
+                        lse_r = I.ld1(smem, OFF_LSE + tx + j * TX)
                         lse2 = lse_r * ACC(LOG2E) if lse_r != -INF else ACC(INF)
                         p = exp2(st[i, j] * sl2 - lse2)
                         if needs_mask:
@@ -152,19 +152,19 @@ def make_dkdv_kernel(cfg, headdim, dtype_name, causal):
                                 if c > row0 + tx + j * TX + causal_offset:
                                     p = ACC(0)
                         st[i, j] = p
-                        smem[trow + j * TX] = p
+                        I.st1(smem, trow + j * TX, p)
                 cuda.syncthreads()
                 mm_t(smem, OFF_T, OFF_DO, dv_acc, ty, tx)
                 mm_kq(smem, OFF_V, OFF_DO, dpt, ty, tx)
                 for i in range(TM):
                     for j in range(TN):
-                        dpt[i, j] = st[i, j] * (dpt[i, j] - smem[OFF_D + tx + j * TX])
+                        dpt[i, j] = st[i, j] * (dpt[i, j] - I.ld1(smem, OFF_D + tx + j * TX))
                 # Every thread is done reading P^T before dS^T overwrites it.
                 cuda.syncthreads()
                 for i in range(TM):
                     trow = OFF_T + (ty + i * TY) * LDT + tx
                     for j in range(TN):
-                        smem[trow + j * TX] = dpt[i, j]
+                        I.st1(smem, trow + j * TX, dpt[i, j])
                 cuda.syncthreads()
                 mm_t(smem, OFF_T, OFF_Q, dk_acc, ty, tx)
 
@@ -279,7 +279,7 @@ def make_dq_kernel(cfg, headdim, dtype_name, causal):
                             if causal:
                                 if c > row0 + ty + i * TY + causal_offset:
                                     p = ACC(0)
-                        smem[srow + j * TX] = p * (dp[i, j] - dd[i])
+                        I.st1(smem, srow + j * TX, p * (dp[i, j] - dd[i]))
                 cuda.syncthreads()
                 mm_sk(smem, OFF_S, OFF_K, dq_acc, ty, tx)
 

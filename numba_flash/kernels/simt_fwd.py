@@ -138,7 +138,7 @@ def make_forward_kernel(cfg, headdim, dtype_name, causal):
                     for j in range(TN):
                         p = exp2(s[i, j] - m_use)
                         l[i] += p
-                        smem[prow + j * TX] = p
+                        I.st1(smem, prow + j * TX, p)
                 cuda.syncthreads()
                 mm_pv(smem, OFF_P, OFF_V, acc, ty, tx)
 

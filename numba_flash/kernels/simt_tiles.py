@@ -19,9 +19,24 @@ All loops run over closure constants, so NVVM unrolls them and the micro-tiles s
 """
 from functools import lru_cache
 
-from numba import cuda
+from numba import cuda, float64
 
-from .intrinsics import inline_device
+from .intrinsics import inline_device, ld1, ld2, ld4, st1
+
+
+@lru_cache(maxsize=None)
+def make_load4(acc):
+    """Four consecutive shared-memory elements in 16-byte loads (one v4.f32, or two v2.f64)."""
+    if acc != float64:
+        return ld4
+
+    @inline_device
+    def load4(smem, idx):
+        a0, a1 = ld2(smem, idx)
+        a2, a3 = ld2(smem, idx + 2)
+        return a0, a1, a2, a3
+
+    return load4
 
 
 def row_stride(width):
@@ -54,7 +69,7 @@ def make_row_loader(rows, width, valid_width, ld, nthreads, load_elem, acc):
             val = acc(0)
             if r < nrows_valid and c < valid_width:
                 val = load_elem(g[base + (row0 + r) * stride_row + c])
-            smem[off + r * ld + c] = val
+            st1(smem, off + r * ld + c, val)
 
     return load
 
@@ -72,7 +87,7 @@ def make_vector_loader(rows, nthreads, acc):
                 val = acc(fill)
                 if r < nrows_valid:
                     val = acc(g[base + row0 + r])
-                smem[off + r] = val
+                st1(smem, off + r, val)
 
     return load
 
@@ -81,6 +96,7 @@ def make_vector_loader(rows, nthreads, acc):
 def make_mm_nt(tm, tn, ty_count, tx_count, kdim, lda, ldb, acc):
     """mm(smem, offA, offB, C, ty, tx): C[i, j] += sum_k A[ty + i*TY, k] * B[tx + j*TX, k]."""
     assert kdim % 4 == 0
+    load4 = make_load4(acc)
 
     @inline_device
     def mm(smem, off_a, off_b, c, ty, tx):
@@ -88,13 +104,9 @@ def make_mm_nt(tm, tn, ty_count, tx_count, kdim, lda, ldb, acc):
         b = cuda.local.array((tn, 4), acc)
         for k0 in range(0, kdim, 4):
             for i in range(tm):
-                row = off_a + (ty + i * ty_count) * lda + k0
-                for kk in range(4):
-                    a[i, kk] = smem[row + kk]
+                a[i, 0], a[i, 1], a[i, 2], a[i, 3] = load4(smem, off_a + (ty + i * ty_count) * lda + k0)
             for j in range(tn):
-                row = off_b + (tx + j * tx_count) * ldb + k0
-                for kk in range(4):
-                    b[j, kk] = smem[row + kk]
+                b[j, 0], b[j, 1], b[j, 2], b[j, 3] = load4(smem, off_b + (tx + j * tx_count) * ldb + k0)
             for kk in range(4):
                 for i in range(tm):
                     for j in range(tn):
@@ -107,6 +119,10 @@ def make_mm_nt(tm, tn, ty_count, tx_count, kdim, lda, ldb, acc):
 def make_mm_nn(tm, npt, ty_count, kdim, lda, ldb, acc):
     """mm(smem, offA, offB, C, ty, tx): C[i, m] += sum_k A[ty + i*TY, k] * B[k, tx*NPT + m]."""
     assert kdim % 4 == 0
+    load4 = make_load4(acc)
+    # B's row segment of npt elements: 16-byte loads where npt allows (it is a multiple of 4 for head dims
+    # that are multiples of 64 with 16 thread columns), else 8-byte, else scalar.
+    vec = 4 if npt % 4 == 0 else (2 if npt % 2 == 0 and acc != float64 else 1)
 
     @inline_device
     def mm(smem, off_a, off_b, c, ty, tx):
@@ -115,13 +131,18 @@ def make_mm_nn(tm, npt, ty_count, kdim, lda, ldb, acc):
         col = off_b + tx * npt
         for k0 in range(0, kdim, 4):
             for i in range(tm):
-                row = off_a + (ty + i * ty_count) * lda + k0
-                for kk in range(4):
-                    a[i, kk] = smem[row + kk]
+                a[i, 0], a[i, 1], a[i, 2], a[i, 3] = load4(smem, off_a + (ty + i * ty_count) * lda + k0)
             for kk in range(4):
                 brow = col + (k0 + kk) * ldb
-                for m in range(npt):
-                    b[m] = smem[brow + m]
+                if vec == 4:
+                    for m in range(0, npt, 4):
+                        b[m], b[m + 1], b[m + 2], b[m + 3] = load4(smem, brow + m)
+                elif vec == 2:
+                    for m in range(0, npt, 2):
+                        b[m], b[m + 1] = ld2(smem, brow + m)
+                else:
+                    for m in range(npt):
+                        b[m] = ld1(smem, brow + m)
                 for i in range(tm):
                     for m in range(npt):
                         c[i, m] += a[i, kk] * b[m]
