@@ -79,6 +79,9 @@ def gpu_present(timeout_s: float = 120.0) -> bool:
 def rerun_under_simulator(python_args) -> int:
     """Run ``python *python_args`` with the simulator switched on; return its exit status."""
     env = dict(os.environ, **{SIM_ENV: "1"})
+    # The child must import this very copy of numba_flash, installed or not.
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     return subprocess.call([sys.executable, *python_args], env=env)
 
 

@@ -174,7 +174,8 @@ def format_header(meta: dict, title: str = "numba_flash attention benchmark") ->
                      f"repeat {timing['rep_ms']} ms, L2 flushed between repetitions; the forward "
                      f"pass records autograd (as in training)")
     lines.append("- TFLOP/s: 4·B·H·N²·d per forward (halved when causal), ×2.5 backward, "
-                 "×3.5 forward+backward")
+                 "×3.5 forward+backward; a ratio line `a / b` divides a's TFLOP/s by b's "
+                 "(> 1: a faster)")
     if meta.get("sweep"):
         s = meta["sweep"]
         lines.append(f"- shapes: B·N = {s['tokens']} tokens, hidden {s['hidden']} → H = hidden // d; "
@@ -672,8 +673,7 @@ def format_sweep(records, impls, passes, reference_impl="numba_flash") -> str:
                             parts.append(f"N={n} —")
                     geo = (f" (geomean {math.exp(statistics.fmean(map(math.log, ratios))):.2f})"
                            if ratios else "")
-                    out.append(f"- {reference_impl} / {other} (TFLOP/s ratio, > 1: "
-                               f"{reference_impl} faster): " + ", ".join(parts) + geo)
+                    out.append(f"- {reference_impl} / {other}: " + ", ".join(parts) + geo)
                 out.append("")
             if pass_ == "fwd":
                 out.append(f"Peak extra memory of one forward, MiB (d={d}, {dtype}, "

@@ -4,6 +4,7 @@ A kernel runs TY x TX threads. Each thread owns a TM x TN micro-tile of a score 
 TN = cols / TX) and a TM x DPT micro-tile of an output tile (DPT = padded head dim / TX), so its partial
 dot products stay in registers and every value it reads from shared memory feeds TM or TN multiply-adds.
 """
+import os
 from dataclasses import dataclass
 
 from .intrinsics import SIMULATOR
@@ -32,9 +33,17 @@ MAX_HEADDIM = 256
 MIN_HEADDIM = 16
 
 
+def _override(var):
+    """NUMBA_FLASH_FWD_TILES / NUMBA_FLASH_BWD_TILES="br,bc,ty,tx": for tuning runs only."""
+    v = os.environ.get(var)
+    return TileConfig(*(int(x) for x in v.split(","))) if v else None
+
+
 def forward_config(headdim, dtype_name):
     if SIMULATOR:
         return _SIM
+    if _override("NUMBA_FLASH_FWD_TILES"):
+        return _override("NUMBA_FLASH_FWD_TILES")
     if headdim <= 128:
         return TileConfig(br=64, bc=64, ty=16, tx=16)
     return TileConfig(br=32, bc=32, ty=16, tx=16)
@@ -44,6 +53,8 @@ def backward_config(headdim, dtype_name):
     """Shared by the dQ and the dK/dV kernels: both must cut the sequence into the same tiles."""
     if SIMULATOR:
         return _SIM
+    if _override("NUMBA_FLASH_BWD_TILES"):
+        return _override("NUMBA_FLASH_BWD_TILES")
     if headdim <= 128:
         return TileConfig(br=64, bc=64, ty=16, tx=16)
     return TileConfig(br=32, bc=32, ty=16, tx=16)
