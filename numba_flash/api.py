@@ -194,6 +194,11 @@ def _walk_args(p, cfg, block_mask, transpose):
             ml.block_q // cfg.br, ml.block_k // cfg.bc)
 
 
+def _vector_loads_ok(p, *views):
+    """Kernels may move 4 elements per load if every row of every input starts 4-element aligned."""
+    return p.dtype != "float64" and p.headdim % 4 == 0 and all(v.aligned(4) for v in views)
+
+
 def _strides3(view):
     """(batch, seqlen, head) element strides of a (B, N, H, d) view."""
     return view.strides[0], view.strides[1], view.strides[2]
@@ -241,8 +246,8 @@ def flash_attn_forward(q, k, v, *, softmax_scale=None, causal=False, causal_alig
         return out, lse
 
     cfg = configs.forward_config(d, p.dtype)
-    kernel = make_forward_kernel(cfg, d, p.dtype, bool(causal))
     qv, kv, vv = (interop.flat_view(x, n) for x, n in ((q, "q"), (k, "k"), (v, "v")))
+    kernel = make_forward_kernel(cfg, d, p.dtype, bool(causal), _vector_loads_ok(p, qv, kv, vv))
     ov, lv = interop.flat_view(out, "out"), interop.flat_view(lse, "lse")
     walk = _walk_args(p, cfg, block_mask, transpose=False)
     grid = (-(-Nq // cfg.br), H, B)
@@ -288,6 +293,7 @@ def flash_attn_backward(dout, q, k, v, out, lse, *, softmax_scale=None, causal=F
               ("dq", dq), ("dk", dk), ("dv", dv))}
     dvec = interop.empty_like_framework(p.framework, p.device, (B, H, Nq), lse_dtype(p.dtype))
     dview = interop.flat_view(dvec, "D")
+    vec = _vector_loads_ok(p, views["q"], views["k"], views["v"], views["dout"])
     lv = views["lse"]
     stream = interop.launch_stream(p.framework, p.device)
     args_common = (Nq, Nk, *_strides3(views["q"]), *_strides3(views["k"]), *_strides3(views["v"]),
@@ -300,14 +306,14 @@ def flash_attn_backward(dout, q, k, v, out, lse, *, softmax_scale=None, causal=F
                 rows, Nq, H, *_strides3(views["out"]), *_strides3(views["dout"]),
                 dview.strides[0], dview.strides[1])
         if Nk > 0:
-            dkdv = make_dkdv_kernel(cfg, d, p.dtype, bool(causal))
+            dkdv = make_dkdv_kernel(cfg, d, p.dtype, bool(causal), vec)
             dkdv((-(-Nk // cfg.bc), H, B), stream,
                  views["q"].flat, views["k"].flat, views["v"].flat, views["dout"].flat, lv.flat,
                  dview.flat, views["dk"].flat, views["dv"].flat, *args_common,
                  *_strides3(views["dk"]), *_strides3(views["dv"]), lv.strides[0], lv.strides[1],
                  scale, scale * LOG2E, offset, *_walk_args(p, cfg, block_mask, transpose=True))
         if Nq > 0:
-            dqk = make_dq_kernel(cfg, d, p.dtype, bool(causal))
+            dqk = make_dq_kernel(cfg, d, p.dtype, bool(causal), vec)
             dqk((-(-Nq // cfg.br), H, B), stream,
                 views["q"].flat, views["k"].flat, views["v"].flat, views["dout"].flat, lv.flat,
                 dview.flat, views["dq"].flat, *args_common, *_strides3(views["dq"]),

@@ -323,7 +323,7 @@ def flex_block_mask(mask, nheads: int, device="cuda"):
     ``create_block_mask`` from a mask_mod that reads the same block layout."""
     from torch.nn.attention.flex_attention import create_block_mask
 
-    layout = torch.as_tensor(block_layout(mask), device=device)
+    layout = torch.tensor(block_layout(mask), device=device)  # a copy: BlockMask arrays are read-only
     bq, bk = mask.block_size
     heads = None if layout.shape[0] == 1 else nheads
     return create_block_mask(_layout_mask_mod(layout, bq, bk), B=None, H=heads,
@@ -525,7 +525,9 @@ def measure_impl(impl: str, cfg: Config, q, k, v, dout, passes, timing: Timing,
                         if p not in times:
                             times[p] = _time_pass(p, forward, q, k, v, dout, timing)
                     ms = times["fwd+bwd"] - times["fwd"]
-                    note = f"(fwd+bwd) − fwd; autograd.grad failed: {_first_line(e)}"
+                    # (flex: torch.compile donates the saved buffers to its one backward.)
+                    note = (f"bwd = (fwd+bwd) − fwd: autograd.grad(retain_graph=True) refused: "
+                            f"{_first_line(e, 90)}")
                 times[pass_] = ms
                 records.append(_record(cfg, impl, pass_, "ok", ms,
                                        mem if pass_ == "fwd" else None, note))
@@ -813,8 +815,7 @@ def format_sparse(records) -> str:
                 met = "yes" if float(nf_ratio) <= density + 0.1 else "no"
             tflops = _cell(nf, "tflops_effective")
             agree = f"{nf['agreement']:.1e}" if nf and nf.get("agreement") is not None else "—"
-            label = pattern if pattern == "dense" else f"{pattern}"
-            rows.append([label, f"{density:.3f}", nf_ms, nf_ratio, target, met, tflops,
+            rows.append([pattern, f"{density:.3f}", nf_ms, nf_ratio, target, met, tflops,
                          fx_ms, fx_ratio] + ([agree] if pass_ == "fwd" else []))
         header = ["mask", "density ρ", "numba_flash ms", "ratio", "target", "met",
                   "eff. TFLOP/s", "flex ms", "flex ratio"]
@@ -871,7 +872,7 @@ def run_simulated(args) -> int:
                     seconds.append(time.perf_counter() - t0)
                 ms = statistics.median(seconds) * 1e3
                 rows.append([n, "causal" if causal else "non-causal", pass_, f"{ms:.0f}",
-                             " ".join(f"{k}={e:.1e}" for k, e in errors.items())])
+                             " ".join(f"{name}={e:.1e}" for name, e in errors.items())])
                 payload.append({"seqlen": n, "causal": causal, "pass": pass_,
                                 "simulated_ms": ms, "errors": errors, **dataclasses.asdict(cfg)})
     text = (f"B={s['batch']}, H={s['nheads']}, d={s['d']}, {s['dtype']}; median of "

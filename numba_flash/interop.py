@@ -27,6 +27,12 @@ class View:
     dtype: str            # "float32", "float16", "bfloat16", "float64", "int32", ...
     framework: str        # "torch", "cupy", "numba", "numpy"
     device: object        # CUDA device ordinal, or "cpu"
+    ptr: int = 0          # address of element 0, for alignment checks
+
+    def aligned(self, nelem):
+        """True if element 0 and every row/head/batch start are `nelem`-element (nelem*itemsize) aligned."""
+        item = 2 if self.dtype in ("float16", "bfloat16") else np.dtype(self.dtype).itemsize
+        return self.ptr % (nelem * item) == 0 and all(st % nelem == 0 for st in self.strides[:-1])
 
 
 def framework_of(x):
@@ -101,7 +107,7 @@ def flat_view(x, name):
         else:
             arr = np.asarray(x)
         flat = np.lib.stride_tricks.as_strided(arr, shape=(span,), strides=(arr.dtype.itemsize,))
-        return View(flat, shape, strides, dtype, fw, "cpu")
+        return View(flat, shape, strides, dtype, fw, "cpu", arr.__array_interface__["data"][0])
     if dtype not in _TYPESTR:
         raise TypeError(f"{name} has unsupported dtype {dtype}")
     if fw == "torch":
@@ -113,7 +119,7 @@ def flat_view(x, name):
     desc = {"shape": (span,), "strides": None, "typestr": _TYPESTR[dtype], "data": (ptr, False),
             "version": 3}
     flat = cuda.from_cuda_array_interface(desc, owner=x, sync=False)
-    return View(flat, shape, strides, dtype, fw, dev)
+    return View(flat, shape, strides, dtype, fw, dev, ptr)
 
 
 def empty_like_framework(framework, device, shape, dtype):

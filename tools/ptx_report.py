@@ -48,6 +48,7 @@ def main():
     ap.add_argument("--dtype", nargs="+", default=["float32", "float16"])
     ap.add_argument("--causal", type=int, default=0)
     ap.add_argument("--sass", default=None, help="write cubins here")
+    ap.add_argument("--vec", type=int, default=1, help="vectorised global loads (aligned inputs)")
     a = ap.parse_args()
     arr = lambda dt: types.Array(typeof(np.zeros(1, dt)).dtype, 1, "C")
     i64, f64 = types.int64, types.float64
@@ -57,14 +58,16 @@ def main():
             st = storage_dtype(dt)
             acc = np.float64 if dt == "float64" else np.float32
             cf, cb = configs.forward_config(d, dt), configs.backward_config(d, dt)
-            fwd = make_forward_kernel(cf, d, dt, bool(a.causal))
+            fwd = make_forward_kernel(cf, d, dt, bool(a.causal), bool(a.vec) and dt != 'float64')
             sig_f = (arr(st),) * 4 + (arr(acc),) + (i64,) * 16 + (f64, i64, i32a, i32a) + (i64,) * 4
-            dkdv = make_dkdv_kernel(cb, d, dt, bool(a.causal))
+            dkdv = make_dkdv_kernel(cb, d, dt, bool(a.causal), bool(a.vec) and dt != 'float64')
             sig_b = (arr(st),) * 4 + (arr(acc),) * 2 + (arr(st),) * 2 + (i64,) * 22 + (f64, f64, i64, i32a, i32a) + (i64,) * 4
-            dq = make_dq_kernel(cb, d, dt, bool(a.causal))
+            dq = make_dq_kernel(cb, d, dt, bool(a.causal), bool(a.vec) and dt != 'float64')
             sig_q = (arr(st),) * 4 + (arr(acc),) * 2 + (arr(st),) + (i64,) * 19 + (f64, f64, i64, i32a, i32a) + (i64,) * 4
             for name, k, sig in (("fwd", fwd, sig_f), ("dkdv", dkdv, sig_b), ("dq", dq, sig_q)):
-                ptx, _ = cuda.compile_ptx(k.kernel.py_func, sig, cc=(9, 0))
+                from numba_flash.kernels.intrinsics import launch_bounds
+                ptx, _ = cuda.compile_ptx(k.kernel.py_func, sig, cc=(9, 0),
+                                          launch_bounds=launch_bounds(k.threads, k.smem_bytes, (cf if name == 'fwd' else cb).min_blocks))
                 with tempfile.TemporaryDirectory() as tmp:
                     pf = os.path.join(tmp, "k.ptx")
                     open(pf, "w").write(ptx)

@@ -16,6 +16,7 @@ class TileConfig:
     bc: int   # key rows per tile (Bc)
     ty: int   # thread rows
     tx: int   # thread columns (a power of two <= 32: a row's threads are consecutive lanes of one warp)
+    min_blocks: int = 0   # blocks per SM to cap registers for (launch bounds); 0: as many as shared memory allows
 
     @property
     def threads(self):
@@ -34,7 +35,7 @@ MIN_HEADDIM = 16
 
 
 def _override(var):
-    """NUMBA_FLASH_FWD_TILES / NUMBA_FLASH_BWD_TILES="br,bc,ty,tx": for tuning runs only."""
+    """NUMBA_FLASH_FWD_TILES / NUMBA_FLASH_BWD_TILES="br,bc,ty,tx[,min_blocks]": for tuning runs only."""
     v = os.environ.get(var)
     return TileConfig(*(int(x) for x in v.split(","))) if v else None
 

@@ -19,6 +19,27 @@ def inline_device(fn):
         return cuda.jit(device=True)(fn)
     return cuda.jit(device=True, forceinline=True)(fn)
 
+SMEM_PER_SM = 228 * 1024      # Hopper: 228 KiB per SM, of which up to 227 KiB for one block
+SMEM_PER_BLOCK_RESERVED = 1024
+
+
+def kernel(threads, smem_bytes, min_blocks=0):
+    """@cuda.jit for a kernel of `threads` threads and `smem_bytes` of dynamic shared memory.
+
+    Shared memory decides how many blocks fit on an SM; telling ptxas that (launch bounds) makes it cap
+    registers so that many fit too, instead of letting registers become the tighter limit.
+    """
+    if SIMULATOR:
+        return cuda.jit
+    return cuda.jit(launch_bounds=launch_bounds(threads, smem_bytes, min_blocks))
+
+
+def launch_bounds(threads, smem_bytes, min_blocks=0):
+    if min_blocks <= 0:
+        min_blocks = max(1, min(4, SMEM_PER_SM // (smem_bytes + SMEM_PER_BLOCK_RESERVED)))
+    return threads, min_blocks
+
+
 # Element types the kernels read and write. bfloat16 travels as its raw 16 bits (torch refuses bfloat16
 # in __cuda_array_interface__), so its storage type is uint16.
 DTYPES = ("float32", "float16", "bfloat16", "float64")
@@ -204,6 +225,38 @@ def _make_vector_load(n):
     return ld
 
 
+def _make_vector_store(n):
+    if SIMULATOR:
+        def st(arr, idx, vals):
+            for i in range(n):
+                arr[idx + i] = vals[i]
+        return st
+
+    from llvmlite import ir
+    from numba.core import types
+    from numba.cuda.extending import intrinsic
+
+    @intrinsic
+    def st(typingctx, arr, idx, vals):
+        def codegen(context, builder, signature, args):
+            ary = context.make_array(signature.args[0])(context, builder, args[0])
+            ptr = builder.gep(ary.data, [args[1]])
+            elty = context.get_value_type(signature.args[0].dtype)
+            vecty = ir.VectorType(elty, n)
+            v = ir.Constant(vecty, ir.Undefined)
+            for i in range(n):
+                x = builder.extract_value(args[2], i)
+                x = context.cast(builder, x, signature.args[2].dtype, signature.args[0].dtype)
+                v = builder.insert_element(v, x, ir.Constant(ir.IntType(32), i))
+            nbytes = n * context.get_abi_sizeof(elty)
+            builder.store(v, builder.bitcast(ptr, vecty.as_pointer()), align=nbytes)
+            return context.get_dummy_value()
+
+        return types.void(arr, idx, vals), codegen
+
+    return st
+
+
 def _make_scalar_access():
     if SIMULATOR:
         def ld(arr, idx):
@@ -237,4 +290,6 @@ def _make_scalar_access():
 
 ld2 = _make_vector_load(2)
 ld4 = _make_vector_load(4)
+st2 = _make_vector_store(2)
+st4 = _make_vector_store(4)
 ld1, st1 = _make_scalar_access()

@@ -56,7 +56,7 @@ def _common(cfg, headdim, dtype_name):
 
 
 @lru_cache(maxsize=None)
-def make_dkdv_kernel(cfg, headdim, dtype_name, causal):
+def make_dkdv_kernel(cfg, headdim, dtype_name, causal, vec_global=False):
     BR, BC, TY, TX, NT, DP, DPT, ACC, LD = _common(cfg, headdim, dtype_name)
     TM, TN = BC // TY, BR // TX          # a thread's key rows x query columns of S^T
     load_elem, store_elem = I.loader(dtype_name), I.storer(dtype_name)
@@ -71,14 +71,14 @@ def make_dkdv_kernel(cfg, headdim, dtype_name, causal):
     SMEM_WORDS = OFF_D + BR
     INF = math.inf
 
-    load_kv = make_row_loader(BC, DP, headdim, LD, NT, load_elem, ACC)
-    load_q = make_row_loader(BR, DP, headdim, LD, NT, load_elem, ACC)
+    load_kv = make_row_loader(BC, DP, headdim, LD, NT, load_elem, ACC, vec_global)
+    load_q = make_row_loader(BR, DP, headdim, LD, NT, load_elem, ACC, vec_global)
     load_vec = make_vector_loader(BR, NT, ACC)
     mm_kq = make_mm_nt(TM, TN, TY, TX, DP, LD, LD, ACC)      # S^T = K Q^T,  dP^T = V dO^T
     mm_t = make_mm_nn(TM, DPT, TY, BR, LDT, LD, ACC)          # dV += P^T dO, dK += dS^T Q
     exp2 = math.exp2
 
-    @cuda.jit
+    @I.kernel(NT, SMEM_WORDS * (8 if dtype_name == "float64" else 4), cfg.min_blocks)
     def flash_bwd_dkdv(q, k, v, do, lse, dvec, dk, dv,
                        nq, nk, q_sb, q_sn, q_sh, k_sb, k_sn, k_sh, v_sb, v_sn, v_sh,
                        do_sb, do_sn, do_sh, dk_sb, dk_sn, dk_sh, dv_sb, dv_sn, dv_sh,
@@ -184,7 +184,7 @@ def make_dkdv_kernel(cfg, headdim, dtype_name, causal):
 
 
 @lru_cache(maxsize=None)
-def make_dq_kernel(cfg, headdim, dtype_name, causal):
+def make_dq_kernel(cfg, headdim, dtype_name, causal, vec_global=False):
     BR, BC, TY, TX, NT, DP, DPT, ACC, LD = _common(cfg, headdim, dtype_name)
     TM, TN = BR // TY, BC // TX          # a thread's query rows x key columns of S
     load_elem, store_elem = I.loader(dtype_name), I.storer(dtype_name)
@@ -197,13 +197,13 @@ def make_dq_kernel(cfg, headdim, dtype_name, causal):
     SMEM_WORDS = OFF_S + BR * LDS
     INF = math.inf
 
-    load_q = make_row_loader(BR, DP, headdim, LD, NT, load_elem, ACC)
-    load_kv = make_row_loader(BC, DP, headdim, LD, NT, load_elem, ACC)
+    load_q = make_row_loader(BR, DP, headdim, LD, NT, load_elem, ACC, vec_global)
+    load_kv = make_row_loader(BC, DP, headdim, LD, NT, load_elem, ACC, vec_global)
     mm_qk = make_mm_nt(TM, TN, TY, TX, DP, LD, LD, ACC)       # S = Q K^T,  dP = dO V^T
     mm_sk = make_mm_nn(TM, DPT, TY, BC, LDS, LD, ACC)         # dQ += dS K
     exp2 = math.exp2
 
-    @cuda.jit
+    @I.kernel(NT, SMEM_WORDS * (8 if dtype_name == "float64" else 4), cfg.min_blocks)
     def flash_bwd_dq(q, k, v, do, lse, dvec, dq,
                      nq, nk, q_sb, q_sn, q_sh, k_sb, k_sn, k_sh, v_sb, v_sn, v_sh,
                      do_sb, do_sn, do_sh, dq_sb, dq_sn, dq_sh,

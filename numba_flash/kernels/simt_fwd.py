@@ -24,7 +24,7 @@ LN2 = 0.6931471805599453
 
 
 @lru_cache(maxsize=None)
-def make_forward_kernel(cfg, headdim, dtype_name, causal):
+def make_forward_kernel(cfg, headdim, dtype_name, causal, vec_global=False):
     """Compile-time choices are closure constants; lengths, strides, scale and lists are arguments."""
     BR, BC, TY, TX = cfg.br, cfg.bc, cfg.ty, cfg.tx
     NT = TY * TX
@@ -45,13 +45,13 @@ def make_forward_kernel(cfg, headdim, dtype_name, causal):
     row_max, row_sum, needs_red = I.make_row_reducers(TM, TX, use_shuffles=not I.SIMULATOR)
     SMEM_WORDS = OFF_RED + (TX * BR if needs_red else 0)
 
-    load_q = make_row_loader(BR, DP, headdim, LD, NT, load_elem, ACC)
-    load_kv = make_row_loader(BC, DP, headdim, LD, NT, load_elem, ACC)
+    load_q = make_row_loader(BR, DP, headdim, LD, NT, load_elem, ACC, vec_global)
+    load_kv = make_row_loader(BC, DP, headdim, LD, NT, load_elem, ACC, vec_global)
     mm_qk = make_mm_nt(TM, TN, TY, TX, DP, LD, LD, ACC)     # S = Q K^T
     mm_pv = make_mm_nn(TM, DPT, TY, BC, LDP, LD, ACC)       # acc += P V
     exp2 = math.exp2
 
-    @cuda.jit
+    @I.kernel(NT, SMEM_WORDS * (8 if dtype_name == "float64" else 4), cfg.min_blocks)
     def flash_fwd(q, k, v, o, lse,
                   nq, nk, q_sb, q_sn, q_sh, k_sb, k_sn, k_sh, v_sb, v_sn, v_sh, o_sb, o_sn, o_sh,
                   lse_sb, lse_sh, scale_log2, causal_offset,
