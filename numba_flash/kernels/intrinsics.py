@@ -297,3 +297,64 @@ ld4 = _make_vector_load(4)
 st2 = _make_vector_store(2)
 st4 = _make_vector_store(4)
 ld1, st1 = _make_scalar_access()
+
+
+# --------------------------------------------------------------------------------------------------
+# Asynchronous global -> shared copies (cp.async, sm_80+): the copy engine moves 16 bytes per call
+# without passing through registers, so the next tile's loads overlap the current tile's arithmetic.
+# `src_bytes` 0 zero-fills the 16 destination bytes (rows past the sequence end, padding columns).
+# The simulator copies synchronously and its waits are no-ops: the ordering logic still runs there.
+# --------------------------------------------------------------------------------------------------
+if SIMULATOR:
+    def cp_async16(smem, sidx, g, gidx, src_bytes):
+        for i in range(4):
+            smem[sidx + i] = g[gidx + i] if src_bytes > 0 else 0
+
+    def cp_async_commit():
+        pass
+
+    def cp_async_wait0():
+        pass
+
+    def cp_async_wait1():
+        pass
+else:
+    def _make_cp_async():
+        from llvmlite import ir
+        from numba.core import types
+        from numba.cuda.extending import intrinsic
+
+        @intrinsic
+        def cp_async16(typingctx, smem, sidx, g, gidx, src_bytes):
+            def codegen(context, builder, signature, args):
+                sary = context.make_array(signature.args[0])(context, builder, args[0])
+                gary = context.make_array(signature.args[2])(context, builder, args[2])
+                i64, i32 = ir.IntType(64), ir.IntType(32)
+                sp = builder.ptrtoint(builder.gep(sary.data, [args[1]]), i64)
+                gp = builder.ptrtoint(builder.gep(gary.data, [args[3]]), i64)
+                nb = context.cast(builder, args[4], signature.args[4], types.int32)
+                fnty = ir.FunctionType(ir.VoidType(), [i64, i64, i32])
+                asm = ir.InlineAsm(
+                    fnty,
+                    "{ .reg .u64 s, g; .reg .u32 s32; cvta.to.shared.u64 s, $0; cvt.u32.u64 s32, s; "
+                    "cvta.to.global.u64 g, $1; cp.async.cg.shared.global [s32], [g], 16, $2; }",
+                    "l,l,r", side_effect=True)
+                builder.call(asm, [sp, gp, nb])
+                return context.get_dummy_value()
+
+            return types.void(smem, sidx, g, gidx, src_bytes), codegen
+
+        def simple(text):
+            @intrinsic
+            def op(typingctx):
+                def codegen(context, builder, signature, args):
+                    fnty = ir.FunctionType(ir.VoidType(), [])
+                    builder.call(ir.InlineAsm(fnty, text, "~{memory}", side_effect=True), [])
+                    return context.get_dummy_value()
+                return types.void(), codegen
+            return op
+
+        return (cp_async16, simple("cp.async.commit_group;"), simple("cp.async.wait_group 0;"),
+                simple("cp.async.wait_group 1;"))
+
+    cp_async16, cp_async_commit, cp_async_wait0, cp_async_wait1 = _make_cp_async()
