@@ -17,7 +17,7 @@ from numba import cuda
 
 from . import intrinsics as I
 from .launch import Launchable
-from .simt_tiles import make_async_row_loader, make_mm_nn, make_mm_nt, make_row_loader, row_stride, tile_col
+from .simt_tiles import make_mm_nn, make_mm_nt, make_row_loader, row_stride
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -47,10 +47,6 @@ def make_forward_kernel(cfg, headdim, dtype_name, causal, vec_global=False):
 
     load_q = make_row_loader(BR, DP, headdim, LD, NT, load_elem, ACC, vec_global)
     load_kv = make_row_loader(BC, DP, headdim, LD, NT, load_elem, ACC, vec_global)
-    # fp32 inputs whose rows are 16-byte aligned are copied by cp.async, overlapping loads with math.
-    ASYNC = vec_global and dtype_name == "float32"
-    load_k_async = make_async_row_loader(BC, DP, headdim, LD, NT) if ASYNC else None
-    load_v_async = load_k_async
     mm_qk = make_mm_nt(TM, TN, TY, TX, DP, LD, LD, ACC)     # S = Q K^T
     mm_pv = make_mm_nn(TM, DPT, TY, BC, LDP, LD, ACC)       # acc += P V
     exp2 = math.exp2
@@ -86,95 +82,65 @@ def make_forward_kernel(cfg, headdim, dtype_name, causal, vec_global=False):
             for d in range(DPT):
                 acc[i, d] = ACC(0)
 
-        # The tiles to visit, flattened: position pos is sub-tile pos % k_per_blk of listed block
-        # pos // k_per_blk. Lists ascend, so the key tiles that exist and are not wholly right of the
-        # diagonal (a key column c is visible to row r iff c <= r + causal_offset) form a prefix.
+        # Last row of this tile that exists; a key column c is visible to row r iff c <= r + causal_offset.
         row_last = min(row0 + BR, nq) - 1
-        col_limit = nk - 1
-        if causal:
-            col_limit = min(col_limit, row_last + causal_offset)
         mrow = h * mask_sh + i_tile // q_per_blk
-        total = kv_count[mrow] * k_per_blk
-        col0 = tile_col(kv_index, mrow * mask_maxk, k_per_blk, 0) * BC if total > 0 else 0
-        valid = total > 0 and col0 <= col_limit
-        if ASYNC:
-            if valid:
-                load_k_async(smem, OFF_K, k, k_base, col0, nk - col0, k_sn, tid)
-            I.cp_async_commit()
-            if valid:
-                load_v_async(smem, OFF_V, v, v_base, col0, nk - col0, v_sn, tid)
-            I.cp_async_commit()
-        pos = 0
-        while valid:
-            if ASYNC:
-                I.cp_async_wait1()  # this tile's K has landed (its V may still be in flight)
-            else:
+        nblocks = kv_count[mrow]
+        for t in range(nblocks):
+            jb = kv_index[mrow * mask_maxk + t]
+            for sub in range(k_per_blk):
+                col0 = (jb * k_per_blk + sub) * BC
+                skip = col0 >= nk
+                if causal:
+                    skip = skip or col0 > row_last + causal_offset
+                if skip:
+                    continue
                 # The previous tile's P and V are still being read.
                 cuda.syncthreads()
                 load_kv(smem, OFF_K, k, k_base, col0, nk - col0, k_sn, tid)
                 load_kv(smem, OFF_V, v, v_base, col0, nk - col0, v_sn, tid)
-            cuda.syncthreads()
-
-            for i in range(TM):
-                for j in range(TN):
-                    s[i, j] = ACC(0)
-            mm_qk(smem, OFF_Q, OFF_K, s, ty, tx)
-
-            needs_mask = col0 + BC > nk
-            if causal:
-                needs_mask = needs_mask or col0 + BC - 1 > row0 + causal_offset
-            for i in range(TM):
-                red[i] = NEG_INF
-                for j in range(TN):
-                    x = s[i, j] * sl2
-                    if needs_mask:
-                        c = col0 + tx + j * TX
-                        if c >= nk:
-                            x = NEG_INF
-                        if causal:
-                            if c > row0 + ty + i * TY + causal_offset:
-                                x = NEG_INF
-                    s[i, j] = x
-                    red[i] = I.fmax_nan_ignoring(red[i], x)
-            row_max(red, smem, OFF_RED, ty, tx, TY, BR)
-
-            for i in range(TM):
-                m_new = I.fmax_nan_ignoring(m[i], red[i])
-                # A row that has seen only -inf keeps m = -inf; subtracting 0 instead of -inf keeps its
-                # probabilities exp2(-inf) = 0 rather than exp2(-inf + inf) = NaN.
-                m_use = m_new if m_new != NEG_INF else ACC(0)
-                alpha = exp2(m[i] - m_use)
-                m[i] = m_new
-                l[i] *= alpha
-                for d in range(DPT):
-                    acc[i, d] *= alpha
-                prow = OFF_P + (ty + i * TY) * LDP + tx
-                for j in range(TN):
-                    p = exp2(s[i, j] - m_use)
-                    l[i] += p
-                    I.st1(smem, prow + j * TX, p)
-            if ASYNC:
-                I.cp_async_wait0()  # this tile's V has landed
-            # P is complete, V visible, and every thread is done reading K.
-            cuda.syncthreads()
-            npos = pos + 1
-            ncol0 = tile_col(kv_index, mrow * mask_maxk, k_per_blk, npos) * BC if npos < total else 0
-            nvalid = npos < total and ncol0 <= col_limit
-            if ASYNC:
-                # K's buffer is free: the next tile's K loads while P V runs.
-                if nvalid:
-                    load_k_async(smem, OFF_K, k, k_base, ncol0, nk - ncol0, k_sn, tid)
-                I.cp_async_commit()
-            mm_pv(smem, OFF_P, OFF_V, acc, ty, tx)
-            if ASYNC:
-                # Every thread is done reading V and P: the next V loads while the next S is computed.
                 cuda.syncthreads()
-                if nvalid:
-                    load_v_async(smem, OFF_V, v, v_base, ncol0, nk - ncol0, v_sn, tid)
-                I.cp_async_commit()
-            pos = npos
-            col0 = ncol0
-            valid = nvalid
+
+                for i in range(TM):
+                    for j in range(TN):
+                        s[i, j] = ACC(0)
+                mm_qk(smem, OFF_Q, OFF_K, s, ty, tx)
+
+                needs_mask = col0 + BC > nk
+                if causal:
+                    needs_mask = needs_mask or col0 + BC - 1 > row0 + causal_offset
+                for i in range(TM):
+                    red[i] = NEG_INF
+                    for j in range(TN):
+                        x = s[i, j] * sl2
+                        if needs_mask:
+                            c = col0 + tx + j * TX
+                            if c >= nk:
+                                x = NEG_INF
+                            if causal:
+                                if c > row0 + ty + i * TY + causal_offset:
+                                    x = NEG_INF
+                        s[i, j] = x
+                        red[i] = I.fmax_nan_ignoring(red[i], x)
+                row_max(red, smem, OFF_RED, ty, tx, TY, BR)
+
+                for i in range(TM):
+                    m_new = I.fmax_nan_ignoring(m[i], red[i])
+                    # A row that has seen only -inf keeps m = -inf; subtracting 0 instead of -inf keeps its
+                    # probabilities exp2(-inf) = 0 rather than exp2(-inf + inf) = NaN.
+                    m_use = m_new if m_new != NEG_INF else ACC(0)
+                    alpha = exp2(m[i] - m_use)
+                    m[i] = m_new
+                    l[i] *= alpha
+                    for d in range(DPT):
+                        acc[i, d] *= alpha
+                    prow = OFF_P + (ty + i * TY) * LDP + tx
+                    for j in range(TN):
+                        p = exp2(s[i, j] - m_use)
+                        l[i] += p
+                        I.st1(smem, prow + j * TX, p)
+                cuda.syncthreads()
+                mm_pv(smem, OFF_P, OFF_V, acc, ty, tx)
 
         # l so far is this thread's share of its rows' sums; the row's threads add theirs up.
         for i in range(TM):

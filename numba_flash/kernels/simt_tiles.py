@@ -21,7 +21,7 @@ from functools import lru_cache
 
 from numba import cuda, float64
 
-from .intrinsics import cp_async16, inline_device, ld1, ld2, ld4, st1, st4
+from .intrinsics import inline_device, ld1, ld2, ld4, st1, st4
 
 
 @lru_cache(maxsize=None)
@@ -180,34 +180,3 @@ def make_mm_nn(tm, npt, ty_count, kdim, lda, ldb, acc):
                         c[i, m] += a[i, kk] * b[m]
 
     return mm
-
-
-@lru_cache(maxsize=None)
-def make_async_row_loader(rows, width, valid_width, ld, nthreads):
-    """Like make_row_loader(vec_global=True) for fp32 inputs, but through cp.async: it only issues the
-    copies; the caller commits them as a group and waits for the group before a barrier."""
-    assert valid_width % 4 == 0 and width % 4 == 0
-    chunks_per_row = width // 4
-    total = rows * chunks_per_row
-    steps = -(-total // nthreads)
-
-    @inline_device
-    def load(smem, off, g, base, row0, nrows_valid, stride_row, tid):
-        for s in range(steps):
-            idx = tid + s * nthreads
-            if total % nthreads == 0 or idx < total:
-                r = idx // chunks_per_row
-                c = (idx - r * chunks_per_row) * 4
-                ok = r < nrows_valid and c < valid_width
-                # A zero-filled chunk still names an address: the slab's first element, always valid.
-                src = base + (row0 + r) * stride_row + c if ok else base
-                cp_async16(smem, off + r * ld + c, g, src, 16 if ok else 0)
-
-    return load
-
-
-@inline_device
-def tile_col(kv_index, list_off, k_per_blk, pos):
-    """Index (in tiles) of the pos-th tile of a list of blocks that are k_per_blk tiles wide each."""
-    t = pos // k_per_blk
-    return kv_index[list_off + t] * k_per_blk + (pos - t * k_per_blk)
