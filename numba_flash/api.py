@@ -5,6 +5,7 @@ arrays; numpy and CPU torch tensors under the simulator) and do no autograd; `au
 torch. Layout is (batch, seqlen, nheads, headdim), any strides with a contiguous last dim.
 """
 import math
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
@@ -88,8 +89,8 @@ def check_qkv(q, k, v):
         raise ValueError(f"k has seqlen {descs['k'][1][1]} but v has seqlen {descs['v'][1][1]}")
     d = sq[3]
     if not configs.MIN_HEADDIM <= d <= configs.MAX_HEADDIM:
-        raise ValueError(f"head dim {d} is not supported: numba_flash supports head dims "
-                         f"{configs.MIN_HEADDIM}..{configs.MAX_HEADDIM}")
+        raise ValueError(f"q, k, v have head dim {d} (their last dim), which is not supported: numba_flash "
+                         f"supports head dims {configs.MIN_HEADDIM}..{configs.MAX_HEADDIM}")
     if dq == "bfloat16" and fq == "cupy":
         raise TypeError("q: CuPy has no bfloat16 dtype")
     return Problem(sq[0], sq[1], descs["k"][1][1], sq[2], d, dq, fq, devq)
@@ -98,10 +99,9 @@ def check_qkv(q, k, v):
 def check_scale(softmax_scale, headdim):
     if softmax_scale is None:
         return 1.0 / math.sqrt(headdim)
-    try:
-        s = float(softmax_scale)
-    except (TypeError, ValueError):
-        raise TypeError(f"softmax_scale must be a float, got {type(softmax_scale).__name__}") from None
+    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, numbers.Real):
+        raise TypeError(f"softmax_scale must be a real number, got {type(softmax_scale).__name__}")
+    s = float(softmax_scale)
     if not math.isfinite(s):
         raise ValueError(f"softmax_scale must be finite, got {softmax_scale}")
     return s
@@ -227,7 +227,10 @@ def flash_attn_forward(q, k, v, *, softmax_scale=None, causal=False, causal_alig
     Returns:
         (out, lse), arrays of the inputs' framework. lse is the natural-log log-sum-exp of each row's scaled
         scores. A row that sees no key (causal with seqlen_q > seqlen_k, or empty mask blocks) gets
-        out = 0 and lse = -inf. NaN inputs give NaN outputs in the rows they reach.
+        out = 0 and lse = -inf. NaN is never turned into a number: a NaN in q makes its row NaN, a NaN in
+        k the rows that attend to it; a NaN in v reaches those rows and, as in any attention computed
+        by matrix products (PyTorch's included), possibly rows of the same tile that mask it out
+        (0 * NaN = NaN).
     """
     p = check_qkv(q, k, v)
     scale = check_scale(softmax_scale, p.headdim)

@@ -43,9 +43,23 @@ def framework_of(x):
         return "cupy"
     if isinstance(x, np.ndarray):
         return "numpy"
-    if cuda.is_cuda_array(x):
+    if _is_numba_device_array(x):
         return "numba"
     return None
+
+
+def _is_numba_device_array(x):
+    if SIMULATOR:  # the simulator has no is_cuda_array; its device arrays are FakeCUDAArray
+        return type(x).__name__ == "FakeCUDAArray"
+    return cuda.is_cuda_array(x)
+
+
+def _kernel_host_array(a):
+    """Under the simulator, hand kernels host memory as a simulator device array: a plain numpy argument
+    would be copied in and back out around the launch, and copies of overlapping views (packed dq/dk/dv)
+    or of read-only arrays (mask lists) then clobber each other or fail."""
+    from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
+    return FakeCUDAArray(a)
 
 
 def _torch_dtype_name(t):
@@ -107,7 +121,8 @@ def flat_view(x, name):
         else:
             arr = np.asarray(x)
         flat = np.lib.stride_tricks.as_strided(arr, shape=(span,), strides=(arr.dtype.itemsize,))
-        return View(flat, shape, strides, dtype, fw, "cpu", arr.__array_interface__["data"][0])
+        return View(_kernel_host_array(flat), shape, strides, dtype, fw, "cpu",
+                    arr.__array_interface__["data"][0])
     if dtype not in _TYPESTR:
         raise TypeError(f"{name} has unsupported dtype {dtype}")
     if fw == "torch":
@@ -139,6 +154,8 @@ def empty_like_framework(framework, device, shape, dtype):
             return cupy.empty(shape, dtype=npdt)
     if framework == "numpy":
         return np.empty(shape, dtype=npdt)
+    if device == "cpu":  # simulator device arrays
+        return cuda.device_array(shape, dtype=npdt)
     with cuda.gpus[device]:
         return cuda.device_array(shape, dtype=npdt)
 
@@ -146,7 +163,7 @@ def empty_like_framework(framework, device, shape, dtype):
 def to_device_like(host_array, framework, device):
     """Copy a small host int32 array (mask lists) to where the kernels run (simulator: stays on the host)."""
     if SIMULATOR or device == "cpu":
-        return np.ascontiguousarray(host_array)
+        return _kernel_host_array(np.ascontiguousarray(host_array))
     with cuda.gpus[device]:
         return cuda.to_device(np.ascontiguousarray(host_array))
 

@@ -7,6 +7,7 @@ at the top of the first module pytest imports: set to "1" unless a real GPU answ
 Inputs are fresh random numbers on every run. Each test that takes the `rng` fixture prints its seed, so a
 failure shows it under "Captured stdout setup"; NUMBA_FLASH_TEST_SEED=<seed> replays it.
 """
+import math
 import os
 import shutil
 import subprocess
@@ -25,8 +26,6 @@ def _gpu_present():
 
 if "NUMBA_ENABLE_CUDASIM" not in os.environ and not _gpu_present():
     os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
-
-import math  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -63,10 +62,10 @@ HEADDIMS = [16, 24, 32] if SIMULATOR else [16, 24, 32, 40, 64, 80, 96, 128, 160,
 
 
 def block_sizes(headdim=32, dtype="float32"):
-    """Two valid BlockMask block sizes: the kernel tile and twice it (16/32 simulated, 64/128 on a GPU)."""
-    br, bc = configs.mask_tile(headdim, dtype)
-    assert br == bc
-    return br, 2 * br
+    """Two valid square BlockMask block sizes: the smallest one (a multiple of both tile sides, 16 under the
+    simulator, 64 or 128 on a GPU) and twice it."""
+    b = math.lcm(*configs.mask_tile(headdim, dtype))
+    return b, 2 * b
 
 
 # --------------------------------------------------------------------------------------------------

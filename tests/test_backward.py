@@ -70,16 +70,25 @@ def test_backward_causal_more_queries_than_keys_rows_seeing_no_key_get_zero_dq_a
 
 
 @pytest.mark.parametrize("layout", ["bhsd", "qkvpacked", "kvpacked"])
-def test_backward_strided_inputs_and_outputs_give_bitwise_the_contiguous_gradients(rng, layout):
+def test_backward_strided_inputs_give_bitwise_the_contiguous_gradients(rng, layout):
     B, N, H, d = 2, 20, 2, 16
     q, k, v, dout = backward_case(rng, B, N, N, H, d, layout=layout)
-    # gradients written into views of one NaN-poisoned packed (B, N, 3, H, d) buffer
-    buf = poison((B, N, 3, H, d))
-    grads = fwd_bwd(q, k, v, dout, dq=buf[:, :, 0], dk=buf[:, :, 1], dv=buf[:, :, 2], causal=True)
+    grads = fwd_bwd(q, k, v, dout, causal=True)
     check_grads(grads, dout, q, k, v, "float32", causal=True)
     grads_c = fwd_bwd(copy(q), copy(k), copy(v), copy(dout), causal=True)
     for name, g, gc in zip(("dq", "dk", "dv"), grads, grads_c):
         assert_bitwise_equal(g, gc, name)
+
+
+def test_backward_writes_gradients_into_one_packed_dqkv_buffer(rng):
+    """dq, dk, dv as the slices [:, :, 0/1/2] of one NaN-poisoned (B, N, 3, H, d) buffer (flash-attn's
+    qkv-packed layout): the three interleaved outputs are all written and none overwrites another."""
+    B, N, H, d = 2, 20, 2, 16
+    q, k, v, dout = backward_case(rng, B, N, N, H, d, layout="qkvpacked")
+    buf = poison((B, N, 3, H, d))
+    grads = fwd_bwd(q, k, v, dout, dq=buf[:, :, 0], dk=buf[:, :, 1], dv=buf[:, :, 2], causal=True)
+    check_grads(grads, dout, q, k, v, "float32", causal=True)
+    check_grads([as64(buf)[:, :, i] for i in range(3)], dout, q, k, v, "float32", causal=True)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16", "float64"])

@@ -191,11 +191,15 @@ def test_nan_in_one_query_row_makes_exactly_that_rows_output_nan(make_qkv):
 
 
 @pytest.mark.parametrize("tensor", ["k", "v"])
-def test_nan_in_one_key_reaches_exactly_the_rows_that_see_it_under_causal(make_qkv, tensor):
-    """A NaN in key / value row j: rows r >= j (which attend to j) turn NaN, earlier rows stay exact.
+def test_nan_in_one_key_reaches_the_rows_that_see_it_under_causal(make_qkv, tensor):
+    """A NaN in key / value row j: rows r >= j (which attend to j) turn NaN; rows that never meet j stay exact.
 
-    j sits inside a diagonal tile, so rows r < j of the same tile see it masked, not skipped.
+    j sits inside a diagonal tile, so rows r < j of the same tile see it masked, not skipped. For k
+    that keeps them exact (masked scores are replaced by -inf). For v, as in any attention computed
+    by matrix products (PyTorch's included), masked P = 0 times NaN is NaN, so the documented
+    guarantee is: rows of query tiles that never load j's key tile stay exact.
     """
+    from numba_flash.kernels import configs
     N, d = 33, 16
     q, k, v = make_qkv(1, N, N, 1, d, framework="torch")
     j = 20
@@ -203,9 +207,14 @@ def test_nan_in_one_key_reaches_exactly_the_rows_that_see_it_under_causal(make_q
     out, _ = nf.flash_attn_forward(q, k, v, causal=True)
     o = as64(out)
     assert np.isnan(o[0, j:, 0]).any(axis=-1).all(), "rows that attend to the NaN key are NaN"
+    if tensor == "k":
+        clean = j
+    else:
+        cfg = configs.forward_config(d, "float32")
+        clean = ((j // cfg.bc) * cfg.bc // cfg.br) * cfg.br   # rows of query tiles before j's key tile
     # rows r < j see keys 0..r only: their exact result is attention over the first j keys
     ref, _ = nf.attention_reference(q[:, :j], k[:, :j], v[:, :j], causal=True)
-    assert rel_err(o[:, :j], ref) < TOL["float32"], "rows that do not see key j are unaffected"
+    assert rel_err(o[:, :clean], ref[:, :clean]) < TOL["float32"], "rows that never meet key j are unaffected"
 
 
 def test_forward_is_deterministic_bitwise(make_qkv):
@@ -230,8 +239,9 @@ def test_flash_attn_func_on_non_torch_arrays_returns_out_and_lse(make_qkv):
     assert_lse_close(lse, ref_lse)
 
 
+@pytest.mark.gpu
 def test_numba_device_arrays_match_reference(make_qkv):
-    """Numba device arrays (under the simulator, its fake device arrays) in, Numba device arrays out."""
+    """Numba device arrays in, Numba device arrays out."""
     q, k, v = make_qkv(1, 33, 20, 1, 16, framework="numba")
     out, lse = nf.flash_attn_forward(q, k, v, causal=True)
     assert hasattr(out, "copy_to_host") and hasattr(lse, "copy_to_host")
@@ -283,6 +293,10 @@ def test_gpu_kernel_runs_on_the_current_torch_stream(rng):
     nf.flash_attn_forward(q, k, v)           # compile outside the timed window
     out = poison((1, 512, 2, 64), "float16", "torch")
     lse = poison((1, 2, 512), "float32", "torch")
+    # Load every kernel used below first: CUDA's lazy module loading may synchronize the context when a
+    # kernel is first launched, which would wait for s and hide which stream the flash kernel went to.
+    torch.cuda._sleep(1000)
+    bool(torch.isnan(out).all())
     torch.cuda.synchronize()
     s = torch.cuda.Stream()
     with torch.cuda.stream(s):
