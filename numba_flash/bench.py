@@ -74,8 +74,10 @@ DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch
 DTYPE_ALIASES = {"fp16": "float16", "half": "float16", "bf16": "bfloat16", "fp32": "float32",
                  "float": "float32"}
 # ||x - ref|| / ||ref|| against float64 that --check accepts. float32 leaves room for tf32 matrix
-# units (~3e-4, METHOD.md), which Triton (flex) and cuDNN may use.
+# units (~3e-4, METHOD.md), which Triton (flex) and cuDNN may use; numba_flash computes in true fp32
+# and is held to the project's bar of 1e-5.
 CHECK_TOL = {"float16": 1e-2, "bfloat16": 3e-2, "float32": 2e-3}
+OWN_FP32_TOL = 1e-5
 CHECK_SIZE = dict(batch=2, seqlen=256, nheads=2)
 
 SDPA_BACKENDS = {
@@ -578,7 +580,7 @@ def reference_outputs(q, k, v, dout, causal):
 
 def check_impl(impl: str, cfg: Config, q, k, v, dout, ref) -> dict:
     """Relative errors of out, dq, dk, dv of ``impl`` against ``ref`` (from reference_outputs)."""
-    tol = CHECK_TOL[cfg.dtype]
+    tol = OWN_FP32_TOL if (impl == "numba_flash" and cfg.dtype == "float32") else CHECK_TOL[cfg.dtype]
     rec = {"impl": impl, "d": cfg.headdim, "dtype": cfg.dtype, "causal": cfg.causal,
            "seqlen": cfg.seqlen, "batch": cfg.batch, "nheads": cfg.nheads, "tol": tol,
            "status": "ok", "note": "", "errors": {}}
