@@ -4,6 +4,7 @@ Same shapes as the forward tests: under the simulator the tile is 16 x 16, so 17
 tiles. Gradients are written by exactly one thread each (no atomics), so they are also checked bitwise
 for determinism and for independence from the input strides.
 """
+import os
 import numpy as np
 import pytest
 
@@ -271,3 +272,43 @@ def test_gpu_autograd_large_bfloat16_and_determinism(rng):
     for name, x, y in zip(("dq", "dk", "dv"), *grads):
         assert_bitwise_equal(x, y, name)
     check_grads(grads[0], dout, q, k, v, "bfloat16", causal=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_gpu_offsets_past_2_pow_31_elements_index_correctly_forward_and_backward():
+    """Inputs, output and gradients whose second batch starts 2**31 + 64 elements into a 4 GiB buffer:
+    32-bit index arithmetic would wrap there. Results must equal those of compact copies, bitwise."""
+    import torch
+    B, N, H, d = 2, 100, 1, 64
+    bstride = 2 ** 31 + 64
+    buf = torch.empty(bstride + N * H * d, dtype=torch.float16, device="cuda")
+
+    def far(fill):
+        t = torch.as_strided(buf, (B, N, H, d), (bstride, H * d, d, 1))
+        if fill:
+            t.copy_(torch.randn(B, N, H, d, device="cuda", dtype=torch.float16))
+        return t
+
+    g = torch.Generator(device="cuda").manual_seed(int.from_bytes(os.urandom(4), "little"))
+    q, k, v, do = (torch.randn(B, N, H, d, device="cuda", dtype=torch.float16, generator=g) for _ in range(4))
+    out_c, lse_c = nf.flash_attn_forward(q, k, v, causal=True)
+    grads_c = nf.flash_attn_backward(do, q, k, v, out_c, lse_c, causal=True)
+    # One far tensor at a time shares the buffer: check the forward with far q, then far out.
+    fq = far(False)
+    fq.copy_(q)
+    out, lse = nf.flash_attn_forward(fq, k, v, causal=True)
+    assert_bitwise_equal(out, out_c, "out from a far q")
+    fo = far(False)
+    fo.fill_(float("nan"))
+    nf.flash_attn_forward(q, k, v, causal=True, out=fo)
+    assert_bitwise_equal(fo, out_c, "out written far")
+    fdq = far(False)
+    fdq.fill_(float("nan"))
+    nf.flash_attn_backward(do, q, k, v, out_c, lse_c, causal=True, dq=fdq)
+    assert_bitwise_equal(fdq, grads_c[0], "dq written far")
+    fk = far(False)
+    fk.copy_(k)
+    grads = nf.flash_attn_backward(do, q, fk, v, out_c, lse_c, causal=True)
+    for a, b, n in zip(grads, grads_c, ("dq", "dk", "dv")):
+        assert_bitwise_equal(a, b, n + " with a far k")
