@@ -45,14 +45,12 @@ def forward_config(headdim, dtype_name):
         return _SIM
     if _override("NUMBA_FLASH_FWD_TILES"):
         return _override("NUMBA_FLASH_FWD_TILES")
-    # Measured on an H200 (tools/tune.py, fp32, N=4096, 2026-11-21): d=64: 128x64 tiles 33.7 TFLOP/s vs
-    # 27.5 for 64x64 (8x4 micro-tiles: fewer shared loads per FMA); d=128: 64x64 with 8x16 threads 24.0
-    # vs 21.8 for 16x16 (2 blocks per SM fit).
+    # Measured on an H200 (tools/tune.py, fp32, N=4096, 2026-11-21): d=64: 128x64 tiles 33.9 TFLOP/s vs
+    # 27.5 for 64x64 (8x4 micro-tiles: fewer shared loads per FMA); d=96/128: 64x64 with 8x16 threads,
+    # P stored over K so two blocks fit per SM, 34.0 / 32.4; d=256 (N=2048): 20.1 vs 10.7 for 32x32.
     if headdim <= 64:
         return TileConfig(br=128, bc=64, ty=16, tx=16)
-    if headdim <= 128:
-        return TileConfig(br=64, bc=64, ty=8, tx=16)
-    return TileConfig(br=32, bc=32, ty=16, tx=16)
+    return TileConfig(br=64, bc=64, ty=8, tx=16)
 
 
 def backward_config(headdim, dtype_name):
@@ -61,7 +59,9 @@ def backward_config(headdim, dtype_name):
         return _SIM
     if _override("NUMBA_FLASH_BWD_TILES"):
         return _override("NUMBA_FLASH_BWD_TILES")
-    # Measured as above: d=64: 64x64 / 16x16 threads 21.3 TFLOP/s (best of 5); d=128: 32x64 / 8x16 19.4.
+    # Measured as above: d=64: 64x64 / 16x16 threads 21.3 TFLOP/s (best of 5); d=128: 32x64 / 8x16 19.4;
+    # d > 128: 32x32 / 16x16 (7.0 TFLOP/s at d=256, N=2048); 32x64 / 8x16 ran 7.6 but holds 256
+    # accumulator registers per thread for dK, dV and spills.
     if headdim <= 64:
         return TileConfig(br=64, bc=64, ty=16, tx=16)
     if headdim <= 128:

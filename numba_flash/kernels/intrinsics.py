@@ -54,6 +54,13 @@ def storage_dtype(dtype_name):
     return np.dtype("uint16" if dtype_name == "bfloat16" else dtype_name)
 
 
+def acc_constant(dtype_name, value):
+    """`value` as a numpy scalar of the arithmetic type. A plain Python float in a kernel is a float64
+    constant, and Numba then widens every value it meets (a comparison with -inf, a select between a
+    score and -inf) to float64: SASS filled with F2F conversions and DSETP compares."""
+    return np.float64(value) if dtype_name == "float64" else np.float32(value)
+
+
 def acc_type(dtype_name):
     """Arithmetic type: float64 for float64 inputs (so gradcheck works), float32 for everything else."""
     return float64 if dtype_name == "float64" else float32
@@ -121,11 +128,18 @@ def storer(dtype_name):
     return {"float32": identity, "float16": identity, "bfloat16": f32_to_bf16, "float64": identity}[dtype_name]
 
 
-@inline_device
-def fmax_nan_ignoring(a, b):
-    # Written out, not max(): the row max must skip NaN so a NaN score reaches the output through P
-    # (exp2(NaN - m) is NaN) instead of turning the whole row's max into NaN and its l into 0/0 early.
-    return b if b > a else a
+# The row max must skip NaN, so a NaN score reaches the output through P (exp2(NaN - m) is NaN) instead
+# of turning the row's max into NaN. On the GPU Numba lowers max() of floats to LLVM maxnum, i.e. one
+# max.f32 (FMNMX), which returns the non-NaN operand; Python's max() does not, so the simulator spells
+# the same semantics out (the running max `a` is never NaN).
+if SIMULATOR:
+    @inline_device
+    def fmax_nan_ignoring(a, b):
+        return b if b > a else a
+else:
+    @inline_device
+    def fmax_nan_ignoring(a, b):
+        return max(a, b)
 
 
 def make_row_reducers(tm, tx_count, use_shuffles):

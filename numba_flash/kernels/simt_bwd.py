@@ -69,7 +69,9 @@ def make_dkdv_kernel(cfg, headdim, dtype_name, causal, vec_global=False):
     OFF_LSE = OFF_T + BC * LDT
     OFF_D = OFF_LSE + BR
     SMEM_WORDS = OFF_D + BR
-    INF = math.inf
+    INF = I.acc_constant(dtype_name, math.inf)
+    NEG_INF = I.acc_constant(dtype_name, -math.inf)
+    LOG2E_ACC = I.acc_constant(dtype_name, LOG2E)
 
     load_kv = make_row_loader(BC, DP, headdim, LD, NT, load_elem, ACC, vec_global)
     load_q = make_row_loader(BR, DP, headdim, LD, NT, load_elem, ACC, vec_global)
@@ -143,7 +145,7 @@ def make_dkdv_kernel(cfg, headdim, dtype_name, causal, vec_global=False):
                     trow = OFF_T + (ty + i * TY) * LDT + tx
                     for j in range(TN):
                         lse_r = I.ld1(smem, OFF_LSE + tx + j * TX)
-                        lse2 = lse_r * ACC(LOG2E) if lse_r != -INF else ACC(INF)
+                        lse2 = lse_r * LOG2E_ACC if lse_r != NEG_INF else INF
                         p = exp2(st[i, j] * sl2 - lse2)
                         if needs_mask:
                             if c >= nk:
@@ -195,7 +197,9 @@ def make_dq_kernel(cfg, headdim, dtype_name, causal, vec_global=False):
     OFF_V = OFF_K + BC * LD
     OFF_S = OFF_V + BC * LD
     SMEM_WORDS = OFF_S + BR * LDS
-    INF = math.inf
+    INF = I.acc_constant(dtype_name, math.inf)
+    NEG_INF = I.acc_constant(dtype_name, -math.inf)
+    LOG2E_ACC = I.acc_constant(dtype_name, LOG2E)
 
     load_q = make_row_loader(BR, DP, headdim, LD, NT, load_elem, ACC, vec_global)
     load_kv = make_row_loader(BC, DP, headdim, LD, NT, load_elem, ACC, vec_global)
@@ -231,12 +235,12 @@ def make_dq_kernel(cfg, headdim, dtype_name, causal, vec_global=False):
         dp = cuda.local.array((TM, TN), ACC)
         for i in range(TM):
             r = row0 + ty + i * TY
-            lse2[i] = ACC(INF)
+            lse2[i] = INF
             dd[i] = ACC(0)
             if r < nq:
                 lr = lse[b * lse_sb + h * lse_sh + r]
-                if lr != -INF:
-                    lse2[i] = lr * ACC(LOG2E)
+                if lr != NEG_INF:
+                    lse2[i] = lr * LOG2E_ACC
                 dd[i] = dvec[b * lse_sb + h * lse_sh + r]
             for d in range(DPT):
                 dq_acc[i, d] = ACC(0)
