@@ -21,8 +21,8 @@ key block would still run ``Tk`` loop trips per query block, so a 10%-dense mask
 than 10% of dense attention. Walking ``kv_index[h, i, :kv_count[h, i]]`` makes the trip count equal
 to the number of kept blocks, so work scales with ``nnz``. The forward pass and dQ walk the
 per-query-block lists (``kv_*``); dK/dV, which own a key block and accumulate over query blocks,
-walk the transpose (``q_*``). Dense and causal attention use the very same loop over an all-ones
-list, so there is one iteration structure for every case.
+walk the transpose (``q_*``). Dense and causal attention use the very same loop over a one-block
+list covering everything, so there is one iteration structure for every case.
 
 Everything here is host-side numpy, built once at construction; the arrays are read-only so that a
 device copy cached in ``_device_cache`` (filled by the interop layer) can never go stale.

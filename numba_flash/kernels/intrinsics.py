@@ -109,11 +109,6 @@ def to_f32(x):
 
 
 @inline_device
-def to_f64(x):
-    return float64(x)
-
-
-@inline_device
 def identity(x):
     return x
 
@@ -153,32 +148,31 @@ def make_row_reducers(tm, tx_count, use_shuffles):
     Returns (row_max, row_sum, needs_shared_buffer); both reduce `vals[0:tm]` in place.
     """
     assert tx_count & (tx_count - 1) == 0 and tx_count <= 32
+    reducer = _shuffle_reducer if use_shuffles else _shared_reducer
+    return reducer(tm, tx_count, fmax_nan_ignoring), reducer(tm, tx_count, _add), not use_shuffles
 
-    if use_shuffles:
-        @inline_device
-        def row_max(vals, red, red_off, ty, tx, tystride, nrows):
-            for i in range(tm):
-                v = vals[i]
-                off = tx_count // 2
-                while off > 0:
-                    v = fmax_nan_ignoring(v, cuda.shfl_xor_sync(0xFFFFFFFF, v, off))
-                    off //= 2
-                vals[i] = v
 
-        @inline_device
-        def row_sum(vals, red, red_off, ty, tx, tystride, nrows):
-            for i in range(tm):
-                v = vals[i]
-                off = tx_count // 2
-                while off > 0:
-                    v += cuda.shfl_xor_sync(0xFFFFFFFF, v, off)
-                    off //= 2
-                vals[i] = v
+@inline_device
+def _add(a, b):
+    return a + b
 
-        return row_max, row_sum, False
 
+def _shuffle_reducer(tm, tx_count, op):
     @inline_device
-    def row_max(vals, red, red_off, ty, tx, tystride, nrows):
+    def reduce_rows(vals, red, red_off, ty, tx, tystride, nrows):
+        for i in range(tm):
+            v = vals[i]
+            off = tx_count // 2
+            while off > 0:
+                v = op(v, cuda.shfl_xor_sync(0xFFFFFFFF, v, off))
+                off //= 2
+            vals[i] = v
+    return reduce_rows
+
+
+def _shared_reducer(tm, tx_count, op):
+    @inline_device
+    def reduce_rows(vals, red, red_off, ty, tx, tystride, nrows):
         for i in range(tm):
             red[red_off + tx * nrows + ty + i * tystride] = vals[i]
         cuda.syncthreads()
@@ -186,22 +180,9 @@ def make_row_reducers(tm, tx_count, use_shuffles):
             row = ty + i * tystride
             r = red[red_off + row]
             for t in range(1, tx_count):
-                r = fmax_nan_ignoring(r, red[red_off + t * nrows + row])
+                r = op(r, red[red_off + t * nrows + row])
             vals[i] = r
-
-    @inline_device
-    def row_sum(vals, red, red_off, ty, tx, tystride, nrows):
-        for i in range(tm):
-            red[red_off + tx * nrows + ty + i * tystride] = vals[i]
-        cuda.syncthreads()
-        for i in range(tm):
-            row = ty + i * tystride
-            r = red[red_off + row]
-            for t in range(1, tx_count):
-                r += red[red_off + t * nrows + row]
-            vals[i] = r
-
-    return row_max, row_sum, True
+    return reduce_rows
 
 
 # --------------------------------------------------------------------------------------------------
@@ -308,6 +289,5 @@ def _make_scalar_access():
 
 ld2 = _make_vector_load(2)
 ld4 = _make_vector_load(4)
-st2 = _make_vector_store(2)
 st4 = _make_vector_store(4)
 ld1, st1 = _make_scalar_access()
