@@ -10,7 +10,7 @@ import pytest
 
 import numba_flash as nf
 from conftest import (DEFAULT_FW, HEADDIMS, SIMULATOR, TOL_BWD, as64, assert_bitwise_equal, assert_close,
-                      copy, make_qkv_arrays, poison, random_array, rel_err, torch, torch_dtype)
+                      copy, make_qkv_arrays, poison, random_array, rel_err, torch)
 
 SEQLENS = [(17, 17), (33, 50), (50, 33), (1, 40), (40, 1)]
 DEVICE = "cpu" if SIMULATOR else "cuda"

@@ -9,8 +9,8 @@ import pytest
 
 import numba_flash as nf
 from numba_flash import BlockMask
-from conftest import (SIMULATOR, TOL, TOL_BWD, as64, assert_close, assert_lse_close, block_sizes,
-                      make_qkv_arrays, poison, random_array, rel_err, torch)
+from conftest import (SIMULATOR, TOL_BWD, as64, assert_close, assert_lse_close, block_sizes,
+                      make_qkv_arrays, poison, random_array, torch)
 
 B1, B2 = block_sizes(16)                 # the kernel tile and twice it
 # Ragged: Nq = 3 blocks + 2 rows, Nk = 2 blocks + 8 rows of the small block size.

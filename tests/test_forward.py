@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import numba_flash as nf
-from conftest import (DEFAULT_FW, FRAMEWORKS, HEADDIMS, SIMULATOR, TOL, as64, assert_bitwise_equal,
+from conftest import (FRAMEWORKS, HEADDIMS, SIMULATOR, TOL, as64, assert_bitwise_equal,
                       assert_close, assert_lse_close, copy, lse_dtype, make_qkv_arrays, poison, rel_err,
                       torch)
 

@@ -40,7 +40,7 @@ def main():
     from numba_flash.kernels import configs
     from numba_flash.kernels.simt_bwd import make_dkdv_kernel, make_dq_kernel
     from numba_flash.kernels.simt_fwd import make_forward_kernel
-    from numba_flash.kernels.intrinsics import storage_dtype, acc_type
+    from numba_flash.kernels.intrinsics import storage_dtype
     from numba import cuda
 
     ap = argparse.ArgumentParser()

@@ -4,6 +4,7 @@ A kernel runs TY x TX threads. Each thread owns a TM x TN micro-tile of a score 
 TN = cols / TX) and a TM x DPT micro-tile of an output tile (DPT = padded head dim / TX), so its partial
 dot products stay in registers and every value it reads from shared memory feeds TM or TN multiply-adds.
 """
+import math
 import os
 from dataclasses import dataclass
 
@@ -72,5 +73,4 @@ def backward_config(headdim, dtype_name):
 def mask_tile(headdim, dtype_name):
     """The (Br, Bc) a block mask's block size must be a multiple of, for both passes."""
     f, b = forward_config(headdim, dtype_name), backward_config(headdim, dtype_name)
-    import math
     return (math.lcm(f.br, b.br), math.lcm(f.bc, b.bc))
