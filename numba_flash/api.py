@@ -1,8 +1,10 @@
-"""Validation and dispatch: the one place that decides which kernel runs, with which tiles and lists.
+"""Validation and dispatch: validate -> plan -> allocate -> launch.
 
 The low-level functions here take and return arrays of any supported framework (torch, CuPy, Numba device
 arrays; numpy and CPU torch tensors under the simulator) and do no autograd; `autograd.py` wraps them for
-torch. Layout is (batch, seqlen, nheads, headdim), any strides with a contiguous last dim.
+torch. Layout is (batch, seqlen, nheads, headdim), any strides with a contiguous last dim. Which path runs
+and with which tiles is the plan's business (kernels/configs.py); how a pass is launched is its kernel
+module's (kernels/forward.py, kernels/backward.py).
 """
 import math
 import numbers
@@ -12,10 +14,10 @@ import numpy as np
 
 from . import interop
 from .blocksparse import BlockMask
-from .kernels import configs
-from .kernels.intrinsics import DTYPES, SIMULATOR
-from .kernels.simt_bwd import make_dkdv_kernel, make_dot_do_o_kernel, make_dq_kernel
-from .kernels.simt_fwd import LOG2E, make_forward_kernel
+from .kernels import backward, configs, forward
+from .kernels.configs import BACKENDS
+from .kernels.convert import DTYPES
+from .kernels.launch import SIMULATOR
 
 CAUSAL_ALIGNS = ("bottom_right", "top_left")
 
@@ -138,29 +140,44 @@ def lse_dtype(dtype):
 
 
 # --------------------------------------------------------------------------------------------------
-# lists of key / query tiles
+# plans and tile lists
 # --------------------------------------------------------------------------------------------------
 
+_capabilities = {}
+
+
+def path_of(p, backend):
+    """The kernel path for problem p: configs.resolve_backend with the device's compute capability."""
+    cap = None
+    if not SIMULATOR and p.device != "cpu":
+        cap = _capabilities.get(p.device)
+        if cap is None:
+            from numba import cuda
+            cap = _capabilities[p.device] = tuple(cuda.gpus[p.device].compute_capability)
+    return configs.resolve_backend(backend, p.dtype, cap)
+
+
+def _aligned(path, p, *views):
+    """Whether every row of every input starts on the path's vector boundary (configs.vector_elems)."""
+    n = configs.vector_elems(path)
+    return p.dtype != "float64" and p.headdim % n == 0 and all(v.aligned(n) for v in views)
+
+
+def validate_block_mask(block_mask, p, path):
+    if block_mask is None or isinstance(block_mask, MaskLists):
+        return
+    if not isinstance(block_mask, BlockMask):
+        raise TypeError(f"block_mask must be a numba_flash.BlockMask, got {type(block_mask).__name__}")
+    block_mask.check(p.nheads, p.seqlen_q, p.seqlen_k, configs.mask_tile(path, p.headdim))
+
+
 _dense_lists = {}
-
-
-def _dense(p):
-    """Dense attention is a block mask with one block covering everything: [[1]] / [[[0]]]."""
-    key = p.device
-    if key not in _dense_lists:
-        one = np.ones((1, 1), np.int32)
-        zero = np.zeros((1, 1, 1), np.int32)
-        _dense_lists[key] = tuple(interop.to_device_like(a, p.framework, p.device)
-                                  for a in (one, zero, one, zero))
-    return _dense_lists[key]
 
 
 def mask_lists_of(block_mask, p):
     """MaskLists on p's device for a BlockMask (cached on the mask) or a MaskLists (passed through)."""
     if isinstance(block_mask, MaskLists):
         return block_mask
-    if not isinstance(block_mask, BlockMask):
-        raise TypeError(f"block_mask must be a numba_flash.BlockMask, got {type(block_mask).__name__}")
     cached = block_mask._device_cache.get(p.device)
     if cached is None:
         cached = tuple(interop.to_device_like(a, p.framework, p.device)
@@ -170,38 +187,42 @@ def mask_lists_of(block_mask, p):
     return MaskLists(*cached, *block_mask.block_size)
 
 
-def validate_block_mask(block_mask, p):
-    if block_mask is None or isinstance(block_mask, MaskLists):
-        return
-    if not isinstance(block_mask, BlockMask):
-        raise TypeError(f"block_mask must be a numba_flash.BlockMask, got {type(block_mask).__name__}")
-    block_mask.check(p.nheads, p.seqlen_q, p.seqlen_k, configs.mask_tile(p.headdim, p.dtype))
+class TileLists:
+    """The lists a kernel walks (kernels/walk.py), for the tiles it is compiled with.
+
+    Dense attention is a block mask with one block covering everything: [[1]] / [[[0]]], that block
+    spanning all Tr x Tc tiles. `lists(br, bc, transpose)` returns the kernel arguments (count, index,
+    mask head stride, list width, q tiles per block, k tiles per block); transpose: the per-key-block
+    lists of the dK/dV kernel.
+    """
+
+    def __init__(self, p, block_mask):
+        self.p = p
+        if block_mask is None:
+            if p.device not in _dense_lists:
+                one, zero = np.ones((1, 1), np.int32), np.zeros((1, 1, 1), np.int32)
+                _dense_lists[p.device] = tuple(interop.to_device_like(a, p.framework, p.device)
+                                               for a in (one, zero, one, zero))
+            self.arrays, self.block = _dense_lists[p.device], None
+        else:
+            ml = mask_lists_of(block_mask, p)
+            self.arrays, self.block = (ml.kv_count, ml.kv_index, ml.q_count, ml.q_index), (ml.block_q,
+                                                                                          ml.block_k)
+
+    def lists(self, br, bc, transpose):
+        count, index = self.arrays[2:] if transpose else self.arrays[:2]
+        cv, iv = interop.flat_view(count, "block_mask"), interop.flat_view(index, "block_mask")
+        if self.block is None:
+            tq, tk = -(-self.p.seqlen_q // br), -(-self.p.seqlen_k // bc)
+            return cv.flat, iv.flat, 0, 1, max(tq, 1), tk
+        hm, rows = cv.shape
+        return cv.flat, iv.flat, rows if hm > 1 else 0, iv.shape[2], self.block[0] // br, self.block[1] // bc
 
 
-def _walk_args(p, cfg, block_mask, transpose):
-    """Kernel arguments (count, index, head stride, row length, q_per_blk, k_per_blk) of the tile lists."""
-    if block_mask is None:
-        count_kv, index_kv, count_q, index_q = _dense(p)
-        tq, tk = -(-p.seqlen_q // cfg.br), -(-p.seqlen_k // cfg.bc)
-        count, index = (count_q, index_q) if transpose else (count_kv, index_kv)
-        return (interop.flat_view(count, "block_mask").flat, interop.flat_view(index, "block_mask").flat,
-                0, 1, max(tq, 1), tk)
-    ml = mask_lists_of(block_mask, p)
-    count, index = (ml.q_count, ml.q_index) if transpose else (ml.kv_count, ml.kv_index)
-    cv, iv = interop.flat_view(count, "block_mask"), interop.flat_view(index, "block_mask")
-    hm, rows = cv.shape
-    return (cv.flat, iv.flat, rows if hm > 1 else 0, iv.shape[2],
-            ml.block_q // cfg.br, ml.block_k // cfg.bc)
-
-
-def _vector_loads_ok(p, *views):
-    """Kernels may move 4 elements per load if every row of every input starts 4-element aligned."""
-    return p.dtype != "float64" and p.headdim % 4 == 0 and all(v.aligned(4) for v in views)
-
-
-def _strides3(view):
-    """(batch, seqlen, head) element strides of a (B, N, H, d) view."""
-    return view.strides[0], view.strides[1], view.strides[2]
+def _alloc(p):
+    def alloc(shape, dtype):
+        return interop.flat_view(interop.empty_like_framework(p.framework, p.device, shape, dtype), "scratch")
+    return alloc
 
 
 # --------------------------------------------------------------------------------------------------
@@ -209,7 +230,7 @@ def _strides3(view):
 # --------------------------------------------------------------------------------------------------
 
 def flash_attn_forward(q, k, v, *, softmax_scale=None, causal=False, causal_align="bottom_right",
-                       block_mask=None, out=None, lse=None):
+                       block_mask=None, out=None, lse=None, backend=None):
     """FlashAttention forward: `(out, lse)` of softmax(softmax_scale * Q K^T) V, without autograd.
 
     Args:
@@ -223,6 +244,10 @@ def flash_attn_forward(q, k, v, *, softmax_scale=None, causal=False, causal_alig
         block_mask: optional `BlockMask`; only its nonzero blocks are computed.
         out: optional preallocated (batch, seqlen_q, nheads, headdim) output, input dtype.
         lse: optional preallocated C-contiguous (batch, nheads, seqlen_q) float32 (float64 for float64 inputs).
+        backend: "auto" (default; None reads NUMBA_FLASH_BACKEND), "simt" or "mma". "auto" runs float16 /
+            bfloat16 on tensor cores (mma.sync, compute capability >= 8.0) and everything else on the
+            SIMT kernels (fp32 arithmetic; float64 in float64); "mma" insists on tensor cores (float16 /
+            bfloat16 only), "simt" on CUDA cores.
 
     Returns:
         (out, lse), arrays of the inputs' framework. lse is the natural-log log-sum-exp of each row's scaled
@@ -235,7 +260,8 @@ def flash_attn_forward(q, k, v, *, softmax_scale=None, causal=False, causal_alig
     p = check_qkv(q, k, v)
     scale = check_scale(softmax_scale, p.headdim)
     offset = causal_offset(causal, causal_align, p.seqlen_q, p.seqlen_k)
-    validate_block_mask(block_mask, p)
+    path = path_of(p, backend)
+    validate_block_mask(block_mask, p, path)
     B, Nq, H, d = p.batch, p.seqlen_q, p.nheads, p.headdim
     if out is None:
         out = interop.empty_like_framework(p.framework, p.device, (B, Nq, H, d), p.dtype)
@@ -248,33 +274,28 @@ def flash_attn_forward(q, k, v, *, softmax_scale=None, causal=False, causal_alig
     if B * H * Nq == 0:
         return out, lse
 
-    cfg = configs.forward_config(d, p.dtype)
-    qv, kv, vv = (interop.flat_view(x, n) for x, n in ((q, "q"), (k, "k"), (v, "v")))
-    kernel = make_forward_kernel(cfg, d, p.dtype, bool(causal), _vector_loads_ok(p, qv, kv, vv))
-    ov, lv = interop.flat_view(out, "out"), interop.flat_view(lse, "lse")
-    walk = _walk_args(p, cfg, block_mask, transpose=False)
-    grid = (-(-Nq // cfg.br), H, B)
-    stream = interop.launch_stream(p.framework, p.device)
+    views = [interop.flat_view(x, n) for x, n in ((q, "q"), (k, "k"), (v, "v"), (out, "out"), (lse, "lse"))]
+    plan = configs.forward_plan(path, d, p.dtype, causal, _aligned(path, p, *views[:3]))
     with _on_device(p):
-        kernel(grid, stream, qv.flat, kv.flat, vv.flat, ov.flat, lv.flat, Nq, p.seqlen_k,
-               *_strides3(qv), *_strides3(kv), *_strides3(vv), *_strides3(ov),
-               lv.strides[0], lv.strides[1], scale * LOG2E, offset, *walk)
+        forward.launch(plan, interop.launch_stream(p.framework, p.device), *views, Nq, p.seqlen_k, scale,
+                       offset, TileLists(p, block_mask))
     return out, lse
 
 
 def flash_attn_backward(dout, q, k, v, out, lse, *, softmax_scale=None, causal=False,
-                        causal_align="bottom_right", block_mask=None, dq=None, dk=None, dv=None):
+                        causal_align="bottom_right", block_mask=None, dq=None, dk=None, dv=None, backend=None):
     """FlashAttention backward: `(dq, dk, dv)` given dout = dL/dout and the forward's `out` and `lse`.
 
     Shapes and dtypes as `flash_attn_forward` (dout, out: like q; lse: C-contiguous (batch, nheads,
-    seqlen_q)); softmax_scale, causal, causal_align and block_mask must be those of the forward call.
-    dq, dk, dv: optional preallocated outputs shaped like q, k, v. Deterministic: the same inputs give
-    bitwise the same gradients (no atomics). Rows that saw no key contribute nothing.
+    seqlen_q)); softmax_scale, causal, causal_align and block_mask must be those of the forward call;
+    backend as there. dq, dk, dv: optional preallocated outputs shaped like q, k, v. Deterministic: the
+    same inputs give bitwise the same gradients (no atomics). Rows that saw no key contribute nothing.
     """
     p = check_qkv(q, k, v)
     scale = check_scale(softmax_scale, p.headdim)
     offset = causal_offset(causal, causal_align, p.seqlen_q, p.seqlen_k)
-    validate_block_mask(block_mask, p)
+    path = path_of(p, backend)
+    validate_block_mask(block_mask, p, path)
     B, Nq, Nk, H, d = p.batch, p.seqlen_q, p.seqlen_k, p.nheads, p.headdim
     _check_out("dout", dout, p, (B, Nq, H, d), p.dtype)
     _check_out("out", out, p, (B, Nq, H, d), p.dtype)
@@ -290,38 +311,13 @@ def flash_attn_backward(dout, q, k, v, out, lse, *, softmax_scale=None, causal=F
     if B * H == 0 or (Nq == 0 and Nk == 0):
         return dq, dk, dv
 
-    cfg = configs.backward_config(d, p.dtype)
-    views = {n: interop.flat_view(x, n) for n, x in
-             (("q", q), ("k", k), ("v", v), ("dout", dout), ("out", out), ("lse", lse),
-              ("dq", dq), ("dk", dk), ("dv", dv))}
-    dvec = interop.empty_like_framework(p.framework, p.device, (B, H, Nq), lse_dtype(p.dtype))
-    dview = interop.flat_view(dvec, "D")
-    vec = _vector_loads_ok(p, views["q"], views["k"], views["v"], views["dout"])
-    lv = views["lse"]
-    stream = interop.launch_stream(p.framework, p.device)
-    args_common = (Nq, Nk, *_strides3(views["q"]), *_strides3(views["k"]), *_strides3(views["v"]),
-                   *_strides3(views["dout"]))
+    views = [interop.flat_view(x, n) for x, n in
+             ((dout, "dout"), (q, "q"), (k, "k"), (v, "v"), (out, "out"), (lse, "lse"), (dq, "dq"),
+              (dk, "dk"), (dv, "dv"))]
+    plan = configs.backward_plan(path, d, p.dtype, causal, _aligned(path, p, *views[:4]))
     with _on_device(p):
-        if Nq > 0:
-            dot = make_dot_do_o_kernel(d, p.dtype)
-            rows = B * H * Nq
-            dot((-(-rows // dot.threads),), stream, views["out"].flat, views["dout"].flat, dview.flat,
-                rows, Nq, H, *_strides3(views["out"]), *_strides3(views["dout"]),
-                dview.strides[0], dview.strides[1])
-        if Nk > 0:
-            dkdv = make_dkdv_kernel(cfg, d, p.dtype, bool(causal), vec)
-            dkdv((-(-Nk // cfg.bc), H, B), stream,
-                 views["q"].flat, views["k"].flat, views["v"].flat, views["dout"].flat, lv.flat,
-                 dview.flat, views["dk"].flat, views["dv"].flat, *args_common,
-                 *_strides3(views["dk"]), *_strides3(views["dv"]), lv.strides[0], lv.strides[1],
-                 scale, scale * LOG2E, offset, *_walk_args(p, cfg, block_mask, transpose=True))
-        if Nq > 0:
-            dqk = make_dq_kernel(cfg, d, p.dtype, bool(causal), vec)
-            dqk((-(-Nq // cfg.br), H, B), stream,
-                views["q"].flat, views["k"].flat, views["v"].flat, views["dout"].flat, lv.flat,
-                dview.flat, views["dq"].flat, *args_common, *_strides3(views["dq"]),
-                lv.strides[0], lv.strides[1], scale, scale * LOG2E, offset,
-                *_walk_args(p, cfg, block_mask, transpose=False))
+        backward.launch(plan, interop.launch_stream(p.framework, p.device), *views, Nq, Nk, scale, offset,
+                        TileLists(p, block_mask), _alloc(p))
     return dq, dk, dv
 
 

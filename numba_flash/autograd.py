@@ -28,14 +28,16 @@ def _align(top_left):
 @torch.library.custom_op(f"{_LIB}::fwd", mutates_args=())
 def flash_fwd_op(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float, causal: bool, top_left: bool,
                  kv_count: Optional[Tensor], kv_index: Optional[Tensor], q_count: Optional[Tensor],
-                 q_index: Optional[Tensor], block_q: int, block_k: int) -> tuple[Tensor, Tensor]:
+                 q_index: Optional[Tensor], block_q: int, block_k: int,
+                 backend: str = "auto") -> tuple[Tensor, Tensor]:
     return api.flash_attn_forward(
         q, k, v, softmax_scale=softmax_scale, causal=causal, causal_align=_align(top_left),
-        block_mask=_lists(kv_count, kv_index, q_count, q_index, block_q, block_k))
+        block_mask=_lists(kv_count, kv_index, q_count, q_index, block_q, block_k), backend=backend)
 
 
 @flash_fwd_op.register_fake
-def _(q, k, v, softmax_scale, causal, top_left, kv_count, kv_index, q_count, q_index, block_q, block_k):
+def _(q, k, v, softmax_scale, causal, top_left, kv_count, kv_index, q_count, q_index, block_q, block_k,
+      backend="auto"):
     B, Nq, H, d = q.shape
     lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     return q.new_empty((B, Nq, H, d)), q.new_empty((B, H, Nq), dtype=lse_dtype)
@@ -45,37 +47,38 @@ def _(q, k, v, softmax_scale, causal, top_left, kv_count, kv_index, q_count, q_i
 def flash_bwd_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                  softmax_scale: float, causal: bool, top_left: bool,
                  kv_count: Optional[Tensor], kv_index: Optional[Tensor], q_count: Optional[Tensor],
-                 q_index: Optional[Tensor], block_q: int, block_k: int) -> tuple[Tensor, Tensor, Tensor]:
+                 q_index: Optional[Tensor], block_q: int, block_k: int,
+                 backend: str = "auto") -> tuple[Tensor, Tensor, Tensor]:
     return api.flash_attn_backward(
         dout, q, k, v, out, lse, softmax_scale=softmax_scale, causal=causal,
         causal_align=_align(top_left),
-        block_mask=_lists(kv_count, kv_index, q_count, q_index, block_q, block_k))
+        block_mask=_lists(kv_count, kv_index, q_count, q_index, block_q, block_k), backend=backend)
 
 
 @flash_bwd_op.register_fake
 def _(dout, q, k, v, out, lse, softmax_scale, causal, top_left, kv_count, kv_index, q_count, q_index,
-      block_q, block_k):
+      block_q, block_k, backend="auto"):
     return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, scale, causal, top_left, kv_count, kv_index, q_count, q_index, block_q, block_k = inputs
+    q, k, v, scale, causal, top_left, kv_count, kv_index, q_count, q_index, block_q, block_k, backend = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, kv_count, kv_index, q_count, q_index)
-    ctx.params = (scale, causal, top_left, block_q, block_k)
+    ctx.params = (scale, causal, top_left, block_q, block_k, backend)
     ctx.mark_non_differentiable(lse)
 
 
 def _backward(ctx, dout, dlse):
     q, k, v, out, lse, kv_count, kv_index, q_count, q_index = ctx.saved_tensors
-    scale, causal, top_left, block_q, block_k = ctx.params
+    scale, causal, top_left, block_q, block_k, backend = ctx.params
     if dout.stride(-1) != 1:
         # e.g. the expanded gradient of out.sum() has stride 0 everywhere; the kernels need a
         # contiguous head dim (other strides, zeros included, are fine).
         dout = dout.contiguous()
     dq, dk, dv = flash_bwd_op(dout, q, k, v, out, lse, scale, causal, top_left,
-                              kv_count, kv_index, q_count, q_index, block_q, block_k)
-    return dq, dk, dv, None, None, None, None, None, None, None, None, None
+                              kv_count, kv_index, q_count, q_index, block_q, block_k, backend)
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None
 
 
 flash_fwd_op.register_autograd(_backward, setup_context=_setup_context)

@@ -2,7 +2,8 @@
 from . import api, interop
 
 
-def flash_attn_func(q, k, v, softmax_scale=None, causal=False, return_lse=False, block_mask=None):
+def flash_attn_func(q, k, v, softmax_scale=None, causal=False, return_lse=False, block_mask=None,
+                    backend=None):
     """Exact attention softmax(softmax_scale * Q K^T) V, FlashAttention style (flash-attn's call).
 
     Args:
@@ -17,21 +18,23 @@ def flash_attn_func(q, k, v, softmax_scale=None, causal=False, return_lse=False,
         return_lse: also return the log-sum-exp.
         block_mask: optional `numba_flash.BlockMask`; only its nonzero blocks are computed (and combined
             with `causal` if both are given).
+        backend: "auto" (default; None reads NUMBA_FLASH_BACKEND), "simt" or "mma": which kernels run
+            (see `flash_attn_forward`). "auto" puts float16/bfloat16 on tensor cores.
 
     Returns:
         out (batch, seqlen_q, nheads, headdim) in the input dtype, and if return_lse, lse (batch, nheads,
         seqlen_q) float32 (float64 for float64 inputs), natural log, -inf for rows that see no key.
     """
-    return _attention(q, k, v, softmax_scale, causal, False, return_lse, block_mask)
+    return _attention(q, k, v, softmax_scale, causal, False, return_lse, block_mask, backend)
 
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
-                                 scale=None, enable_gqa=False, *, block_mask=None):
+                                 scale=None, enable_gqa=False, *, block_mask=None, backend=None):
     """Drop-in for `torch.nn.functional.scaled_dot_product_attention` on (batch, nheads, seqlen, headdim).
 
     `is_causal` is top-left aligned, as in torch (query r sees key c iff c <= r). Differences: no dense
     `attn_mask` (pass a block-sparse `block_mask` instead), no dropout, no grouped-query attention; each
-    raises ValueError. Returns (batch, nheads, seqlen_q, headdim); inputs are passed to the kernels as
+    raises ValueError. `block_mask` and `backend` as in `flash_attn_func`. Returns (batch, nheads, seqlen_q, headdim); inputs are passed to the kernels as
     transposed views, without copies.
     """
     if attn_mask is not None:
@@ -44,7 +47,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         shape = interop.describe(x, name)[1]
         if len(shape) != 4:
             raise ValueError(f"{name} must have shape (batch, nheads, seqlen, headdim), got {shape}")
-    out = _attention(_swap(query), _swap(key), _swap(value), scale, is_causal, True, False, block_mask)
+    out = _attention(_swap(query), _swap(key), _swap(value), scale, is_causal, True, False, block_mask,
+                     backend)
     return _swap(out)
 
 
@@ -66,17 +70,18 @@ def _numba_swap(x):
     return cuda.from_cuda_array_interface(desc, owner=x, sync=False)
 
 
-def _attention(q, k, v, softmax_scale, causal, top_left, return_lse, block_mask):
+def _attention(q, k, v, softmax_scale, causal, top_left, return_lse, block_mask, backend):
     align = "top_left" if top_left else "bottom_right"
     if interop.framework_of(q) == "torch":
         from . import autograd
         p = api.check_qkv(q, k, v)
         scale = api.check_scale(softmax_scale, p.headdim)
         api.causal_offset(causal, align, p.seqlen_q, p.seqlen_k)
-        api.validate_block_mask(block_mask, p)
+        path = api.path_of(p, backend)
+        api.validate_block_mask(block_mask, p, path)
         out, lse = autograd.flash_fwd_op(q, k, v, scale, bool(causal), top_left,
-                                         *autograd.mask_tensors(block_mask, q.device))
+                                         *autograd.mask_tensors(block_mask, q.device), path)
     else:
         out, lse = api.flash_attn_forward(q, k, v, softmax_scale=softmax_scale, causal=causal,
-                                          causal_align=align, block_mask=block_mask)
+                                          causal_align=align, block_mask=block_mask, backend=backend)
     return (out, lse) if return_lse else out

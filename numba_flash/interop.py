@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 from numba import cuda
 
-from .kernels.intrinsics import SIMULATOR
+from .kernels.launch import SIMULATOR
 
 _TYPESTR = {"float32": "<f4", "float16": "<f2", "bfloat16": "<u2", "float64": "<f8", "int32": "<i4"}
 

@@ -61,10 +61,16 @@ else:
 HEADDIMS = [16, 24, 32] if SIMULATOR else [16, 24, 32, 40, 64, 80, 96, 128, 160, 256]
 
 
-def block_sizes(headdim=32, dtype="float32"):
-    """Two valid square BlockMask block sizes: the smallest one (a multiple of both tile sides, 16 under the
-    simulator, 64 or 128 on a GPU) and twice it."""
-    b = math.lcm(*configs.mask_tile(headdim, dtype))
+def mask_tile(headdim=32, dtype="float32", backend=None):
+    """(Br, Bc) every block size must be a multiple of, on the path `backend` picks for `dtype` here."""
+    cap = None if SIMULATOR else (8, 0)
+    return configs.mask_tile(configs.resolve_backend(backend, dtype, cap), headdim)
+
+
+def block_sizes(headdim=32, dtype="float32", backend=None):
+    """Two valid square BlockMask block sizes: the smallest one (a multiple of both tile sides, 16 or 32 under
+    the simulator, 64 or 128 on a GPU) and twice it."""
+    b = math.lcm(*mask_tile(headdim, dtype, backend))
     return b, 2 * b
 
 

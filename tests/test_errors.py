@@ -10,9 +10,8 @@ import pytest
 
 import numba_flash as nf
 from numba_flash import BlockMask
-from numba_flash.kernels import configs
-from conftest import (DEFAULT_FW, SIMULATOR, block_sizes, from_numpy, make_qkv_arrays, poison, random_array,
-                      torch)
+from conftest import (DEFAULT_FW, SIMULATOR, block_sizes, from_numpy, make_qkv_arrays, mask_tile, poison,
+                      random_array, torch)
 
 
 def names(arg):
@@ -208,7 +207,7 @@ def test_block_mask_of_wrong_type_raises_type_error_naming_it(qkv):
 @pytest.mark.parametrize("case", ["heads", "seqlen_q", "seqlen_k", "block_size"])
 def test_invalid_block_mask_raises_value_error_naming_it(rng, case, path):
     b, _ = block_sizes(16)
-    br, bc = configs.mask_tile(16, "float32")
+    br, bc = mask_tile(16, "float32")
     fw = DEFAULT_FW if path == "flash_attn_forward" else "torch"
     q, k, v = make_qkv_arrays(rng, 1, 2 * b, 3 * b, 2, 16, framework=fw)
     nq, nk = 2 * b, 3 * b

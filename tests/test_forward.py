@@ -210,7 +210,7 @@ def test_nan_in_one_key_reaches_the_rows_that_see_it_under_causal(make_qkv, tens
     if tensor == "k":
         clean = j
     else:
-        cfg = configs.forward_config(d, "float32")
+        cfg = configs.tiles("simt", "fwd", d)
         clean = ((j // cfg.bc) * cfg.bc // cfg.br) * cfg.br   # rows of query tiles before j's key tile
     # rows r < j see keys 0..r only: their exact result is attention over the first j keys
     ref, _ = nf.attention_reference(q[:, :j], k[:, :j], v[:, :j], causal=True)

@@ -1,82 +1,137 @@
-"""Compile the kernels for sm_90 without a GPU and print ptxas' resource report (registers, spills, smem).
+"""Compile a plan's kernels for a GPU architecture without a GPU; print ptxas' resource report and SASS facts.
 
-    python tools/ptx_report.py [--headdim 64] [--dtype float32] [--sass DIR]
+    python tools/ptx_report.py [--path mma simt] [--headdim 64 128] [--dtype float16] [--causal 0 1]
+                               [--arch sm_90] [--sass DIR]
 
-Needs numba-cuda's NVVM (pip install numba-cuda[cu13]) and a ptxas matching its PTX version
-(pip install nvidia-cuda-nvcc==13.4.*). Saves device time: spills and local memory show up here.
+For each kernel of the forward and backward plans: registers, spills, stack frame, shared memory, and
+from the SASS (cuobjdump) the number of HMMA (tensor-core) and LDL/STL (local memory) instructions.
+The kernels are built exactly as a launch would build them (kernels/forward.py, kernels/backward.py
+`launches`, with the plan's launch bounds), from dummy arguments of the right types.
+
+Needs, on a machine without a GPU: numba-cuda's NVVM (pip install "numba-cuda[cu13]") and ptxas /
+cuobjdump from the CUDA 13.5 wheels (pip install nvidia-cuda-nvcc==13.5.* nvidia-cuda-cuobjdump==13.5.*);
+the 13.4 ptxas cannot assemble the PTX version numba-cuda 0.30 emits. ptxas' own error is shown when it
+fails. On the GPU machine the system toolkit's ptxas and cuobjdump are used.
 """
 import argparse
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
 
 os.environ["NUMBA_ENABLE_CUDASIM"] = "0"
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import numba.cuda.dispatcher as _disp  # noqa: E402
-from numba import typeof  # noqa: E402
-
-
-class _Hopper:
-    compute_capability = (9, 0)
+import numpy as np  # noqa: E402
 
 
-_disp.get_current_device = lambda: _Hopper()  # device functions are compiled for the current device
+def _pretend_device(cc):
+    """Device functions compile for the current device: give numba one without a driver."""
+    import numba.cuda.dispatcher as disp
+
+    class _Device:
+        compute_capability = cc
+
+    disp.get_current_device = lambda: _Device()
 
 
-def _ptxas():
-    import nvidia
-    for base in nvidia.__path__:
-        p = os.path.join(base, "cu13", "bin", "ptxas")
-        if os.path.exists(p):
-            return p
-    return shutil.which("ptxas")
+def _tool(name):
+    try:
+        import nvidia
+        for base in nvidia.__path__:
+            p = os.path.join(base, "cu13", "bin", name)
+            if os.path.exists(p):
+                return p
+    except ImportError:
+        pass
+    return shutil.which(name)
 
 
-def main():
-    import numpy as np
-    from numba import types
-    from numba_flash.kernels import configs
-    from numba_flash.kernels.simt_bwd import make_dkdv_kernel, make_dq_kernel
-    from numba_flash.kernels.simt_fwd import make_forward_kernel
-    from numba_flash.kernels.intrinsics import storage_dtype
-    from numba import cuda
+class _Lists:
+    def lists(self, br, bc, transpose):
+        z = np.zeros(1, np.int32)
+        return z, z, 0, 1, 1, 1
 
-    ap = argparse.ArgumentParser()
+
+def _view(shape, dtype):
+    from numba_flash.interop import View
+    from numba_flash.kernels.convert import storage_dtype
+    strides = tuple(int(np.prod(shape[i + 1:])) for i in range(len(shape)))
+    return View(np.zeros(1, storage_dtype(dtype)), shape, strides, dtype, "numpy", 0, 0)
+
+
+def kernels_of(path, headdim, dtype, causal, aligned=True):
+    """[(name, Launchable, args)] of the forward and backward plans."""
+    from numba_flash.kernels import backward, configs, forward
+    lse_dt = "float64" if dtype == "float64" else "float32"
+    B, N, H, d = 1, 256, 1, headdim
+    x = _view((B, N, H, d), dtype)
+    lse = _view((B, H, N), lse_dt)
+    out = []
+    pf = configs.forward_plan(path, headdim, dtype, causal, aligned)
+    for kern, _, _, args in forward.launches(pf, 0, x, x, x, x, lse, N, N, 0.125, 0, _Lists()):
+        out.append(("fwd", kern, args, pf))
+    pb = configs.backward_plan(path, headdim, dtype, causal, aligned)
+    names = iter(("dot", "dkdv", "dq"))
+    for kern, _, _, args in backward.launches(pb, 0, x, x, x, x, x, lse, x, x, x, N, N, 0.125, 0, _Lists(),
+                                              lambda shape, dt: _view(shape, dt)):
+        out.append((next(names), kern, args, pb))
+    return out
+
+
+def report(name, kern, args, plan, arch, sass_dir):
+    from numba import cuda, typeof
+    from numba_flash.kernels.launch import launch_bounds
+    sig = tuple(typeof(a) for a in args)
+    cc = (int(arch[3]), int(arch[4:]))
+    lb = launch_bounds(kern.threads, kern.smem_bytes, kern.min_blocks, kern.min_regs)
+    ptx, _ = cuda.compile_ptx(kern.kernel.py_func, sig, cc=cc, launch_bounds=lb)
+    with tempfile.TemporaryDirectory() as tmp:
+        pf = os.path.join(tmp, "k.ptx")
+        with open(pf, "w") as f:
+            f.write(ptx)
+        target = "sm_90a" if cc == (9, 0) else arch
+        cubin = os.path.join(sass_dir or tmp, f"{name}_{plan.path}_d{plan.headdim}_{plan.dtype}.cubin")
+        r = subprocess.run([_tool("ptxas"), f"-arch={target}", "-v", pf, "-o", cubin], capture_output=True,
+                           text=True)
+        if r.returncode != 0:
+            print(f"{name}: ptxas failed:\n{r.stderr}")
+            return
+        info = " | ".join(l.split("info    : ")[-1] for l in r.stderr.splitlines()
+                          if "Used" in l or "spill" in l)
+        sass = ""
+        objdump = _tool("cuobjdump")
+        if objdump:
+            text = subprocess.run([objdump, "-sass", cubin], capture_output=True, text=True).stdout
+            counts = {op: len(re.findall(rf"\b{op}\b", text)) for op in ("HMMA", "LDSM", "LDGSTS", "LDL", "STL")}
+            sass = " | SASS " + " ".join(f"{k}={v}" for k, v in counts.items())
+    print(f"{name:5s} {plan.path:4s} d={plan.headdim:3d} {plan.dtype:8s} threads={kern.threads:3d} "
+          f"smem={kern.smem_bytes:6d}B bounds={lb} | {info}{sass}", flush=True)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--path", nargs="+", default=["mma", "simt"], choices=["mma", "simt"])
     ap.add_argument("--headdim", type=int, nargs="+", default=[64, 128])
-    ap.add_argument("--dtype", nargs="+", default=["float32", "float16"])
-    ap.add_argument("--causal", type=int, default=0)
-    ap.add_argument("--sass", default=None, help="write cubins here")
-    ap.add_argument("--vec", type=int, default=1, help="vectorised global loads (aligned inputs)")
-    a = ap.parse_args()
-    arr = lambda dt: types.Array(typeof(np.zeros(1, dt)).dtype, 1, "C")
-    i64, f64 = types.int64, types.float64
-    i32a = types.Array(types.int32, 1, "C")
-    for d in a.headdim:
-        for dt in a.dtype:
-            st = storage_dtype(dt)
-            acc = np.float64 if dt == "float64" else np.float32
-            cf, cb = configs.forward_config(d, dt), configs.backward_config(d, dt)
-            fwd = make_forward_kernel(cf, d, dt, bool(a.causal), bool(a.vec) and dt != 'float64')
-            sig_f = (arr(st),) * 4 + (arr(acc),) + (i64,) * 16 + (f64, i64, i32a, i32a) + (i64,) * 4
-            dkdv = make_dkdv_kernel(cb, d, dt, bool(a.causal), bool(a.vec) and dt != 'float64')
-            sig_b = (arr(st),) * 4 + (arr(acc),) * 2 + (arr(st),) * 2 + (i64,) * 22 + (f64, f64, i64, i32a, i32a) + (i64,) * 4
-            dq = make_dq_kernel(cb, d, dt, bool(a.causal), bool(a.vec) and dt != 'float64')
-            sig_q = (arr(st),) * 4 + (arr(acc),) * 2 + (arr(st),) + (i64,) * 19 + (f64, f64, i64, i32a, i32a) + (i64,) * 4
-            for name, k, sig in (("fwd", fwd, sig_f), ("dkdv", dkdv, sig_b), ("dq", dq, sig_q)):
-                from numba_flash.kernels.intrinsics import launch_bounds
-                ptx, _ = cuda.compile_ptx(k.kernel.py_func, sig, cc=(9, 0),
-                                          launch_bounds=launch_bounds(k.threads, k.smem_bytes, (cf if name == 'fwd' else cb).min_blocks))
-                with tempfile.TemporaryDirectory() as tmp:
-                    pf = os.path.join(tmp, "k.ptx")
-                    open(pf, "w").write(ptx)
-                    out = os.path.join(a.sass or tmp, f"{name}_d{d}_{dt}.cubin")
-                    r = subprocess.run([_ptxas(), "-arch=sm_90", "-v", pf, "-o", out],
-                                       capture_output=True, text=True)
-                    lines = [l for l in r.stderr.splitlines() if "Used" in l or "spill" in l or "error" in l]
-                    print(f"{name:5s} d={d:3d} {dt:8s} smem={k.smem_bytes:6d}B  " + " | ".join(
-                        l.split("info    : ")[-1] for l in lines))
+    ap.add_argument("--dtype", nargs="+", default=None,
+                    help="default: float16 for mma, float32 and float16 for simt")
+    ap.add_argument("--causal", type=int, nargs="+", default=[0])
+    ap.add_argument("--arch", default="sm_90", help="sm_80, sm_90 (compiled as sm_90a), ...")
+    ap.add_argument("--sass", default=None, help="keep the cubins in this folder")
+    ap.add_argument("--unaligned", action="store_true", help="the plan for inputs without vector alignment")
+    a = ap.parse_args(argv)
+    _pretend_device((int(a.arch[3]), int(a.arch[4:])))
+    if not _tool("ptxas"):
+        print("no ptxas found: pip install nvidia-cuda-nvcc==13.5.* (see this file's docstring)")
+        return 1
+    for path in a.path:
+        for d in a.headdim:
+            for dt in a.dtype or (["float16"] if path == "mma" else ["float32", "float16"]):
+                for causal in a.causal:
+                    for name, kern, args, plan in kernels_of(path, d, dt, bool(causal), not a.unaligned):
+                        report(name, kern, args, plan, a.arch, a.sass)
     return 0
 
 

@@ -1,76 +1,169 @@
-"""Tile sizes: the one place that decides how work is cut.
+"""Plans: the one place that decides which path runs and how the work is cut.
 
-A kernel runs TY x TX threads. Each thread owns a TM x TN micro-tile of a score tile (TM = rows / TY,
-TN = cols / TX) and a TM x DPT micro-tile of an output tile (DPT = padded head dim / TX), so its partial
-dot products stay in registers and every value it reads from shared memory feeds TM or TN multiply-adds.
+A `Plan` is frozen and small: path, head dim, dtype, causal, whether the inputs allow vector/asynchronous
+loads, and the tiles of each kernel of its pass. It is the compile-cache key of the kernel factories and
+what tools/ read.
+
+Paths:
+  "simt"  fp32 (float64 for float64) arithmetic on CUDA cores; every dtype, every GPU, the simulator.
+  "mma"   tensor cores through mma.sync m16n8k16 (sm_80+), float16 and bfloat16 only.
+`backend="auto"` (the default, or NUMBA_FLASH_BACKEND) takes "mma" for float16/bfloat16 on compute
+capability >= 8.0 (and under the simulator, so CI runs it) and "simt" otherwise.
+
+SIMT tiles: a kernel runs TY x TX threads; each owns a TM x TN micro-tile of a score tile (TM = rows/TY,
+TN = cols/TX) and a TM x DPT micro-tile of an output tile (DPT = padded head dim / TX).
+Tensor-core tiles: `warps` warps each own 16*mt rows of the block's resident tile (queries in the forward
+and dQ kernels, keys in dK/dV), as m16 tiles of mma fragments; `a_regs` keeps the resident operands (Q,
+dO or K, V) in registers as A fragments instead of re-reading them from shared memory at every tile.
 """
 import math
 import os
 from dataclasses import dataclass
 
-from .intrinsics import SIMULATOR
+from .launch import SIMULATOR
+
+BACKENDS = ("auto", "simt", "mma")
+BACKEND_ENV = "NUMBA_FLASH_BACKEND"
+MMA_DTYPES = ("float16", "bfloat16")
+MAX_HEADDIM = 256
+MIN_HEADDIM = 16
 
 
 @dataclass(frozen=True)
-class TileConfig:
+class SimtTiles:
     br: int   # query rows per tile (Br)
     bc: int   # key rows per tile (Bc)
     ty: int   # thread rows
     tx: int   # thread columns (a power of two <= 32: a row's threads are consecutive lanes of one warp)
-    min_blocks: int = 0   # blocks per SM to cap registers for (launch bounds); 0: as many as shared memory allows
-
-    @property
-    def threads(self):
-        return self.ty * self.tx
+    min_blocks: int = 0   # blocks per SM to cap registers for (launch bounds); 0: as many as smem allows
 
     def padded_headdim(self, headdim):
         return -(-headdim // self.tx) * self.tx
 
 
-# The simulator runs every thread as a Python thread: 16 threads on 16 x 16 tiles keep the tests quick
-# and still give several tiles per sequence at the small lengths tests use.
-_SIM = TileConfig(br=16, bc=16, ty=4, tx=4)
+@dataclass(frozen=True)
+class MmaTiles:
+    br: int
+    bc: int
+    warps: int
+    a_regs: bool = True
+    min_blocks: int = 0
 
-MAX_HEADDIM = 256
-MIN_HEADDIM = 16
-
-
-def _override(var):
-    """NUMBA_FLASH_FWD_TILES / NUMBA_FLASH_BWD_TILES="br,bc,ty,tx[,min_blocks]": for tuning runs only."""
-    v = os.environ.get(var)
-    return TileConfig(*(int(x) for x in v.split(","))) if v else None
+    def padded_headdim(self, headdim):
+        return -(-headdim // 16) * 16
 
 
-def forward_config(headdim, dtype_name):
-    if SIMULATOR:
-        return _SIM
-    if _override("NUMBA_FLASH_FWD_TILES"):
-        return _override("NUMBA_FLASH_FWD_TILES")
-    # Measured on an H200 (tools/tune.py, fp32, N=4096, 2026-11-21): d=64: 128x64 tiles 33.9 TFLOP/s vs
-    # 27.5 for 64x64 (8x4 micro-tiles: fewer shared loads per FMA); d=96/128: 64x64 with 8x16 threads,
-    # P stored over K so two blocks fit per SM, 34.0 / 32.4; d=256 (N=2048): 20.1 vs 10.7 for 32x32.
+@dataclass(frozen=True)
+class Plan:
+    path: str            # "simt" | "mma"
+    headdim: int
+    dtype: str
+    causal: bool
+    aligned: bool        # every input row starts vector-aligned (see vector_elems)
+    fwd: object = None   # tiles of the forward kernel (a forward plan)
+    dkdv: object = None  # tiles of the dK/dV and dQ kernels (a backward plan)
+    dq: object = None
+
+
+def vector_elems(path):
+    """Alignment (in elements) the plan's `aligned` promises: SIMT moves 4 elements per load, the tensor-core
+    path copies 16 bytes (8 half-precision elements) per cp.async."""
+    return 8 if path == "mma" else 4
+
+
+# The simulator runs every thread as a Python thread: small blocks keep the tests quick and still give
+# several tiles per sequence at the lengths tests use. Two warps per tensor-core block exercise the
+# warp-to-rows mapping and the cross-warp barriers.
+_SIM = {"simt": dict(fwd=SimtTiles(16, 16, 4, 4), dkdv=SimtTiles(16, 16, 4, 4), dq=SimtTiles(16, 16, 4, 4)),
+        "mma": dict(fwd=MmaTiles(32, 16, 2), dkdv=MmaTiles(16, 32, 2), dq=MmaTiles(32, 16, 2))}
+
+
+def _simt_tiles(role, headdim):
+    # Measured on an H200 (tools/tune.py, fp32, N=4096, 2026-11-21). Forward, d=64: 128x64 tiles 33.9
+    # TFLOP/s vs 27.5 for 64x64 (8x4 micro-tiles: fewer shared loads per FMA); d=96/128: 64x64 with 8x16
+    # threads, P stored over K so two blocks fit per SM, 34.0 / 32.4; d=256 (N=2048): 20.1 vs 10.7 for
+    # 32x32. Backward (both kernels), d=64: 64x64 / 16x16 threads 21.3 TFLOP/s; d=128: 32x64 / 8x16 19.4;
+    # d > 128: 32x32 / 16x16 (7.0 at d=256, N=2048); 32x64 / 8x16 ran 7.6 but holds 256 accumulator
+    # registers per thread for dK, dV and spills.
+    if role == "fwd":
+        return SimtTiles(128, 64, 16, 16) if headdim <= 64 else SimtTiles(64, 64, 8, 16)
     if headdim <= 64:
-        return TileConfig(br=128, bc=64, ty=16, tx=16)
-    return TileConfig(br=64, bc=64, ty=8, tx=16)
-
-
-def backward_config(headdim, dtype_name):
-    """Shared by the dQ and the dK/dV kernels: both must cut the sequence into the same tiles."""
-    if SIMULATOR:
-        return _SIM
-    if _override("NUMBA_FLASH_BWD_TILES"):
-        return _override("NUMBA_FLASH_BWD_TILES")
-    # Measured as above: d=64: 64x64 / 16x16 threads 21.3 TFLOP/s (best of 5); d=128: 32x64 / 8x16 19.4;
-    # d > 128: 32x32 / 16x16 (7.0 TFLOP/s at d=256, N=2048); 32x64 / 8x16 ran 7.6 but holds 256
-    # accumulator registers per thread for dK, dV and spills.
-    if headdim <= 64:
-        return TileConfig(br=64, bc=64, ty=16, tx=16)
+        return SimtTiles(64, 64, 16, 16)
     if headdim <= 128:
-        return TileConfig(br=32, bc=64, ty=8, tx=16)
-    return TileConfig(br=32, bc=32, ty=16, tx=16)
+        return SimtTiles(32, 64, 8, 16)
+    return SimtTiles(32, 32, 16, 16)
 
 
-def mask_tile(headdim, dtype_name):
-    """The (Br, Bc) a block mask's block size must be a multiple of, for both passes."""
-    f, b = forward_config(headdim, dtype_name), backward_config(headdim, dtype_name)
-    return (math.lcm(f.br, b.br), math.lcm(f.bc, b.bc))
+def _mma_tiles(role, headdim):
+    # First choices from the register budget (a thread holds d/2 output floats per m16 tile, Bc/2 score
+    # floats, d/4 registers of A fragments per resident operand); tuned on the GPU (docs/PERFORMANCE.md).
+    if role == "fwd":
+        if headdim <= 64:
+            return MmaTiles(128, 64, 4)
+        if headdim <= 128:
+            return MmaTiles(128, 64, 8)
+        return MmaTiles(64, 64, 4, a_regs=False)
+    if role == "dq":
+        return MmaTiles(64, 64, 4, a_regs=headdim <= 64)
+    return MmaTiles(64, 64, 4, a_regs=headdim <= 64)
+
+
+_ENV = {"fwd": ("NUMBA_FLASH_FWD_TILES",), "dkdv": ("NUMBA_FLASH_DKDV_TILES", "NUMBA_FLASH_BWD_TILES"),
+        "dq": ("NUMBA_FLASH_DQ_TILES", "NUMBA_FLASH_BWD_TILES")}
+
+
+def _override(path, role):
+    """Tile overrides for tuning runs only: NUMBA_FLASH_{FWD,DQ,DKDV,BWD}_TILES = "br,bc,ty,tx[,min_blocks]"
+    (simt) or "br,bc,warps,a_regs[,min_blocks]" (mma)."""
+    for var in _ENV[role]:
+        v = os.environ.get(var)
+        if v:
+            fields = [int(x) for x in v.split(",")]
+            return SimtTiles(*fields) if path == "simt" else MmaTiles(fields[0], fields[1], fields[2],
+                                                                       *(bool(x) for x in fields[3:4]),
+                                                                       *fields[4:])
+    return None
+
+
+def tiles(path, role, headdim):
+    if SIMULATOR:
+        return _SIM[path][role]
+    return _override(path, role) or (_simt_tiles if path == "simt" else _mma_tiles)(role, headdim)
+
+
+def resolve_backend(backend, dtype_name, capability):
+    """The path for `backend` ("auto", "simt", "mma"; None reads NUMBA_FLASH_BACKEND) and an input dtype on a
+    device of compute `capability` ((major, minor); None under the simulator)."""
+    if backend is None:
+        backend = os.environ.get(BACKEND_ENV, "auto").strip() or "auto"
+        source = f"{BACKEND_ENV}={backend!r}"
+    else:
+        source = f"backend={backend!r}"
+    if backend not in BACKENDS:
+        raise ValueError(f"{source}: backend must be one of {BACKENDS}")
+    mma_ok = capability is None or capability >= (8, 0)
+    if backend == "auto":
+        return "mma" if dtype_name in MMA_DTYPES and mma_ok else "simt"
+    if backend == "mma":
+        if dtype_name not in MMA_DTYPES:
+            raise ValueError(f"{source} computes in float16/bfloat16 on tensor cores; the inputs are "
+                             f"{dtype_name} (use backend='simt' or 'auto')")
+        if not mma_ok:
+            raise ValueError(f"{source} needs compute capability >= 8.0 (mma.sync); this GPU has "
+                             f"{capability[0]}.{capability[1]}")
+    return backend
+
+
+def forward_plan(path, headdim, dtype_name, causal, aligned):
+    return Plan(path, headdim, dtype_name, bool(causal), bool(aligned), fwd=tiles(path, "fwd", headdim))
+
+
+def backward_plan(path, headdim, dtype_name, causal, aligned):
+    return Plan(path, headdim, dtype_name, bool(causal), bool(aligned),
+                dkdv=tiles(path, "dkdv", headdim), dq=tiles(path, "dq", headdim))
+
+
+def mask_tile(path, headdim):
+    """The (Br, Bc) a block mask's block size must be a multiple of, for both passes of `path`."""
+    ts = [tiles(path, role, headdim) for role in ("fwd", "dkdv", "dq")]
+    return (math.lcm(*(t.br for t in ts)), math.lcm(*(t.bc for t in ts)))

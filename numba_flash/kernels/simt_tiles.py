@@ -1,4 +1,5 @@
-"""Tile building blocks of the SIMT kernels: global -> shared loads and register-blocked micro-GEMMs.
+"""SIMT path: fp32 arithmetic on CUDA cores. Tile loads, register-blocked micro-GEMMs, and the path's
+`TileOps` (the contract forward.py / backward.py are written against, shared with tc_tiles.py).
 
 Every tile lives in shared memory row-major, `rows x ld` with the head dim (or the key/query index) along
 the row, so no tile is ever transposed: both products the attention passes need are of two shapes,
@@ -7,9 +8,10 @@ the row, so no tile is ever transposed: both products the attention passes need 
     mm_nn:  C[r, n] += sum_k A[r, k] * B[k, n]     (O += P V, dV += P^T dO, dK += dS^T Q, dQ += dS K)
 
 A thread (ty, tx) owns rows r = ty + i*TY (i < TM) of C. In mm_nt it owns columns c = tx + j*TX (j < TN);
-in mm_nn it owns the DPT consecutive columns n = tx*DPT + m, so its B reads are contiguous. The k loop reads
-4 consecutive values of each row it needs (16-byte shared loads once vectorised) and does 4*TM*TN
-multiply-adds with them from registers.
+in mm_nn it owns the DPT consecutive columns n = tx*DPT + m, so its B reads are contiguous (the SIMT
+fragment of fragments.py). The k loop reads 4 consecutive values of each row it needs (16-byte shared
+loads) and does 4*TM*TN multiply-adds with them from registers. Scores go through shared memory (a P
+staging tile) on their way into mm_nn.
 
 Row strides `ld` are odd multiples of 4 words: rows tx and tx+1 then start 4 banks apart, so the 16-byte
 reads of a half-warp's 16 different rows hit every bank exactly twice (the minimum for 256 bytes), and
@@ -17,11 +19,16 @@ the two thread rows of a warp read rows in disjoint banks.
 
 All loops run over closure constants, so NVVM unrolls them and the micro-tiles stay in registers.
 """
+import math
 from functools import lru_cache
 
-from numba import cuda, float64
+from numba import cuda, float64, uint32
 
-from .intrinsics import inline_device, ld1, ld2, ld4, st1, st4
+from .convert import acc_type, loader
+from .fragments import TileOps, simt_fragment
+
+from .launch import inline_device
+from .ptx import ld1, ld2, ld4, st1, st4
 
 
 @lru_cache(maxsize=None)
@@ -107,24 +114,6 @@ def make_row_loader(rows, width, valid_width, ld, nthreads, load_elem, acc, vec_
 
 
 @lru_cache(maxsize=None)
-def make_vector_loader(rows, nthreads, acc):
-    """load(smem, off, g, base, row0, nrows_valid, fill, tid): smem[off + r] = g[base + row0 + r] or `fill`."""
-    steps = -(-rows // nthreads)
-
-    @inline_device
-    def load(smem, off, g, base, row0, nrows_valid, fill, tid):
-        for s in range(steps):
-            r = tid + s * nthreads
-            if r < rows:
-                val = acc(fill)
-                if r < nrows_valid:
-                    val = acc(g[base + row0 + r])
-                st1(smem, off + r, val)
-
-    return load
-
-
-@lru_cache(maxsize=None)
 def make_mm_nt(tm, tn, ty_count, tx_count, kdim, lda, ldb, acc):
     """mm(smem, offA, offB, C, ty, tx): C[i, j] += sum_k A[ty + i*TY, k] * B[tx + j*TX, k]."""
     assert kdim % 4 == 0
@@ -180,3 +169,109 @@ def make_mm_nn(tm, npt, ty_count, kdim, lda, ldb, acc):
                         c[i, m] += a[i, kk] * b[m]
 
     return mm
+
+
+@lru_cache(maxsize=None)
+def make_vector_loader(rows, nthreads, acc):
+    """load(smem, off, g, base, row0, nrows_valid, tid): smem[off + r] = g[base + row0 + r], 0 past the end."""
+    steps = -(-rows // nthreads)
+
+    @inline_device
+    def load(smem, off, g, base, row0, nrows_valid, tid):
+        for s in range(steps):
+            r = tid + s * nthreads
+            if r < rows:
+                val = acc(0)
+                if r < nrows_valid:
+                    val = acc(g[base + row0 + r])
+                st1(smem, off + r, val)
+
+    return load
+
+
+def _noop():
+    pass
+
+
+noop = inline_device(_noop)
+
+
+@lru_cache(maxsize=None)
+def make_simt_ops(role, tiles, headdim, dtype_name, vec_global):
+    """TileOps (fragments.py) of the SIMT path for one kernel role: "fwd" (resident Q; streams K, V),
+    "dq" (resident Q, dO; streams K, V) or "dkdv" (resident K, V; streams Q, dO and lse, D)."""
+    BM, BN = (tiles.bc, tiles.br) if role == "dkdv" else (tiles.br, tiles.bc)
+    TY, TX = tiles.ty, tiles.tx
+    NT = TY * TX
+    TM, TN = BM // TY, BN // TX
+    DP = tiles.padded_headdim(headdim)
+    DPT = DP // TX
+    ACC = acc_type(dtype_name)
+    load_elem = loader(dtype_name)
+    LD = row_stride(DP)            # resident and streamed tiles: rows x LD
+    LDP = row_stride(BN)           # P staging tile (P, P^T, dS, dS^T): BM x LDP
+    NA = 1 if role == "fwd" else 2
+    OFF_B = NA * BM * LD
+    # Forward: when P fits where K was, it goes there (K is dead once S is computed); the smaller
+    # footprint lets two blocks share an SM (d=128: 101 KiB instead of 118).
+    P_OVER_K = role == "fwd" and BM * LDP <= BN * LD
+    OFF_P = OFF_B if P_OVER_K else OFF_B + 2 * BN * LD
+    OFF_VEC = OFF_B + 2 * BN * LD if P_OVER_K else OFF_P + BM * LDP
+    WORDS = OFF_VEC + (2 * BN if role == "dkdv" else 0)
+    WORD_BYTES = 8 if dtype_name == "float64" else 4
+
+    load_a = make_row_loader(BM, DP, headdim, LD, NT, load_elem, ACC, vec_global)
+    load_b = make_row_loader(BN, DP, headdim, LD, NT, load_elem, ACC, vec_global)
+    load_v = make_vector_loader(BN, NT, ACC)
+    mm_nt_ = make_mm_nt(TM, TN, TY, TX, DP, LD, LD, ACC)
+    mm_nn_ = make_mm_nn(TM, DPT, TY, BN, LDP, LD, ACC)
+
+    @inline_device
+    def load_resident(smem, afrag, slot, g, base, row0, nrows, stride, tid):
+        load_a(smem, slot * BM * LD, g, base, row0, nrows, stride, tid)
+
+    @inline_device
+    def resident_ready(smem, afrag, tid):
+        return   # the first streamed tile's barriers order the resident tile's stores
+
+    if role == "dkdv":
+        @inline_device
+        def stream(smem, stage, t0, n_other, operands, tid):
+            g0, b0, s0, g1, b1, s1, v0, vb0, v1, vb1 = operands
+            load_b(smem, OFF_B, g0, b0, t0, n_other - t0, s0, tid)
+            load_b(smem, OFF_B + BN * LD, g1, b1, t0, n_other - t0, s1, tid)
+            load_v(smem, OFF_VEC, v0, vb0, t0, n_other - t0, tid)
+            load_v(smem, OFF_VEC + BN, v1, vb1, t0, n_other - t0, tid)
+    else:
+        @inline_device
+        def stream(smem, stage, t0, n_other, operands, tid):
+            g0, b0, s0, g1, b1, s1 = operands
+            load_b(smem, OFF_B, g0, b0, t0, n_other - t0, s0, tid)
+            load_b(smem, OFF_B + BN * LD, g1, b1, t0, n_other - t0, s1, tid)
+
+    @inline_device
+    def vec(smem, stage, which, idx):
+        return ld1(smem, OFF_VEC + which * BN + idx)
+
+    @inline_device
+    def mm_nt(smem, afrag, a_slot, stage, b_slot, c, tid):
+        mm_nt_(smem, a_slot * BM * LD, OFF_B + b_slot * BN * LD, c, tid // TX, tid % TX)
+
+    @inline_device
+    def mm_pv(smem, p, stage, b_slot, acc, tid, lead_sync):
+        ty = tid // TX
+        tx = tid % TX
+        if lead_sync or P_OVER_K:
+            cuda.syncthreads()   # every thread is done reading the buffer P is about to overwrite
+        for i in range(TM):
+            prow = OFF_P + (ty + i * TY) * LDP + tx
+            for j in range(TN):
+                st1(smem, prow + j * TX, p[i, j])
+        cuda.syncthreads()
+        mm_nn_(smem, OFF_P, OFF_B + b_slot * BN * LD, acc, ty, tx)
+
+    return TileOps(
+        path="simt", stages=1, threads=NT, smem_bytes=WORDS * WORD_BYTES, min_blocks=tiles.min_blocks,
+        min_regs=96, frag=simt_fragment(TM, TN, TY, TX, DPT), a_shape=(1,), a_dtype=uint32, exp2=math.exp2,
+        load_resident=load_resident, resident_ready=resident_ready, stream=stream, commit=noop,
+        wait_all=noop, vec=vec, mm_nt=mm_nt, mm_pv=mm_pv)

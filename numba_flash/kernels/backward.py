@@ -1,0 +1,266 @@
+"""FlashAttention backward, FlashAttention-2 style, deterministic: three kernels, no atomics, one body per
+kernel for every path.
+
+1. `D = rowsum(dO * O)` per query row (the softmax backward's correction term).
+2. dK/dV: one block per key tile K_j, V_j (resident), walking the query tiles listed for it. For each Q_i
+   it recomputes S^T = K_j Q_i^T and P^T = exp(S^T - lse_i) from the saved log-sum-exp, then
+       dV_j += P^T dO_i,   dP^T = V_j dO_i^T,   dS^T = P^T * (dP^T - D_i),   dK_j += scale * dS^T Q_i
+   with dK_j, dV_j accumulated in registers until the end.
+3. dQ: one block per query tile (Q_i, dO_i resident), walking its key tiles: S, P and dP again,
+   dQ_i += scale * dS K_j.
+
+Splitting dQ from dK/dV costs two extra tile products per pair (S and dP are recomputed) but every output
+element is written by exactly one thread, in a fixed order: same inputs, bitwise same gradients.
+S^T is computed as K Q^T directly, so nothing is transposed: the score fragments of P^T and dS^T are the
+A operands of the next products (in registers on tensor cores, through shared memory on SIMT).
+
+Launch contract (`launch`): the three kernels in that order on one stream; grids (Tr or Tc, nheads,
+batch); D is a (batch, nheads, seqlen_q) scratch vector of the lse's dtype, allocated through `alloc`.
+"""
+import math
+from functools import lru_cache
+
+from numba import cuda
+
+from .convert import acc_constant, acc_type, loader, storer
+from .fragments import make_store_rows
+from .launch import Launchable, kernel, strides3
+from .pipeline import make_pipeline
+from .softmax import LOG2E, make_softmax
+from .tiles import make_ops
+from .walk import make_walk
+
+
+@lru_cache(maxsize=None)
+def make_dot_do_o_kernel(headdim, dtype_name, threads=128):
+    """D[b, h, r] = sum_c dO[b, r, h, c] * O[b, r, h, c]; one thread per query row."""
+    ACC = acc_type(dtype_name)
+    load_elem = loader(dtype_name)
+
+    @cuda.jit
+    def bwd_dot_do_o(o, do, dvec, nrows_total, nq, nheads, o_st, do_st, d_st):
+        idx = cuda.grid(1)
+        if idx >= nrows_total:
+            return
+        r = idx % nq
+        bh = idx // nq
+        h = bh % nheads
+        b = bh // nheads
+        ob = b * o_st[0] + r * o_st[1] + h * o_st[2]
+        db = b * do_st[0] + r * do_st[1] + h * do_st[2]
+        acc = ACC(0)
+        for c in range(headdim):
+            acc += load_elem(o[ob + c]) * load_elem(do[db + c])
+        dvec[b * d_st[0] + h * d_st[1] + r] = acc
+
+    return Launchable(bwd_dot_do_o, threads, 0)
+
+
+def _shared(plan, role, over_keys):
+    """What both backward bodies take from the plan: ops, walk, pipeline and softmax pieces, constants."""
+    ops = make_ops(plan, role)
+    t = getattr(plan, role)
+    walk = make_walk(t.br, t.bc, plan.causal, over_keys)
+    sm = make_softmax(ops.frag, plan.dtype, ops.exp2, walk.visible)
+    store = make_store_rows(ops.frag, plan.headdim, storer(plan.dtype))
+    return ops, t, walk, make_pipeline(ops), sm, store
+
+
+@lru_cache(maxsize=None)
+def make_dkdv_kernel(plan):
+    ops, t, (start, next_tile, needs_mask, visible), (begin, acquire), _, store = _shared(plan, "dkdv", False)
+    BR, BC = t.br, t.bc
+    R, C, CO = ops.frag.rows, ops.frag.cols, ops.frag.out_cols
+    row_of, col_of = ops.frag.row, ops.frag.col
+    ACC = acc_type(plan.dtype)
+    INF, NEG_INF, ZERO, ONE, LOG2E_ACC = (acc_constant(plan.dtype, x)
+                                          for x in (math.inf, -math.inf, 0.0, 1.0, LOG2E))
+    load_res, resident_ready, mm_nt, mm_pv, vec = (ops.load_resident, ops.resident_ready, ops.mm_nt,
+                                                   ops.mm_pv, ops.vec)
+    exp2 = ops.exp2
+    A_SHAPE, A_DT = ops.a_shape, ops.a_dtype
+
+    @kernel(ops.threads, ops.smem_bytes, ops.min_blocks, ops.min_regs)
+    def flash_bwd_dkdv(q, k, v, do, lse, dvec, dk, dv, nq, nk, q_st, k_st, v_st, do_st, dk_st, dv_st,
+                       lse_st, scale, scale_log2, offset, q_count, q_index, mask_sh, mask_maxq, q_per_blk,
+                       k_per_blk):
+        smem = cuda.shared.array(0, ACC)
+        j_tile = cuda.blockIdx.x
+        h = cuda.blockIdx.y
+        b = cuda.blockIdx.z
+        tid = cuda.threadIdx.x
+        col0 = j_tile * BC
+        sl2 = ACC(scale_log2)
+        lse_base = b * lse_st[0] + h * lse_st[1]
+        qdo = (q, b * q_st[0] + h * q_st[2], q_st[1], do, b * do_st[0] + h * do_st[2], do_st[1],
+               lse, lse_base, dvec, lse_base)
+
+        kvf = cuda.local.array(A_SHAPE, A_DT)
+        load_res(smem, kvf, 0, k, b * k_st[0] + h * k_st[2], col0, nk - col0, k_st[1], tid)
+        load_res(smem, kvf, 1, v, b * v_st[0] + h * v_st[2], col0, nk - col0, v_st[1], tid)
+        mcol, nsteps = start(q_count, h, j_tile, mask_sh, k_per_blk, q_per_blk)
+        step, row0 = next_tile(q_index, mcol, mask_maxq, q_per_blk, nsteps, -1, col0, nq, nk, offset)
+        begin(smem, step < nsteps, row0, nq, qdo, tid)
+        resident_ready(smem, kvf, tid)
+
+        dk_acc = cuda.local.array((R, CO), ACC)
+        dv_acc = cuda.local.array((R, CO), ACC)
+        st = cuda.local.array((R, C), ACC)
+        dpt = cuda.local.array((R, C), ACC)
+        for i in range(R):
+            for j in range(CO):
+                dk_acc[i, j] = ZERO
+                dv_acc[i, j] = ZERO
+
+        stage = 0
+        while step < nsteps:
+            nstep, nrow0 = next_tile(q_index, mcol, mask_maxq, q_per_blk, nsteps, step, col0, nq, nk,
+                                     offset)
+            acquire(smem, stage, row0, nstep < nsteps, nrow0, nq, qdo, tid)
+            for i in range(R):
+                for j in range(C):
+                    st[i, j] = ZERO
+                    dpt[i, j] = ZERO
+            mm_nt(smem, kvf, 0, stage, 0, st, tid)                       # S^T = K Q^T
+            masked = needs_mask(row0, col0, nq, nk, offset)
+            for j in range(C):
+                # The columns are queries: their lse (log2 domain; +inf for rows that saw no key, so
+                # their P is 0) and D come from the streamed vectors, read where used.
+                lr = vec(smem, stage, 0, col_of(tid, j))
+                lse2 = lr * LOG2E_ACC if lr != NEG_INF else INF
+                for i in range(R):
+                    p = exp2(st[i, j] * sl2 - lse2)
+                    if masked:
+                        if not visible(row0 + col_of(tid, j), col0 + row_of(tid, i), nq, nk, offset):
+                            p = ZERO
+                    st[i, j] = p
+            mm_pv(smem, st, stage, 1, dv_acc, tid, False)                # dV += P^T dO
+            mm_nt(smem, kvf, 1, stage, 1, dpt, tid)                      # dP^T = V dO^T
+            for j in range(C):
+                dd = vec(smem, stage, 1, col_of(tid, j))
+                for i in range(R):
+                    dpt[i, j] = st[i, j] * (dpt[i, j] - dd)              # dS^T
+            mm_pv(smem, dpt, stage, 0, dk_acc, tid, True)                # dK += dS^T Q
+            step, row0, stage = nstep, nrow0, 1 - stage
+
+        sc = cuda.local.array(R, ACC)
+        one = cuda.local.array(R, ACC)
+        for i in range(R):
+            sc[i] = ACC(scale)
+            one[i] = ONE
+        store(dk_acc, sc, dk, b * dk_st[0] + h * dk_st[2], col0, nk - col0, dk_st[1], tid)
+        store(dv_acc, one, dv, b * dv_st[0] + h * dv_st[2], col0, nk - col0, dv_st[1], tid)
+
+    return Launchable(flash_bwd_dkdv, ops.threads, ops.smem_bytes, ops.min_blocks, ops.min_regs)
+
+
+@lru_cache(maxsize=None)
+def make_dq_kernel(plan):
+    ops, t, (start, next_tile, needs_mask, visible), (begin, acquire), _, store = _shared(plan, "dq", True)
+    BR, BC = t.br, t.bc
+    R, C, CO = ops.frag.rows, ops.frag.cols, ops.frag.out_cols
+    row_of, col_of = ops.frag.row, ops.frag.col
+    ACC = acc_type(plan.dtype)
+    INF, NEG_INF, ZERO, LOG2E_ACC = (acc_constant(plan.dtype, x) for x in (math.inf, -math.inf, 0.0, LOG2E))
+    load_res, resident_ready, mm_nt, mm_pv = ops.load_resident, ops.resident_ready, ops.mm_nt, ops.mm_pv
+    exp2 = ops.exp2
+    A_SHAPE, A_DT = ops.a_shape, ops.a_dtype
+
+    @kernel(ops.threads, ops.smem_bytes, ops.min_blocks, ops.min_regs)
+    def flash_bwd_dq(q, k, v, do, lse, dvec, dq, nq, nk, q_st, k_st, v_st, do_st, dq_st, lse_st, scale,
+                     scale_log2, offset, kv_count, kv_index, mask_sh, mask_maxk, q_per_blk, k_per_blk):
+        smem = cuda.shared.array(0, ACC)
+        i_tile = cuda.blockIdx.x
+        h = cuda.blockIdx.y
+        b = cuda.blockIdx.z
+        tid = cuda.threadIdx.x
+        row0 = i_tile * BR
+        sl2 = ACC(scale_log2)
+        kv = (k, b * k_st[0] + h * k_st[2], k_st[1], v, b * v_st[0] + h * v_st[2], v_st[1])
+
+        qf = cuda.local.array(A_SHAPE, A_DT)
+        load_res(smem, qf, 0, q, b * q_st[0] + h * q_st[2], row0, nq - row0, q_st[1], tid)
+        load_res(smem, qf, 1, do, b * do_st[0] + h * do_st[2], row0, nq - row0, do_st[1], tid)
+        mrow, nsteps = start(kv_count, h, i_tile, mask_sh, q_per_blk, k_per_blk)
+        step, col0 = next_tile(kv_index, mrow, mask_maxk, k_per_blk, nsteps, -1, row0, nq, nk, offset)
+        begin(smem, step < nsteps, col0, nk, kv, tid)
+        resident_ready(smem, qf, tid)
+
+        lse2 = cuda.local.array(R, ACC)
+        dd = cuda.local.array(R, ACC)
+        dq_acc = cuda.local.array((R, CO), ACC)
+        s = cuda.local.array((R, C), ACC)
+        dp = cuda.local.array((R, C), ACC)
+        for i in range(R):
+            r = row0 + row_of(tid, i)
+            lse2[i] = INF          # rows past nq and rows that saw no key: P = 0
+            dd[i] = ZERO
+            if r < nq:
+                lr = lse[b * lse_st[0] + h * lse_st[1] + r]
+                if lr != NEG_INF:
+                    lse2[i] = lr * LOG2E_ACC
+                dd[i] = dvec[b * lse_st[0] + h * lse_st[1] + r]
+            for j in range(CO):
+                dq_acc[i, j] = ZERO
+
+        stage = 0
+        while step < nsteps:
+            nstep, ncol0 = next_tile(kv_index, mrow, mask_maxk, k_per_blk, nsteps, step, row0, nq, nk,
+                                     offset)
+            acquire(smem, stage, col0, nstep < nsteps, ncol0, nk, kv, tid)
+            for i in range(R):
+                for j in range(C):
+                    s[i, j] = ZERO
+                    dp[i, j] = ZERO
+            mm_nt(smem, qf, 0, stage, 0, s, tid)                         # S = Q K^T
+            mm_nt(smem, qf, 1, stage, 1, dp, tid)                        # dP = dO V^T
+            masked = needs_mask(row0, col0, nq, nk, offset)
+            for i in range(R):
+                for j in range(C):
+                    p = exp2(s[i, j] * sl2 - lse2[i])
+                    if masked:
+                        if not visible(row0 + row_of(tid, i), col0 + col_of(tid, j), nq, nk, offset):
+                            p = ZERO
+                    s[i, j] = p * (dp[i, j] - dd[i])                     # dS
+            mm_pv(smem, s, stage, 0, dq_acc, tid, False)                 # dQ += dS K
+            step, col0, stage = nstep, ncol0, 1 - stage
+
+        sc = cuda.local.array(R, ACC)
+        for i in range(R):
+            sc[i] = ACC(scale)
+        store(dq_acc, sc, dq, b * dq_st[0] + h * dq_st[2], row0, nq - row0, dq_st[1], tid)
+
+    return Launchable(flash_bwd_dq, ops.threads, ops.smem_bytes, ops.min_blocks, ops.min_regs)
+
+
+def launches(plan, stream, dout, q, k, v, out, lse, dq, dk, dv, nq, nk, scale, offset, masks, alloc):
+    """[(kernel, grid, stream, args)] of the backward pass: D, then dK/dV, then dQ. Arrays are
+    interop.View of (B, N, H, d) (lse: (B, H, Nq)); masks.lists(br, bc, transpose) gives the walk arguments
+    for a kernel's tiles; alloc(shape, dtype) allocates the D scratch vector in the inputs' framework."""
+    B, H, d = q.shape[0], q.shape[2], q.shape[3]
+    dvec = alloc((B, H, nq), lse.dtype)
+    lse_st = (lse.strides[0], lse.strides[1])
+    common = (nq, nk, strides3(q), strides3(k), strides3(v), strides3(dout))
+    out_ = []
+    if nq > 0:
+        dot = make_dot_do_o_kernel(d, plan.dtype)
+        rows = B * H * nq
+        out_.append((dot, (-(-rows // dot.threads),), stream,
+                     (out.flat, dout.flat, dvec.flat, rows, nq, H, strides3(out), strides3(dout),
+                      (dvec.strides[0], dvec.strides[1]))))
+    if nk > 0:
+        out_.append((make_dkdv_kernel(plan), (-(-nk // plan.dkdv.bc), H, B), stream,
+                     (q.flat, k.flat, v.flat, dout.flat, lse.flat, dvec.flat, dk.flat, dv.flat, *common,
+                      strides3(dk), strides3(dv), lse_st, scale, scale * LOG2E, offset,
+                      *masks.lists(plan.dkdv.br, plan.dkdv.bc, True))))
+    if nq > 0:
+        out_.append((make_dq_kernel(plan), (-(-nq // plan.dq.br), H, B), stream,
+                     (q.flat, k.flat, v.flat, dout.flat, lse.flat, dvec.flat, dq.flat, *common, strides3(dq),
+                      lse_st, scale, scale * LOG2E, offset, *masks.lists(plan.dq.br, plan.dq.bc, False))))
+    return out_
+
+
+def launch(*args):
+    """Run the backward pass (arguments as `launches`)."""
+    for kern, grid, stream, kargs in launches(*args):
+        kern(grid, stream, *kargs)

@@ -1,0 +1,116 @@
+"""FlashAttention forward (Algorithm 1 of the paper, FlashAttention-2 loop order), one body for every path.
+
+One thread block owns a query tile Q_i (Br rows of one head of one batch). It walks the list of key tiles
+the mask gives that tile; for each K_j, V_j it computes the scores S = Q_i K_j^T, updates the running row
+max m and row sum l (the online softmax), rescales the output accumulator by exp(m_old - m_new), and adds
+P V_j with P = exp(S - m). The N x N score matrix exists only tile by tile. At the end O = acc / l and
+lse = m + log(l) (natural log), kept for the backward pass. Rows that see no key keep m = -inf and l = 0:
+they output 0 and lse = -inf.
+
+What differs between paths comes from the plan's TileOps (simt_tiles.py: fp32 FMA micro-tiles, P through
+shared memory; tc_tiles.py: mma.sync with Q in registers, K/V by cp.async, P in registers); the walk,
+the masking, the softmax and the epilogue are shared (walk.py, softmax.py, fragments.py).
+
+Launch contract (`launch`): grid (Tr, nheads, batch); arguments q, k, v, out, lse as flat arrays with
+(batch, seqlen, head) element strides, the sequence lengths, scale * log2(e), the causal offset, and the
+mask lists (api.walk_lists).
+"""
+from functools import lru_cache
+
+from numba import cuda
+
+from .fragments import make_store_rows
+from .launch import Launchable, kernel, strides3
+from .pipeline import make_pipeline
+from .softmax import LOG2E, make_softmax
+from .tiles import make_ops
+from .walk import make_walk
+from .convert import acc_constant, acc_type, storer
+
+
+@lru_cache(maxsize=None)
+def make_forward_kernel(plan):
+    ops = make_ops(plan, "fwd")
+    BR, BC = plan.fwd.br, plan.fwd.bc
+    R, C, CO = ops.frag.rows, ops.frag.cols, ops.frag.out_cols
+    row_of = ops.frag.row
+    ACC = acc_type(plan.dtype)
+    NEG_INF, ZERO, ONE = (acc_constant(plan.dtype, x) for x in (-float("inf"), 0.0, 1.0))
+    start, next_tile, needs_mask, visible = make_walk(BR, BC, plan.causal, over_keys=True)
+    begin, acquire = make_pipeline(ops)
+    scale_and_mask, online_update, finalize, _ = make_softmax(ops.frag, plan.dtype, ops.exp2, visible)
+    store_o = make_store_rows(ops.frag, plan.headdim, storer(plan.dtype))
+    load_q, resident_ready, mm_nt, mm_pv = ops.load_resident, ops.resident_ready, ops.mm_nt, ops.mm_pv
+    A_SHAPE, A_DT, GROUP = ops.a_shape, ops.a_dtype, ops.frag.group
+
+    @kernel(ops.threads, ops.smem_bytes, ops.min_blocks, ops.min_regs)
+    def flash_fwd(q, k, v, o, lse, nq, nk, q_st, k_st, v_st, o_st, lse_st, scale_log2, offset,
+                  kv_count, kv_index, mask_sh, mask_maxk, q_per_blk, k_per_blk):
+        smem = cuda.shared.array(0, ACC)
+        i_tile = cuda.blockIdx.x
+        h = cuda.blockIdx.y
+        b = cuda.blockIdx.z
+        tid = cuda.threadIdx.x
+        row0 = i_tile * BR
+        sl2 = ACC(scale_log2)
+        kv = (k, b * k_st[0] + h * k_st[2], k_st[1], v, b * v_st[0] + h * v_st[2], v_st[1])
+
+        qf = cuda.local.array(A_SHAPE, A_DT)
+        load_q(smem, qf, 0, q, b * q_st[0] + h * q_st[2], row0, nq - row0, q_st[1], tid)
+        mrow, nsteps = start(kv_count, h, i_tile, mask_sh, q_per_blk, k_per_blk)
+        step, col0 = next_tile(kv_index, mrow, mask_maxk, k_per_blk, nsteps, -1, row0, nq, nk, offset)
+        begin(smem, step < nsteps, col0, nk, kv, tid)
+        resident_ready(smem, qf, tid)
+
+        m = cuda.local.array(R, ACC)
+        l = cuda.local.array(R, ACC)
+        acc = cuda.local.array((R, CO), ACC)
+        s = cuda.local.array((R, C), ACC)
+        for i in range(R):
+            m[i] = NEG_INF
+            l[i] = ZERO
+            for j in range(CO):
+                acc[i, j] = ZERO
+
+        stage = 0
+        while step < nsteps:
+            nstep, ncol0 = next_tile(kv_index, mrow, mask_maxk, k_per_blk, nsteps, step, row0, nq, nk,
+                                     offset)
+            acquire(smem, stage, col0, nstep < nsteps, ncol0, nk, kv, tid)
+            for i in range(R):
+                for j in range(C):
+                    s[i, j] = ZERO
+            mm_nt(smem, qf, 0, stage, 0, s, tid)                              # S = Q K^T
+            scale_and_mask(s, sl2, needs_mask(row0, col0, nq, nk, offset), tid, row0, col0, nq, nk,
+                           offset)
+            online_update(s, m, l, acc)                                  # s <- P, acc *= alpha
+            mm_pv(smem, s, stage, 1, acc, tid, False)                       # acc += P V
+            step, col0, stage = nstep, ncol0, 1 - stage
+
+        inv = cuda.local.array(R, ACC)
+        lse_row = cuda.local.array(R, ACC)
+        finalize(m, l, inv, lse_row)
+        store_o(acc, inv, o, b * o_st[0] + h * o_st[2], row0, nq - row0, o_st[1], tid)
+        if tid % GROUP == 0:      # one lane of each row's group writes its lse
+            for i in range(R):
+                r = row0 + row_of(tid, i)
+                if r < nq:
+                    lse[b * lse_st[0] + h * lse_st[1] + r] = lse_row[i]
+
+    return Launchable(flash_fwd, ops.threads, ops.smem_bytes, ops.min_blocks, ops.min_regs)
+
+
+def launches(plan, stream, q, k, v, out, lse, nq, nk, scale, offset, masks):
+    """[(kernel, grid, stream, args)] of the forward pass. q, k, v, out: interop.View of (B, N, H, d); lse:
+    View of (B, H, Nq); masks.lists(br, bc, transpose) gives the walk arguments for the kernel's tiles."""
+    B, H = q.shape[0], q.shape[2]
+    args = (q.flat, k.flat, v.flat, out.flat, lse.flat, nq, nk, strides3(q), strides3(k), strides3(v),
+            strides3(out), (lse.strides[0], lse.strides[1]), scale * LOG2E, offset,
+            *masks.lists(plan.fwd.br, plan.fwd.bc, False))
+    return [(make_forward_kernel(plan), (-(-nq // plan.fwd.br), H, B), stream, args)]
+
+
+def launch(*args):
+    """Run the forward pass (arguments as `launches`)."""
+    for kern, grid, stream, kargs in launches(*args):
+        kern(grid, stream, *kargs)

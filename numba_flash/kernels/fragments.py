@@ -1,0 +1,108 @@
+"""Fragment layouts: which rows and columns of a tile each thread owns, one per path.
+
+A thread holds its part of a score tile (S, P, dP, dS) as a local array `s[rows, cols]` and its part of an
+output tile (O, dQ, dK, dV accumulators) as `acc[rows, out_cols]`, with the SAME rows. `row(tid, i)` and
+`col(tid, j)` map those indices to tile coordinates, so masking, the online softmax, the P stores and the
+epilogues are written once (here and in softmax.py) for both paths. The `group` lanes that share a row are
+consecutive lanes of one warp, starting at a multiple of `group`: row reductions are XOR shuffles inside it.
+
+SIMT micro-tile (simt_tiles.py): threads form a TY x TX grid, tid = ty * TX + tx. Score element (i, j) is
+(ty + i*TY, tx + j*TX); output element (i, j) is (ty + i*TY, tx*DPT + j), so a thread's output columns
+are contiguous. group = TX.
+
+m16n8 accumulator fragment (mma.sync m16n8k16, PTX ISA "Matrix Fragments for mma.m16n8k16", the f32
+accumulator table): warp w owns rows 16*MT*w ... of the tile, MT m16 tiles; lane = 4*g + t holds, of each
+16 x 8 tile, rows g and g+8, columns 2t and 2t+1. Row index i = 2*mt + h is row 16*mt + 8*h + g of the
+warp's rows; column index j = 2*nt + e is column 8*nt + 2t + e. Scores and outputs share this layout
+(both are mma accumulators), and (j, j+1) for even j are adjacent columns. group = 4 (the quad of lanes
+with the same g).
+"""
+from collections import namedtuple
+from dataclasses import dataclass
+
+from .launch import inline_device
+
+
+@dataclass(frozen=True)
+class Fragment:
+    rows: int          # tile rows a thread owns
+    cols: int          # score-tile columns a thread owns
+    out_cols: int      # output-tile columns a thread owns
+    group: int         # lanes sharing a row
+    row: object        # device fn (tid, i) -> tile row
+    col: object        # device fn (tid, j) -> score-tile column
+    out_col: object    # device fn (tid, j) -> output-tile column
+
+
+def simt_fragment(tm, tn, ty_count, tx_count, dpt):
+    @inline_device
+    def row(tid, i):
+        return tid // tx_count + i * ty_count
+
+    @inline_device
+    def col(tid, j):
+        return tid % tx_count + j * tx_count
+
+    @inline_device
+    def out_col(tid, j):
+        return (tid % tx_count) * dpt + j
+
+    return Fragment(tm, tn, dpt, tx_count, row, col, out_col)
+
+
+def mma_fragment(mt, n_tiles, out_n_tiles):
+    """mt m16 tiles per warp; n_tiles n8 tiles of scores and out_n_tiles of outputs per row."""
+    @inline_device
+    def row(tid, i):
+        return (tid // 32) * (16 * mt) + (i // 2) * 16 + (i % 2) * 8 + (tid % 32) // 4
+
+    @inline_device
+    def col(tid, j):
+        return (j // 2) * 8 + 2 * (tid % 4) + j % 2
+
+    return Fragment(2 * mt, 2 * n_tiles, 2 * out_n_tiles, 4, row, col, col)
+
+
+def make_store_rows(frag, headdim, store_elem):
+    """store(acc, row_scale, g, base, row0, nrows, stride, tid): g[base + (row0 + r) * stride + c] =
+    acc[i, j] * row_scale[i] for the thread's output elements (r, c) inside the nrows x headdim tile.
+    Used by every epilogue (O, dQ, dK, dV) of both paths."""
+    R, CO = frag.rows, frag.out_cols
+    row_of, col_of = frag.row, frag.out_col
+
+    @inline_device
+    def store(acc, row_scale, g, base, row0, nrows, stride, tid):
+        for i in range(R):
+            r = row_of(tid, i)
+            if r < nrows:
+                grow = base + (row0 + r) * stride
+                for j in range(CO):
+                    c = col_of(tid, j)
+                    if c < headdim:
+                        g[grow + c] = store_elem(acc[i, j] * row_scale[i])
+        return
+
+    return store
+
+
+TileOps = namedtuple("TileOps", [
+    "path", "stages", "threads", "smem_bytes", "min_blocks", "min_regs",
+    "frag",            # Fragment of score and output tiles
+    "a_shape", "a_dtype",   # local array holding the resident operands in registers (tensor cores)
+    "exp2",            # 2**x as the path computes it
+    "load_resident",   # (smem, afrag, slot, g, base, row0, nrows, stride, tid): the block's own tile(s)
+    "resident_ready",  # (smem, afrag, tid): after load_resident and the first `stream`
+    "stream",          # (smem, stage, t0, n_other, operands, tid): the streamed tile starting at row t0
+    "commit", "wait_all",   # asynchronous-copy groups (no-ops on the synchronous SIMT path)
+    "vec",             # (smem, stage, which, idx): streamed per-row vector value (dK/dV: lse, D)
+    "mm_nt",           # (smem, afrag, a_slot, stage, b_slot, c, tid): c += A[a_slot] B[b_slot]^T
+    "mm_pv",           # (smem, p, stage, b_slot, acc, tid, lead_sync): acc += P B[b_slot]
+])
+TileOps.__doc__ = """What a path provides to the kernel bodies of forward.py and backward.py.
+
+A block owns a tile of BM rows (the resident operands: Q, or Q and dO, or K and V) and streams tiles of
+BN rows of the other side (K and V, or Q and dO with lse and D). Streamed tiles go through `stages`
+shared-memory buffers: with one stage (SIMT) a tile is loaded synchronously between two barriers; with
+two (tensor cores), tile j+1 is copied asynchronously while tile j is computed (pipeline.py).
+`lead_sync` asks mm_pv to wait until every thread is done with the P staging buffer before writing it
+(SIMT stages P through shared memory; tensor cores keep P in registers and ignore it)."""

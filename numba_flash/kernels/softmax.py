@@ -1,0 +1,116 @@
+"""The online softmax on a thread's fragment (Algorithm 1's m, l update), its finalisation, and row reductions.
+
+Scores are kept in the log2 domain (softmax_scale * log2(e) folded in) so each probability is one exp2.
+The row max and the row sum are reduced across the `group` lanes that share a row with XOR shuffles;
+the running sum `l` stays a per-thread partial until `finalize`, since the rescale factor of a row is the
+same in all its lanes.
+
+The row max skips NaN, so a NaN score reaches the output through P (exp2(NaN - m) is NaN) instead of
+turning the row's max into NaN. On the GPU Numba lowers max() of floats to LLVM maxnum, i.e. one max.f32
+(FMNMX), which returns the non-NaN operand; Python's max() does not, so the simulator spells the same
+semantics out (the running max `a` is never NaN).
+"""
+import math
+from collections import namedtuple
+from functools import lru_cache
+
+from . import ptx
+from .convert import acc_constant
+from .launch import SIMULATOR, inline_device
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+if SIMULATOR:
+    @inline_device
+    def fmax_nan_ignoring(a, b):
+        return b if b > a else a
+else:
+    @inline_device
+    def fmax_nan_ignoring(a, b):
+        return max(a, b)
+
+
+@inline_device
+def _add(a, b):
+    return a + b
+
+
+def _group_reducer(group, op):
+    """v reduced with `op` over the `group` consecutive lanes that share a row (XOR butterfly)."""
+    @inline_device
+    def reduce(v):
+        off = group // 2
+        while off > 0:
+            v = op(v, ptx.shfl_xor(v, off))
+            off //= 2
+        return v
+    return reduce
+
+
+Softmax = namedtuple("Softmax", "scale_and_mask online_update finalize row_sum")
+
+
+@lru_cache(maxsize=None)
+def make_softmax(frag, dtype_name, exp2, visible):
+    """Device pieces of the online softmax for fragments `frag` (fragments.Fragment) in the arithmetic type
+    of `dtype_name`; `exp2` is the device function the path computes 2**x with, `visible` the walk's
+    element visibility (walk.py)."""
+    R, C, CO = frag.rows, frag.cols, frag.out_cols
+    row_of, col_of = frag.row, frag.col
+    NEG_INF = acc_constant(dtype_name, -math.inf)
+    ZERO = acc_constant(dtype_name, 0.0)
+    ONE = acc_constant(dtype_name, 1.0)
+    LN2_ACC = acc_constant(dtype_name, LN2)
+    row_max = _group_reducer(frag.group, fmax_nan_ignoring)
+    row_sum = _group_reducer(frag.group, _add)
+
+    @inline_device
+    def scale_and_mask(s, scale_log2, masked, tid, row0, col0, nq, nk, offset):
+        """s <- s * scale_log2, and -inf where the element is invisible (checked only if `masked`)."""
+        for i in range(R):
+            for j in range(C):
+                x = s[i, j] * scale_log2
+                if masked:
+                    if not visible(row0 + row_of(tid, i), col0 + col_of(tid, j), nq, nk, offset):
+                        x = NEG_INF
+                s[i, j] = x
+        return
+
+    @inline_device
+    def online_update(s, m, l, acc):
+        """Scores s (log2 domain) -> probabilities P = exp2(s - m_new) in place; m, l and acc rescaled."""
+        for i in range(R):
+            mx = NEG_INF
+            for j in range(C):
+                mx = fmax_nan_ignoring(mx, s[i, j])
+            m_new = fmax_nan_ignoring(m[i], row_max(mx))
+            # A row that has seen only -inf keeps m = -inf; subtracting 0 instead of -inf keeps its
+            # probabilities exp2(-inf) = 0 rather than exp2(-inf + inf) = NaN.
+            m_use = m_new if m_new != NEG_INF else ZERO
+            alpha = exp2(m[i] - m_use)
+            m[i] = m_new
+            rs = ZERO
+            for j in range(C):
+                p = exp2(s[i, j] - m_use)
+                s[i, j] = p
+                rs += p
+            l[i] = l[i] * alpha + rs
+            for d in range(CO):
+                acc[i, d] *= alpha
+        return
+
+    @inline_device
+    def finalize(m, l, inv, lse):
+        """inv[i] = 1 / (row sum), lse[i] = natural-log log-sum-exp; rows that saw no key: 0 and -inf."""
+        for i in range(R):
+            li = row_sum(l[i])
+            if li != ZERO:
+                inv[i] = ONE / li
+                lse[i] = (m[i] + math.log2(li)) * LN2_ACC
+            else:
+                inv[i] = ZERO
+                lse[i] = NEG_INF
+        return
+
+    return Softmax(scale_and_mask, online_update, finalize, row_sum)

@@ -1,0 +1,10 @@
+"""A plan's TileOps for one kernel role, from the plan's path."""
+from .simt_tiles import make_simt_ops
+
+
+def make_ops(plan, role):
+    t = getattr(plan, role)
+    if plan.path == "simt":
+        return make_simt_ops(role, t, plan.headdim, plan.dtype, plan.aligned)
+    from .tc_tiles import make_tc_ops
+    return make_tc_ops(role, t, plan.headdim, plan.dtype, plan.aligned)
