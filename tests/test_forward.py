@@ -121,7 +121,7 @@ def test_head_dims_match_reference(make_qkv, d, dtype):
     run_and_check(q, k, v, dtype)
 
 
-@pytest.mark.parametrize("scale", [0.05, 2.0])
+@pytest.mark.parametrize("scale", [0.05, 2.0, -0.5, 0.0])
 def test_non_default_softmax_scale_matches_reference(make_qkv, scale):
     q, k, v = make_qkv(1, 33, 33, 1, 16)
     run_and_check(q, k, v, "float32", softmax_scale=scale, causal=True)

@@ -19,7 +19,7 @@ runtime.select()   # before numba.cuda is imported: the simulator unless a GPU a
 import numba  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-from numba import cuda  # noqa: E402
+from numba import cuda, float32  # noqa: E402
 
 from numba_flash.kernels import ptx  # noqa: E402
 from numba_flash.kernels.launch import SIMULATOR  # noqa: E402
@@ -494,6 +494,43 @@ def test_st_global_b32(rng, dtype):
     np.testing.assert_array_equal(out.view(np.uint16), want)
 
 
+_ZERO_BITS = np.uint16(0)
+
+
+@cuda.jit
+def _st_b16_kernel(vals, where, out):
+    """Scatter 16-bit values into a float32 shared array at halfword positions, then copy it out; lanes
+    past the data store zero bits (the constant the tensor-core copy uses for padding)."""
+    sm = cuda.shared.array(0, float32)
+    lane = cuda.threadIdx.x
+    for i in range(lane, out.size, 32):
+        sm[i] = out[i]
+    cuda.syncthreads()
+    if lane < vals.size:
+        ptx.st_shared_b16(sm, where[lane], vals[lane])
+    else:
+        ptx.st_shared_b16(sm, where[lane], _ZERO_BITS)
+    cuda.syncthreads()
+    for i in range(lane, out.size, 32):
+        out[i] = sm[i]
+
+
+@pytest.mark.parametrize("dtype", ["uint16", "float16"])
+def test_st_shared_b16(rng, dtype):
+    n = 64                                      # 64 halfword slots, 32 written: the rest keep their bits
+    vals = bits16(rng, 24).view(dtype)
+    where = rng.permutation(n)[:32].astype(np.int64)
+    init = bits16(rng, n)
+    out = init.view(np.float32).copy()
+    dev = [cuda.to_device(x) for x in (vals, where, out)]
+    _st_b16_kernel[1, 32, 0, n * 2](*dev)
+    got = dev[2].copy_to_host().view(np.uint16)
+    want = init.copy()
+    want[where[:24]] = vals.view(np.uint16)
+    want[where[24:]] = 0
+    np.testing.assert_array_equal(got, want)
+
+
 # ------------------------------------------------------------------------------------------------------
 # the simulator's warp machinery: a broken kernel fails instead of hanging
 # ------------------------------------------------------------------------------------------------------
@@ -594,6 +631,7 @@ _CODEGEN = textwrap.dedent('''
         I32[lane] = ptx.shfl_xor(I32[lane], 4)
         s = ptx.ex2(ptx.shfl_xor(e[0], 1))
         ptx.st_global_b32(O, lane * 2, ptx.pack_f16x2(s, e[2]) ^ ptx.pack_bf16x2(e[3], s) ^ z[3] ^ x)
+        ptx.st_shared_b16(su, lane, G[lane])
 
     sig = (types.float32[::1], types.uint16[::1], types.uint16[::1], types.uint32[::1],
            types.float64[::1], types.int32[::1])
@@ -617,7 +655,7 @@ _EXPECTED_PTX = ["mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32",
                  "cp.async.cg.shared.global", "cp.async.ca.shared.global", "cp.async.commit_group",
                  "cp.async.wait_group 1", "cp.async.wait_group 0", "cp.async.wait_all",
                  "cvt.rn.f16x2.f32", "cvt.rn.bf16x2.f32", "ex2.approx.ftz.f32", "shfl.sync.bfly.b32",
-                 "st.global.u32", "%laneid"]
+                 "st.global.u32", "st.shared.u16", "%laneid"]
 
 
 def find_ptxas():

@@ -1,52 +1,103 @@
-"""Time the kernels under several tile configurations (tuning runs on the GPU; see configs.py).
+"""Time the kernels under several tile configurations on a GPU (tuning runs; the defaults live in
+numba_flash/kernels/configs.py).
 
-    python tools/tune.py --pass fwd --d 64 --dtype float32 --configs 64,64,16,16 64,32,16,8
+    python tools/tune.py --backend mma --dtype float16 --d 64 --N 4096 \\
+        fwd=128,64,4,1 fwd=128,64,8,1 dkdv=64,64,4,1 dq=64,64,4,1
+
+Each configuration is KERNEL=TILES with KERNEL one of fwd, dkdv, dq, bwd (both backward kernels) and
+TILES as the NUMBA_FLASH_*_TILES variables take them: "br,bc,ty,tx[,min_blocks]" (simt) or
+"br,bc,warps,a_regs[,min_blocks]" (mma). A fwd configuration times flash_attn_forward; the others time
+flash_attn_backward. Every configuration gets its own process, so all of them compile at once; then
+they time one after another (a barrier and a lock keep the GPU to one at a time). Each is checked
+against the default configuration's output. Shapes: batch x N = 16k tokens, hidden 2048 (as the
+benchmark). Prints one line per configuration: milliseconds (median, triton.testing.do_bench) and
+TFLOP/s (4 B H N^2 d per forward, x2.5 backward; halved when causal).
 """
 import argparse
+import multiprocessing as mp
 import os
+import sys
 
-import torch
-import triton.testing
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import numba_flash as nf
+VARS = {"fwd": ["NUMBA_FLASH_FWD_TILES"], "dkdv": ["NUMBA_FLASH_DKDV_TILES"],
+        "dq": ["NUMBA_FLASH_DQ_TILES"], "bwd": ["NUMBA_FLASH_BWD_TILES"]}
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--pass", dest="which", default="fwd", choices=["fwd", "bwd"])
+def _work(cfg, a, barrier, lock, results):
+    kernel, _, tiles = cfg.partition("=")
+    if tiles:
+        for var in VARS[kernel]:
+            os.environ[var] = tiles
+    import torch
+    import triton.testing
+    import numba_flash as nf
+
+    torch.manual_seed(0)
+    dt = getattr(torch, a.dtype)
+    H, B = a.hidden // a.d, max(1, a.tokens // a.N)
+    q, k, v, dout = (torch.randn(B, a.N, H, a.d, device="cuda", dtype=dt) for _ in range(4))
+    causal = bool(a.causal)
+    out, lse = nf.flash_attn_forward(q, k, v, causal=causal, backend=a.backend)
+    if kernel == "fwd":
+        def fn():
+            return nf.flash_attn_forward(q, k, v, causal=causal, backend=a.backend)[0]
+    else:
+        def fn():
+            return nf.flash_attn_backward(dout, q, k, v, out, lse, causal=causal, backend=a.backend)[0]
+    try:
+        res = fn().double()          # compiles (all workers at once)
+        err = None
+    except Exception as e:          # a configuration that does not build or launch
+        res, err = None, f"{type(e).__name__}: {str(e)[:160]}"
+    torch.cuda.synchronize()
+    barrier.wait(timeout=900)
+    with lock:
+        if err is None:
+            ms = triton.testing.do_bench(fn, warmup=25, rep=a.rep_ms, return_mode="median")
+            flops = 4 * B * H * a.N * a.N * a.d / (2 if causal else 1) * (1 if kernel == "fwd" else 2.5)
+            results[cfg] = (ms, flops / ms / 1e9, res.cpu())
+        else:
+            results[cfg] = (None, None, err)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("configs", nargs="+", help="KERNEL=TILES, or KERNEL alone for the default tiles")
+    ap.add_argument("--backend", default="mma", choices=["simt", "mma"])
     ap.add_argument("--d", type=int, default=64)
     ap.add_argument("--N", type=int, default=4096)
-    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--dtype", default="float16")
     ap.add_argument("--causal", type=int, default=0)
-    ap.add_argument("--configs", nargs="+", required=True)
-    a = ap.parse_args()
-    dt = getattr(torch, a.dtype)
-    H, B = 2048 // a.d, 16384 // a.N
-    q, k, v = (torch.randn(B, a.N, H, a.d, device="cuda", dtype=dt, requires_grad=True) for _ in range(3))
-    dout = torch.randn_like(q)
-    flops = 4 * B * H * a.N * a.N * a.d / (2 if a.causal else 1) * (2.5 if a.which == "bwd" else 1)
-    var = "NUMBA_FLASH_FWD_TILES" if a.which == "fwd" else "NUMBA_FLASH_BWD_TILES"
-    ref = None
-    for c in a.configs:
-        os.environ[var] = c
-        try:
-            if a.which == "fwd":
-                fn = lambda: nf.flash_attn_forward(q.detach(), k.detach(), v.detach(), causal=bool(a.causal))
-                res = fn()[0]
-            else:
-                o, lse = nf.flash_attn_forward(q.detach(), k.detach(), v.detach(), causal=bool(a.causal))
-                fn = lambda: nf.flash_attn_backward(dout, q.detach(), k.detach(), v.detach(), o, lse,
-                                                    causal=bool(a.causal))
-                res = fn()[0]
-            if ref is None:
-                ref = res.clone()
-            err = ((res.double() - ref.double()).norm() / ref.double().norm()).item()
-            ms = triton.testing.do_bench(fn, warmup=25, rep=150, return_mode="median")
-            print(f"{a.which} d={a.d} {a.dtype} N={a.N} causal={a.causal} tiles={c:14s} "
-                  f"{ms:8.3f} ms {flops / ms / 1e9:6.1f} TFLOP/s  (diff vs first {err:.1e})", flush=True)
-        except Exception as e:
-            print(f"{c}: failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
+    ap.add_argument("--tokens", type=int, default=16384)
+    ap.add_argument("--hidden", type=int, default=2048)
+    ap.add_argument("--rep-ms", type=int, default=200)
+    a = ap.parse_args(argv)
+    ctx = mp.get_context("spawn")
+    cfgs = list(dict.fromkeys(a.configs))
+    for kernel in {c.partition("=")[0] for c in cfgs}:
+        if kernel not in VARS:
+            ap.error(f"unknown kernel {kernel!r} in a configuration: use fwd, dkdv, dq or bwd")
+        if kernel not in cfgs:
+            cfgs.insert(0, kernel)             # the default, for the comparison
+    mgr = ctx.Manager()
+    results, barrier, lock = mgr.dict(), ctx.Barrier(len(cfgs)), ctx.Lock()
+    procs = [ctx.Process(target=_work, args=(c, a, barrier, lock, results)) for c in cfgs]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    for c in cfgs:
+        ms, tf, res = results.get(c, (None, None, "worker died"))
+        if ms is None:
+            print(f"{a.backend} d={a.d} N={a.N} {a.dtype} causal={a.causal} {c:24s} FAILED {res}", flush=True)
+            continue
+        base = results[c.partition("=")[0]][2]
+        diff = float((res - base).norm() / base.norm()) if not isinstance(base, str) else float("nan")
+        print(f"{a.backend} d={a.d} N={a.N} {a.dtype} causal={a.causal} {c:24s} {ms:8.3f} ms "
+              f"{tf:6.1f} TFLOP/s  (vs default {diff:.1e})", flush=True)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

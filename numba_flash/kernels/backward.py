@@ -61,14 +61,15 @@ def _shared(plan, role, over_keys):
     ops = make_ops(plan, role)
     t = getattr(plan, role)
     walk = make_walk(t.br, t.bc, plan.causal, over_keys)
-    sm = make_softmax(ops.frag, plan.dtype, ops.exp2, walk.visible)
+    sm = make_softmax(ops.frag, plan.dtype, ops.exp2, walk.visible_cols)
     store = make_store_rows(ops.frag, plan.headdim, storer(plan.dtype))
     return ops, t, walk, make_pipeline(ops), sm, store
 
 
 @lru_cache(maxsize=None)
 def make_dkdv_kernel(plan):
-    ops, t, (start, next_tile, needs_mask, visible), (begin, acquire), _, store = _shared(plan, "dkdv", False)
+    ops, t, (start, next_tile, needs_mask, visible_cols), (begin, acquire), _, store = _shared(plan, "dkdv",
+                                                                                              False)
     BR, BC = t.br, t.bc
     R, C, CO = ops.frag.rows, ops.frag.cols, ops.frag.out_cols
     row_of, col_of = ops.frag.row, ops.frag.col
@@ -98,9 +99,9 @@ def make_dkdv_kernel(plan):
         kvf = cuda.local.array(A_SHAPE, A_DT)
         load_res(smem, kvf, 0, k, b * k_st[0] + h * k_st[2], col0, nk - col0, k_st[1], tid)
         load_res(smem, kvf, 1, v, b * v_st[0] + h * v_st[2], col0, nk - col0, v_st[1], tid)
-        mcol, nsteps = start(q_count, h, j_tile, mask_sh, k_per_blk, q_per_blk)
-        step, row0 = next_tile(q_index, mcol, mask_maxq, q_per_blk, nsteps, -1, col0, nq, nk, offset)
-        begin(smem, step < nsteps, row0, nq, qdo, tid)
+        mcol, nblk = start(q_count, h, j_tile, mask_sh, k_per_blk)
+        t, sub, row0 = next_tile(q_index, mcol, mask_maxq, q_per_blk, nblk, 0, -1, col0, nq, nk, offset)
+        begin(smem, t < nblk, row0, nq, qdo, tid)
         resident_ready(smem, kvf, tid)
 
         dk_acc = cuda.local.array((R, CO), ACC)
@@ -113,27 +114,29 @@ def make_dkdv_kernel(plan):
                 dv_acc[i, j] = ZERO
 
         stage = 0
-        while step < nsteps:
-            nstep, nrow0 = next_tile(q_index, mcol, mask_maxq, q_per_blk, nsteps, step, col0, nq, nk,
-                                     offset)
-            acquire(smem, stage, row0, nstep < nsteps, nrow0, nq, qdo, tid)
+        while t < nblk:
+            nt, nsub, nrow0 = next_tile(q_index, mcol, mask_maxq, q_per_blk, nblk, t, sub, col0, nq, nk,
+                                        offset)
+            acquire(smem, stage, row0, nt < nblk, nrow0, nq, qdo, tid)
             for i in range(R):
                 for j in range(C):
                     st[i, j] = ZERO
                     dpt[i, j] = ZERO
             mm_nt(smem, kvf, 0, stage, 0, st, tid)                       # S^T = K Q^T
-            masked = needs_mask(row0, col0, nq, nk, offset)
+            # The columns are queries: their lse (log2 domain; +inf for rows that saw no key, so their
+            # P is 0) and D come from the streamed vectors, read where used.
             for j in range(C):
-                # The columns are queries: their lse (log2 domain; +inf for rows that saw no key, so
-                # their P is 0) and D come from the streamed vectors, read where used.
                 lr = vec(smem, stage, 0, col_of(tid, j))
                 lse2 = lr * LOG2E_ACC if lr != NEG_INF else INF
                 for i in range(R):
-                    p = exp2(st[i, j] * sl2 - lse2)
-                    if masked:
-                        if not visible(row0 + col_of(tid, j), col0 + row_of(tid, i), nq, nk, offset):
-                            p = ZERO
-                    st[i, j] = p
+                    st[i, j] = exp2(st[i, j] * sl2 - lse2)
+            if needs_mask(row0, col0, nq, nk, offset):
+                for i in range(R):
+                    lo, hi = visible_cols(col0 + row_of(tid, i), row0, nq, nk, offset)
+                    for j in range(C):
+                        c = col_of(tid, j)
+                        if c < lo or c >= hi:
+                            st[i, j] = ZERO
             mm_pv(smem, st, stage, 1, dv_acc, tid, False)                # dV += P^T dO
             mm_nt(smem, kvf, 1, stage, 1, dpt, tid)                      # dP^T = V dO^T
             for j in range(C):
@@ -141,7 +144,7 @@ def make_dkdv_kernel(plan):
                 for i in range(R):
                     dpt[i, j] = st[i, j] * (dpt[i, j] - dd)              # dS^T
             mm_pv(smem, dpt, stage, 0, dk_acc, tid, True)                # dK += dS^T Q
-            step, row0, stage = nstep, nrow0, 1 - stage
+            t, sub, row0, stage = nt, nsub, nrow0, 1 - stage
 
         sc = cuda.local.array(R, ACC)
         one = cuda.local.array(R, ACC)
@@ -156,7 +159,7 @@ def make_dkdv_kernel(plan):
 
 @lru_cache(maxsize=None)
 def make_dq_kernel(plan):
-    ops, t, (start, next_tile, needs_mask, visible), (begin, acquire), _, store = _shared(plan, "dq", True)
+    ops, t, (start, next_tile, needs_mask, visible_cols), (begin, acquire), _, store = _shared(plan, "dq", True)
     BR, BC = t.br, t.bc
     R, C, CO = ops.frag.rows, ops.frag.cols, ops.frag.out_cols
     row_of, col_of = ops.frag.row, ops.frag.col
@@ -181,9 +184,9 @@ def make_dq_kernel(plan):
         qf = cuda.local.array(A_SHAPE, A_DT)
         load_res(smem, qf, 0, q, b * q_st[0] + h * q_st[2], row0, nq - row0, q_st[1], tid)
         load_res(smem, qf, 1, do, b * do_st[0] + h * do_st[2], row0, nq - row0, do_st[1], tid)
-        mrow, nsteps = start(kv_count, h, i_tile, mask_sh, q_per_blk, k_per_blk)
-        step, col0 = next_tile(kv_index, mrow, mask_maxk, k_per_blk, nsteps, -1, row0, nq, nk, offset)
-        begin(smem, step < nsteps, col0, nk, kv, tid)
+        mrow, nblk = start(kv_count, h, i_tile, mask_sh, q_per_blk)
+        t, sub, col0 = next_tile(kv_index, mrow, mask_maxk, k_per_blk, nblk, 0, -1, row0, nq, nk, offset)
+        begin(smem, t < nblk, col0, nk, kv, tid)
         resident_ready(smem, qf, tid)
 
         lse2 = cuda.local.array(R, ACC)
@@ -204,26 +207,31 @@ def make_dq_kernel(plan):
                 dq_acc[i, j] = ZERO
 
         stage = 0
-        while step < nsteps:
-            nstep, ncol0 = next_tile(kv_index, mrow, mask_maxk, k_per_blk, nsteps, step, row0, nq, nk,
-                                     offset)
-            acquire(smem, stage, col0, nstep < nsteps, ncol0, nk, kv, tid)
+        while t < nblk:
+            nt, nsub, ncol0 = next_tile(kv_index, mrow, mask_maxk, k_per_blk, nblk, t, sub, row0, nq, nk,
+                                        offset)
+            acquire(smem, stage, col0, nt < nblk, ncol0, nk, kv, tid)
             for i in range(R):
                 for j in range(C):
                     s[i, j] = ZERO
                     dp[i, j] = ZERO
             mm_nt(smem, qf, 0, stage, 0, s, tid)                         # S = Q K^T
             mm_nt(smem, qf, 1, stage, 1, dp, tid)                        # dP = dO V^T
-            masked = needs_mask(row0, col0, nq, nk, offset)
             for i in range(R):
                 for j in range(C):
-                    p = exp2(s[i, j] * sl2 - lse2[i])
-                    if masked:
-                        if not visible(row0 + row_of(tid, i), col0 + col_of(tid, j), nq, nk, offset):
-                            p = ZERO
-                    s[i, j] = p * (dp[i, j] - dd[i])                     # dS
+                    s[i, j] = exp2(s[i, j] * sl2 - lse2[i])              # P
+            if needs_mask(row0, col0, nq, nk, offset):
+                for i in range(R):
+                    lo, hi = visible_cols(row0 + row_of(tid, i), col0, nq, nk, offset)
+                    for j in range(C):
+                        c = col_of(tid, j)
+                        if c < lo or c >= hi:
+                            s[i, j] = ZERO
+            for i in range(R):
+                for j in range(C):
+                    s[i, j] = s[i, j] * (dp[i, j] - dd[i])               # dS
             mm_pv(smem, s, stage, 0, dq_acc, tid, False)                 # dQ += dS K
-            step, col0, stage = nstep, ncol0, 1 - stage
+            t, sub, col0, stage = nt, nsub, ncol0, 1 - stage
 
         sc = cuda.local.array(R, ACC)
         for i in range(R):

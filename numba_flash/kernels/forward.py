@@ -36,9 +36,10 @@ def make_forward_kernel(plan):
     row_of = ops.frag.row
     ACC = acc_type(plan.dtype)
     NEG_INF, ZERO, ONE = (acc_constant(plan.dtype, x) for x in (-float("inf"), 0.0, 1.0))
-    start, next_tile, needs_mask, visible = make_walk(BR, BC, plan.causal, over_keys=True)
+    start, next_tile, needs_mask, visible_cols = make_walk(BR, BC, plan.causal, over_keys=True)
     begin, acquire = make_pipeline(ops)
-    scale_and_mask, online_update, finalize, _ = make_softmax(ops.frag, plan.dtype, ops.exp2, visible)
+    scale_and_mask, online_update, finalize, _ = make_softmax(ops.frag, plan.dtype, ops.exp2, visible_cols,
+                                                              plan.positive_scale)
     store_o = make_store_rows(ops.frag, plan.headdim, storer(plan.dtype))
     load_q, resident_ready, mm_nt, mm_pv = ops.load_resident, ops.resident_ready, ops.mm_nt, ops.mm_pv
     A_SHAPE, A_DT, GROUP = ops.a_shape, ops.a_dtype, ops.frag.group
@@ -57,9 +58,9 @@ def make_forward_kernel(plan):
 
         qf = cuda.local.array(A_SHAPE, A_DT)
         load_q(smem, qf, 0, q, b * q_st[0] + h * q_st[2], row0, nq - row0, q_st[1], tid)
-        mrow, nsteps = start(kv_count, h, i_tile, mask_sh, q_per_blk, k_per_blk)
-        step, col0 = next_tile(kv_index, mrow, mask_maxk, k_per_blk, nsteps, -1, row0, nq, nk, offset)
-        begin(smem, step < nsteps, col0, nk, kv, tid)
+        mrow, nblk = start(kv_count, h, i_tile, mask_sh, q_per_blk)
+        t, sub, col0 = next_tile(kv_index, mrow, mask_maxk, k_per_blk, nblk, 0, -1, row0, nq, nk, offset)
+        begin(smem, t < nblk, col0, nk, kv, tid)
         resident_ready(smem, qf, tid)
 
         m = cuda.local.array(R, ACC)
@@ -73,23 +74,23 @@ def make_forward_kernel(plan):
                 acc[i, j] = ZERO
 
         stage = 0
-        while step < nsteps:
-            nstep, ncol0 = next_tile(kv_index, mrow, mask_maxk, k_per_blk, nsteps, step, row0, nq, nk,
-                                     offset)
-            acquire(smem, stage, col0, nstep < nsteps, ncol0, nk, kv, tid)
+        while t < nblk:
+            nt, nsub, ncol0 = next_tile(kv_index, mrow, mask_maxk, k_per_blk, nblk, t, sub, row0, nq, nk,
+                                        offset)
+            acquire(smem, stage, col0, nt < nblk, ncol0, nk, kv, tid)
             for i in range(R):
                 for j in range(C):
                     s[i, j] = ZERO
             mm_nt(smem, qf, 0, stage, 0, s, tid)                              # S = Q K^T
             scale_and_mask(s, sl2, needs_mask(row0, col0, nq, nk, offset), tid, row0, col0, nq, nk,
                            offset)
-            online_update(s, m, l, acc)                                  # s <- P, acc *= alpha
+            online_update(s, m, l, acc, sl2)                             # s <- P, acc *= alpha
             mm_pv(smem, s, stage, 1, acc, tid, False)                       # acc += P V
-            step, col0, stage = nstep, ncol0, 1 - stage
+            t, sub, col0, stage = nt, nsub, ncol0, 1 - stage
 
         inv = cuda.local.array(R, ACC)
         lse_row = cuda.local.array(R, ACC)
-        finalize(m, l, inv, lse_row)
+        finalize(m, l, inv, lse_row, sl2)
         store_o(acc, inv, o, b * o_st[0] + h * o_st[2], row0, nq - row0, o_st[1], tid)
         if tid % GROUP == 0:      # one lane of each row's group writes its lse
             for i in range(R):

@@ -129,6 +129,7 @@ ld1, st1 = _make_scalar_access()
 #   pack_f16x2(lo, hi), pack_bf16x2(lo, hi)          -> u32: two f32 rounded (nearest even), lo in bits 0-15
 #   ex2(x)                                           -> f32: 2^x, ex2.approx.ftz.f32
 #   st_global_b32(garr, gidx, u32)                   one 32-bit store at element gidx of a global array
+#   st_shared_b16(sarr, hidx, v16)                   one 16-bit store at halfword hidx of a shared array
 #   lane_id()                                        lane within the warp
 #
 # Fragment layouts of mma.sync.m16n8k16 (PTX ISA, "Matrix Fragments for mma.m16n8k16 with floating point
@@ -347,6 +348,12 @@ if SIMULATOR:
     def st_global_b32(garr, gidx, val):
         buf, off = _span(garr, gidx, 4, 4, "st_global_b32")
         buf[off:off + 4] = _np.frombuffer((int(val) & 0xFFFFFFFF).to_bytes(4, "little"), _np.uint8)
+
+    def st_shared_b16(sarr, hidx, val):
+        buf, off = _span(sarr, 0, 2, 1, "st_shared_b16")
+        off = 2 * int(hidx)
+        bits = _np.asarray(val).astype(_np.float16 if isinstance(val, (float, _np.floating)) else _np.uint16)
+        buf[off:off + 2] = _np.frombuffer(bits.tobytes(), _np.uint8)
 
 else:
     from llvmlite import ir as _ir
@@ -617,3 +624,25 @@ else:
             return context.get_dummy_value()
 
         return _types.void(garr, gidx, val), codegen
+
+    @_intrinsic
+    def st_shared_b16(typingctx, sarr, hidx, val):
+        """Store the 16 bits of `val` (float16 or a 16-bit integer) at halfword `hidx` of a shared array of
+        any dtype (the tensor-core path's plain-load fallback writes its 16-bit tiles into a float32 view)."""
+        if not (_is_array(sarr) and _is_int(hidx)):
+            return None
+        if not (val == _types.float16 or (_is_int(val) and getattr(val, "bitwidth", 0) == 16)):
+            return None
+
+        def codegen(context, builder, signature, args):
+            t = signature.args
+            ary = context.make_array(t[0])(context, builder, args[0])
+            base = builder.addrspacecast(builder.bitcast(ary.data, _ir.IntType(8).as_pointer()),
+                                         _ir.PointerType(_ir.IntType(8), 3))
+            p = builder.gep(builder.bitcast(base, _ir.PointerType(_ir.IntType(16), 3)),
+                            [context.cast(builder, args[1], t[1], _types.intp)])
+            v = builder.bitcast(args[2], _ir.IntType(16))
+            builder.store(v, p, align=2)
+            return context.get_dummy_value()
+
+        return _types.void(sarr, hidx, val), codegen

@@ -52,10 +52,15 @@ Softmax = namedtuple("Softmax", "scale_and_mask online_update finalize row_sum")
 
 
 @lru_cache(maxsize=None)
-def make_softmax(frag, dtype_name, exp2, visible):
+def make_softmax(frag, dtype_name, exp2, visible_cols, positive_scale=True):
     """Device pieces of the online softmax for fragments `frag` (fragments.Fragment) in the arithmetic type
-    of `dtype_name`; `exp2` is the device function the path computes 2**x with, `visible` the walk's
-    element visibility (walk.py)."""
+    of `dtype_name`; `exp2` is the device function the path computes 2**x with, `visible_cols` the walk's
+    visible column interval of a row (walk.py).
+
+    positive_scale: the row max is taken on the raw scores and each probability is exp2(s * c - m * c)
+    with one fused multiply-add (c = scale * log2 e > 0), as FlashAttention-2 does. Otherwise (a zero or
+    negative softmax_scale, where max(c * s) is not c * max(s)) the scores are scaled first.
+    """
     R, C, CO = frag.rows, frag.cols, frag.out_cols
     row_of, col_of = frag.row, frag.col
     NEG_INF = acc_constant(dtype_name, -math.inf)
@@ -66,20 +71,29 @@ def make_softmax(frag, dtype_name, exp2, visible):
     row_sum = _group_reducer(frag.group, _add)
 
     @inline_device
-    def scale_and_mask(s, scale_log2, masked, tid, row0, col0, nq, nk, offset):
-        """s <- s * scale_log2, and -inf where the element is invisible (checked only if `masked`)."""
-        for i in range(R):
-            for j in range(C):
-                x = s[i, j] * scale_log2
-                if masked:
-                    if not visible(row0 + row_of(tid, i), col0 + col_of(tid, j), nq, nk, offset):
+    def scale_and_mask(s, scale_log2, masked, tid, this0, other0, nq, nk, offset):
+        """-inf where the element is invisible (tested only if `masked`: the unmasked case is a separate
+        branch so the tests are not speculated into every tile); scores scaled unless positive_scale."""
+        if masked:
+            for i in range(R):
+                lo, hi = visible_cols(this0 + row_of(tid, i), other0, nq, nk, offset)
+                for j in range(C):
+                    c = col_of(tid, j)
+                    x = s[i, j] if positive_scale else s[i, j] * scale_log2
+                    if c < lo or c >= hi:
                         x = NEG_INF
-                s[i, j] = x
+                    s[i, j] = x
+        elif not positive_scale:
+            for i in range(R):
+                for j in range(C):
+                    s[i, j] *= scale_log2
         return
 
     @inline_device
-    def online_update(s, m, l, acc):
-        """Scores s (log2 domain) -> probabilities P = exp2(s - m_new) in place; m, l and acc rescaled."""
+    def online_update(s, m, l, acc, scale_log2):
+        """Scores s -> probabilities P = exp2(c s - c m_new) in place; m, l and acc rescaled. m is kept in
+        the units of s (raw scores if positive_scale, else log2-domain scores)."""
+        sc = scale_log2 if positive_scale else ONE
         for i in range(R):
             mx = NEG_INF
             for j in range(C):
@@ -87,12 +101,12 @@ def make_softmax(frag, dtype_name, exp2, visible):
             m_new = fmax_nan_ignoring(m[i], row_max(mx))
             # A row that has seen only -inf keeps m = -inf; subtracting 0 instead of -inf keeps its
             # probabilities exp2(-inf) = 0 rather than exp2(-inf + inf) = NaN.
-            m_use = m_new if m_new != NEG_INF else ZERO
-            alpha = exp2(m[i] - m_use)
+            m_use = m_new * sc if m_new != NEG_INF else ZERO
+            alpha = exp2(m[i] * sc - m_use)
             m[i] = m_new
             rs = ZERO
             for j in range(C):
-                p = exp2(s[i, j] - m_use)
+                p = exp2(s[i, j] * sc - m_use)
                 s[i, j] = p
                 rs += p
             l[i] = l[i] * alpha + rs
@@ -101,13 +115,14 @@ def make_softmax(frag, dtype_name, exp2, visible):
         return
 
     @inline_device
-    def finalize(m, l, inv, lse):
+    def finalize(m, l, inv, lse, scale_log2):
         """inv[i] = 1 / (row sum), lse[i] = natural-log log-sum-exp; rows that saw no key: 0 and -inf."""
+        sc = scale_log2 if positive_scale else ONE
         for i in range(R):
             li = row_sum(l[i])
             if li != ZERO:
                 inv[i] = ONE / li
-                lse[i] = (m[i] + math.log2(li)) * LN2_ACC
+                lse[i] = (m[i] * sc + math.log2(li)) * LN2_ACC
             else:
                 inv[i] = ZERO
                 lse[i] = NEG_INF

@@ -8,7 +8,8 @@ for mask row `row`, `count[row]` blocks with ascending indices `index[row, :coun
 A (query tile, key tile) pair is empty, and skipped without loading anything, when either tile starts
 past its sequence or, with `causal`, every key of the key tile lies right of the diagonal for the query
 tile's last row. Inside a visited pair, query r sees key c iff r < seqlen_q, c < seqlen_k and, with
-`causal`, c <= r + offset (offset = seqlen_k - seqlen_q for bottom-right alignment, 0 for top-left).
+`causal`, c <= r + offset (offset = seqlen_k - seqlen_q for bottom-right alignment, 0 for top-left);
+`visible_cols` gives each fragment row its visible columns as one interval.
 
 `next_tile` is written as "the first visible step after this one" so that a kernel can start loading
 the next tile before it computes on the current one (the tensor-core path's cp.async pipeline).
@@ -18,7 +19,7 @@ from functools import lru_cache
 
 from .launch import inline_device
 
-Walk = namedtuple("Walk", "start next_tile needs_mask visible")
+Walk = namedtuple("Walk", "start next_tile needs_mask visible_cols")
 
 
 @lru_cache(maxsize=None)
@@ -36,33 +37,34 @@ def make_walk(br, bc, causal, over_keys):
         return False
 
     @inline_device
-    def start(count, head, tile, mask_sh, this_per_blk, other_per_blk):
-        """(mask row, number of steps) of this block's list: one step per tile of the listed blocks."""
+    def start(count, head, tile, mask_sh, this_per_blk):
+        """(mask row, number of listed blocks) of this block's list."""
         row = head * mask_sh + tile // this_per_blk
-        return row, count[row] * other_per_blk
+        return row, count[row]
 
     @inline_device
-    def origin(index, row, maxn, other_per_blk, step):
-        """First row (query or key index) of the step-th tile of the list."""
-        t = step // other_per_blk
-        return (index[row * maxn + t] * other_per_blk + step - t * other_per_blk) * other
-
-    @inline_device
-    def next_tile(index, row, maxn, other_per_blk, nsteps, step, this0, nq, nk, offset):
-        """(step, origin) of the first non-empty pair after `step` (start with step = -1); (nsteps, 0)
-        when there is none."""
-        step += 1
-        while step < nsteps:
-            o = origin(index, row, maxn, other_per_blk, step)
+    def next_tile(index, row, maxn, per_blk, nblocks, t, sub, this0, nq, nk, offset):
+        """The first non-empty pair after tile `sub` of listed block `t` (start with t = 0, sub = -1):
+        (t, sub, origin of its other-side tile), or (nblocks, 0, 0) when there is none. The position is
+        carried as (block, tile in block) so that no step needs an integer division."""
+        sub += 1
+        if sub == per_blk:
+            sub = 0
+            t += 1
+        while t < nblocks:
+            o = (index[row * maxn + t] * per_blk + sub) * other
             if over_keys:
                 if not pair_empty(this0, o, nq, nk, offset):
-                    return step, o
+                    return t, sub, o
                 if causal and o > min(this0 + br, nq) - 1 + offset:
-                    return nsteps, 0   # lists ascend: every later key tile is right of the diagonal too
+                    return nblocks, 0, 0   # lists ascend: every later key tile is right of the diagonal
             elif not pair_empty(o, this0, nq, nk, offset):
-                return step, o
-            step += 1
-        return nsteps, 0
+                return t, sub, o
+            sub += 1
+            if sub == per_blk:
+                sub = 0
+                t += 1
+        return nblocks, 0, 0
 
     @inline_device
     def needs_mask(row0, col0, nq, nk, offset):
@@ -73,10 +75,19 @@ def make_walk(br, bc, causal, over_keys):
         return m
 
     @inline_device
-    def visible(r, c, nq, nk, offset):
-        v = r < nq and c < nk
-        if causal:
-            v = v and c <= r + offset
-        return v
+    def visible_cols(r, other0, nq, nk, offset):
+        """[lo, hi): the columns of fragment row r (an absolute query or key index) that are visible, as
+        offsets from the tile's first column other0. One interval per row, so masking costs two compares
+        per element instead of re-deriving the rule."""
+        if over_keys:      # rows are queries r, columns keys other0 + c: visible iff c < nk - other0 and
+            hi = nk - other0 if r < nq else 0              # (causal) other0 + c <= r + offset
+            if causal:
+                hi = min(hi, r + offset + 1 - other0)
+            return 0, hi
+        hi = nq - other0 if r < nk else 0     # rows are keys r, columns queries other0 + c
+        lo = 0
+        if causal:                            # key r is visible to queries q >= r - offset
+            lo = max(0, r - offset - other0)
+        return lo, hi
 
-    return Walk(start, next_tile, needs_mask, visible)
+    return Walk(start, next_tile, needs_mask, visible_cols)

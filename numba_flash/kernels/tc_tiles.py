@@ -1,0 +1,234 @@
+"""Tensor-core path: mma.sync m16n8k16 (float16 / bfloat16 in, float32 accumulate), sm_80 and later.
+
+The path's `TileOps` (fragments.py) for the kernel bodies of forward.py and backward.py:
+
+- Tiles stay in their 16-bit storage format in shared memory, row-major with the head dim along the row,
+  padded by 16 bytes per row (row stride DP + 8 halves): the 8 rows an ldmatrix phase reads then start
+  in 8 different 16-byte bank groups, so ldmatrix is conflict-free, and so are the cp.async writes.
+- The resident operands (Q; Q and dO; K and V) are copied once, then (`a_regs`) read into registers as
+  mma A fragments with ldmatrix.x4, MT m16 tiles per warp; warp w owns rows 16*MT*w ... of the tile.
+- Streamed tiles (K, V; or Q, dO with lse and D) arrive by 16-byte cp.async into one of two buffers
+  while the other is computed on (pipeline.py); inputs whose rows are not 16-byte aligned are copied
+  with ordinary loads instead, into the same layout.
+- mm_nt: S = A B^T with B's rows as the mma "col" operand: ldmatrix.x4 (no transpose) of a 16 x 16
+  block of B gives the b0/b1 registers of two n8 tiles.
+- mm_pv: acc += P B. P's fragment is the A operand without leaving registers: the accumulator layout of
+  two adjacent n8 score tiles is, element for element, the A fragment of one k16 step (FlashAttention-2's
+  register reuse), so P is only rounded to 16 bits and packed in pairs. B (V, dO, Q or K: [key][dim]) is
+  read with ldmatrix.x4.trans, which turns its row-major 8 x 8 blocks into "col" fragments.
+
+Fragment tables: PTX ISA, "Matrix Fragments for mma.m16n8k16 with floating point type" and ldmatrix
+(see ptx.py); the thread -> element map is fragments.mma_fragment.
+"""
+import math
+from functools import lru_cache
+
+import numpy as np
+from numba import cuda, uint32
+
+from . import ptx
+from .fragments import TileOps, mma_fragment
+from .launch import inline_device
+
+CP_ASYNC_HALVES = 8      # one cp.async moves 16 bytes = 8 halves
+
+
+@lru_cache(maxsize=None)
+def make_tc_ops(role, tiles, headdim, dtype_name, aligned):
+    """TileOps of the tensor-core path for one kernel role ("fwd", "dq", "dkdv"; see simt_tiles)."""
+    assert dtype_name in ("float16", "bfloat16")
+    BM, BN = (tiles.bc, tiles.br) if role == "dkdv" else (tiles.br, tiles.bc)
+    W = tiles.warps
+    NTHREADS = 32 * W
+    MT = BM // (16 * W)
+    assert MT * 16 * W == BM and BN % 16 == 0, (role, tiles)
+    DP = tiles.padded_headdim(headdim)     # head dim padded to a multiple of 16 (zero-filled)
+    KS = DP // 16                          # k16 steps over the head dim
+    NT = BN // 8                           # n8 tiles of a score row
+    DT = DP // 8                           # n8 tiles of an output row
+    LDW = (DP + 8) // 2                    # row stride in 32-bit words (16-byte pad, see above)
+    CPR = DP // CP_ASYNC_HALVES            # 16-byte chunks per row
+    NA = 1 if role == "fwd" else 2
+    AREG = tiles.a_regs
+    OFF_B = NA * BM * LDW                  # words; streamed: [stage][slot] tiles of BN x LDW
+    OFF_VEC = OFF_B + 2 * 2 * BN * LDW     # dK/dV: [stage][lse, D] vectors of BN float32
+    WORDS = OFF_VEC + (2 * 2 * BN if role == "dkdv" else 0)
+    mma = ptx.mma_f16 if dtype_name == "float16" else ptx.mma_bf16
+    pack = ptx.pack_f16x2 if dtype_name == "float16" else ptx.pack_bf16x2
+    ZERO_BITS = np.uint16(0)
+
+    def make_copy(rows):
+        """copy(smem, off, g, base, row0, nrows, stride, tid): the rows x DP tile at smem word `off` <-
+        rows row0.. of g (head dim contiguous), zeros past nrows rows and past the head dim."""
+        if aligned and NTHREADS % CPR == 0:
+            # 16-byte cp.async; each thread keeps one chunk column and steps down the rows, so one pass
+            # costs two adds and a compare.
+            RSTEP = NTHREADS // CPR
+            PASSES = -(-rows // RSTEP)
+
+            @inline_device
+            def copy(smem, off, g, base, row0, nrows, stride, tid):
+                r = tid // CPR
+                ch = tid % CPR
+                col_ok = ch * CP_ASYNC_HALVES < headdim
+                src = base + (row0 + r) * stride + ch * CP_ASYNC_HALVES
+                dst = off + r * LDW + ch * 4
+                for s in range(PASSES):
+                    if rows % RSTEP == 0 or r + s * RSTEP < rows:
+                        ok = col_ok and r + s * RSTEP < nrows
+                        ptx.cp_async16(smem, dst + s * RSTEP * LDW, g, src + s * RSTEP * stride if ok else base,
+                                       ok)
+                return
+        elif aligned:
+            @inline_device
+            def copy(smem, off, g, base, row0, nrows, stride, tid):
+                for s in range(-(-rows * CPR // NTHREADS)):
+                    ci = tid + s * NTHREADS
+                    if (rows * CPR) % NTHREADS == 0 or ci < rows * CPR:
+                        r = ci // CPR
+                        ch = ci - r * CPR
+                        ok = r < nrows and ch * CP_ASYNC_HALVES < headdim
+                        src = base + (row0 + r) * stride + ch * CP_ASYNC_HALVES if ok else base
+                        ptx.cp_async16(smem, off + r * LDW + ch * 4, g, src, ok)
+                return
+        else:
+            @inline_device
+            def copy(smem, off, g, base, row0, nrows, stride, tid):
+                """Rows not 16-byte aligned: ordinary loads and 16-bit shared stores, same layout."""
+                for s in range(-(-rows * DP // NTHREADS)):
+                    e = tid + s * NTHREADS
+                    if (rows * DP) % NTHREADS == 0 or e < rows * DP:
+                        r = e // DP
+                        c = e - r * DP
+                        h = 2 * (off + r * LDW) + c
+                        if r < nrows and c < headdim:
+                            ptx.st_shared_b16(smem, h, g[base + (row0 + r) * stride + c])
+                        else:   # zero bits (a float16 constant would make NVVM reject the IR)
+                            ptx.st_shared_b16(smem, h, ZERO_BITS)
+                return
+        return copy
+
+    copy_a, copy_b = make_copy(BM), make_copy(BN)
+
+    @inline_device
+    def load_resident(smem, afrag, slot, g, base, row0, nrows, stride, tid):
+        copy_a(smem, slot * BM * LDW, g, base, row0, nrows, stride, tid)
+        ptx.cp_async_commit()
+
+    @inline_device
+    def a_fragment(smem, slot, mt, ks, tid):
+        """ldmatrix.x4 of the m16 x k16 block (m tile mt of this warp, k step ks) of resident tile `slot`:
+        lanes 0-15 address rows 0-15 at column 0, lanes 16-31 the same rows at column 8."""
+        lane = tid % 32
+        row = (tid // 32) * (16 * MT) + lane % 16
+        return ptx.ldmatrix_x4(smem, row * LDW + 4 * (lane // 16), slot * BM * LDW + mt * 16 * LDW + ks * 8)
+
+    @inline_device
+    def resident_ready(smem, afrag, tid):
+        ptx.cp_async_wait_group(1)      # the resident copies; the first streamed tile may still fly
+        cuda.syncthreads()
+        if AREG:
+            for slot in range(NA):
+                for mt in range(MT):
+                    for ks in range(KS):
+                        (afrag[slot, mt, ks, 0], afrag[slot, mt, ks, 1], afrag[slot, mt, ks, 2],
+                         afrag[slot, mt, ks, 3]) = a_fragment(smem, slot, mt, ks, tid)
+        return
+
+    if role == "dkdv":
+        @inline_device
+        def stream(smem, stage, t0, n_other, operands, tid):
+            g0, b0, s0, g1, b1, s1, v0, vb0, v1, vb1 = operands
+            off = OFF_B + 2 * stage * BN * LDW
+            copy_b(smem, off, g0, b0, t0, n_other - t0, s0, tid)
+            copy_b(smem, off + BN * LDW, g1, b1, t0, n_other - t0, s1, tid)
+            voff = OFF_VEC + 2 * stage * BN
+            for s in range(-(-BN // NTHREADS)):
+                r = tid + s * NTHREADS
+                if r < BN:
+                    ok = r < n_other - t0
+                    ptx.cp_async4(smem, voff + r, v0, vb0 + t0 + r if ok else vb0, ok)
+                    ptx.cp_async4(smem, voff + BN + r, v1, vb1 + t0 + r if ok else vb1, ok)
+            return
+    else:
+        @inline_device
+        def stream(smem, stage, t0, n_other, operands, tid):
+            g0, b0, s0, g1, b1, s1 = operands
+            off = OFF_B + 2 * stage * BN * LDW
+            copy_b(smem, off, g0, b0, t0, n_other - t0, s0, tid)
+            copy_b(smem, off + BN * LDW, g1, b1, t0, n_other - t0, s1, tid)
+            return
+
+    @inline_device
+    def vec(smem, stage, which, idx):
+        return ptx.ld1(smem, OFF_VEC + (2 * stage + which) * BN + idx)
+
+    @inline_device
+    def mm_nt(smem, afrag, a_slot, stage, b_slot, c, tid):
+        """c[2MT, 2NT] += A[a_slot] B^T, B = streamed tile b_slot (BN rows x DP)."""
+        lane = tid % 32
+        boff = OFF_B + (2 * stage + b_slot) * BN * LDW
+        lane_nt = (lane % 8 + 8 * (lane // 16)) * LDW + 4 * ((lane // 8) % 2)
+        a = cuda.local.array((MT, 4), uint32)
+        for ks in range(KS):
+            for mt in range(MT):
+                if AREG:
+                    for x in range(4):
+                        a[mt, x] = afrag[a_slot, mt, ks, x]
+                else:
+                    a[mt, 0], a[mt, 1], a[mt, 2], a[mt, 3] = a_fragment(smem, a_slot, mt, ks, tid)
+            for n2 in range(NT // 2):
+                # matrices: (n 0-7, k 0-7), (n 0-7, k 8-15), (n 8-15, k 0-7), (n 8-15, k 8-15)
+                b0, b1, b2, b3 = ptx.ldmatrix_x4(smem, boff + lane_nt, n2 * 16 * LDW + ks * 8)
+                for mt in range(MT):
+                    i = 2 * mt
+                    j = 4 * n2
+                    c[i, j], c[i, j + 1], c[i + 1, j], c[i + 1, j + 1] = mma(
+                        a[mt, 0], a[mt, 1], a[mt, 2], a[mt, 3], b0, b1,
+                        c[i, j], c[i, j + 1], c[i + 1, j], c[i + 1, j + 1])
+                    c[i, j + 2], c[i, j + 3], c[i + 1, j + 2], c[i + 1, j + 3] = mma(
+                        a[mt, 0], a[mt, 1], a[mt, 2], a[mt, 3], b2, b3,
+                        c[i, j + 2], c[i, j + 3], c[i + 1, j + 2], c[i + 1, j + 3])
+        return
+
+    @inline_device
+    def mm_pv(smem, p, stage, b_slot, acc, tid, lead_sync):
+        """acc[2MT, 2DT] += P B with P = p[2MT, 2NT] (this thread's score fragment) and B = streamed tile
+        b_slot (BN rows x DP, row-major)."""
+        lane = tid % 32
+        boff = OFF_B + (2 * stage + b_slot) * BN * LDW
+        lane_pv = (lane % 8 + 8 * ((lane // 8) % 2)) * LDW + 4 * (lane // 16)
+        a = cuda.local.array((MT, 4), uint32)
+        for kk in range(BN // 16):
+            for mt in range(MT):
+                i = 2 * mt
+                j = 4 * kk
+                a[mt, 0] = pack(p[i, j], p[i, j + 1])               # row g,   columns 2t, 2t+1
+                a[mt, 1] = pack(p[i + 1, j], p[i + 1, j + 1])       # row g+8
+                a[mt, 2] = pack(p[i, j + 2], p[i, j + 3])           # row g,   columns 8+2t, 9+2t
+                a[mt, 3] = pack(p[i + 1, j + 2], p[i + 1, j + 3])   # row g+8
+            for d2 in range(DT // 2):
+                # matrices: (k 0-7, n 0-7), (k 8-15, n 0-7), (k 0-7, n 8-15), (k 8-15, n 8-15)
+                b0, b1, b2, b3 = ptx.ldmatrix_x4_trans(smem, boff + lane_pv, kk * 16 * LDW + d2 * 8)
+                for mt in range(MT):
+                    i = 2 * mt
+                    j = 4 * d2
+                    acc[i, j], acc[i, j + 1], acc[i + 1, j], acc[i + 1, j + 1] = mma(
+                        a[mt, 0], a[mt, 1], a[mt, 2], a[mt, 3], b0, b1,
+                        acc[i, j], acc[i, j + 1], acc[i + 1, j], acc[i + 1, j + 1])
+                    acc[i, j + 2], acc[i, j + 3], acc[i + 1, j + 2], acc[i + 1, j + 3] = mma(
+                        a[mt, 0], a[mt, 1], a[mt, 2], a[mt, 3], b2, b3,
+                        acc[i, j + 2], acc[i, j + 3], acc[i + 1, j + 2], acc[i + 1, j + 3])
+        return
+
+    # Registers per thread, roughly: MT*(DP/2) output floats per accumulator, MT*BN/2 score floats per
+    # score tile, NA*MT*DP/4 words of A fragments; the launch bounds leave room for them.
+    a_words = NA * MT * KS * 4 if AREG else 0
+    need = (2 if role == "dkdv" else 1) * MT * DP // 2 + (2 if role != "fwd" else 1) * MT * BN // 2 + a_words
+    min_regs = min(255, max(128, need + 64))
+    return TileOps(
+        path="mma", stages=2, threads=NTHREADS, smem_bytes=WORDS * 4, min_blocks=tiles.min_blocks,
+        min_regs=min_regs, frag=mma_fragment(MT, NT, DT),
+        a_shape=(NA, MT, KS, 4) if AREG else (1,), a_dtype=uint32, exp2=ptx.ex2,
+        load_resident=load_resident, resident_ready=resident_ready, stream=stream,
+        commit=ptx.cp_async_commit, wait_all=ptx.cp_async_wait_all, vec=vec, mm_nt=mm_nt, mm_pv=mm_pv)

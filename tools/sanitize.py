@@ -1,0 +1,85 @@
+"""One forward + backward of every tile configuration, small and ragged, for compute-sanitizer.
+
+    compute-sanitizer --tool racecheck --racecheck-report hazard python tools/sanitize.py [CASE ...]
+    compute-sanitizer --tool memcheck python tools/sanitize.py [CASE ...]
+    compute-sanitizer --tool synccheck python tools/sanitize.py [CASE ...]
+
+(tests/test_sanitizer.py runs every tool on every case, one process each, so they compile in parallel
+under pytest -n.)
+
+The simulator cannot see a missing barrier or an out-of-bounds shared access; these tools can. Covered:
+both paths, each head-dim class that has its own tiles (d <= 64, <= 128, > 128), float16 and bfloat16 on
+tensor cores, rows that are 16-byte aligned (cp.async) and rows that are not (plain loads), causal with
+seqlen_q != seqlen_k, and a block-sparse mask. Every result is also checked against the float64
+reference, so a configuration that silently did nothing fails here too. Exit status 1 on a mismatch.
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import numba_flash as nf  # noqa: E402
+
+TOL = {"float32": 1e-4, "float16": 2e-2, "bfloat16": 5e-2}
+
+
+CASES = [
+    # tensor cores: each head-dim class has its own tiles (d <= 64, <= 128, > 128); bf16, and rows that are
+    # not 16-byte aligned (plain loads instead of cp.async); causal with seqlen_q != seqlen_k; block-sparse
+    dict(path="mma", d=64, dtype="float16", causal=True, nq=200, nk=333, aligned=True, sparse=False),
+    dict(path="mma", d=64, dtype="bfloat16", causal=False, nq=300, nk=150, aligned=False, sparse=False),
+    dict(path="mma", d=128, dtype="float16", causal=True, nq=333, nk=200, aligned=True, sparse=False),
+    dict(path="mma", d=256, dtype="bfloat16", causal=False, nq=200, nk=150, aligned=True, sparse=False),
+    dict(path="mma", d=64, dtype="float16", causal=False, nq=384, nk=320, aligned=True, sparse=True),
+    # SIMT
+    dict(path="simt", d=64, dtype="float32", causal=True, nq=200, nk=333, aligned=True, sparse=False),
+    dict(path="simt", d=128, dtype="float16", causal=False, nq=300, nk=150, aligned=False, sparse=False),
+    dict(path="simt", d=256, dtype="float32", causal=True, nq=150, nk=150, aligned=True, sparse=False),
+]
+
+
+def rel(a, b):
+    a, b = a.double().cpu().numpy(), np.asarray(b)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def run(c):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    dt = getattr(torch, c["dtype"])
+    pad = 0 if c["aligned"] else 2          # views 2 elements into their rows: no 16-byte alignment
+
+    def rnd(n):
+        x = torch.randn(1, n, 2, c["d"] + pad, device="cuda", dtype=dt, generator=g)
+        return x[..., pad:]
+
+    q, k, v = rnd(c["nq"]), rnd(c["nk"]), rnd(c["nk"])
+    dout = rnd(c["nq"])
+    mask = None
+    if c["sparse"]:
+        mask = nf.BlockMask.random(0.5, c["nq"], c["nk"], (128, 64), nheads=2, seed=1)
+    kw = dict(causal=c["causal"], block_mask=mask, backend=c["path"])
+    out, lse = nf.flash_attn_forward(q, k, v, **kw)
+    grads = nf.flash_attn_backward(dout, q, k, v, out, lse, **kw)
+    torch.cuda.synchronize()
+    dense = mask.to_dense() if mask is not None else None
+    ref = (nf.attention_reference(q, k, v, causal=c["causal"], mask=dense)[0],
+           *nf.attention_reference_backward(dout, q, k, v, causal=c["causal"], mask=dense))
+    errs = [rel(x, r) for x, r in zip((out, *grads), ref)]
+    ok = max(errs) < TOL[c["dtype"]]
+    print(f"{'ok  ' if ok else 'FAIL'} {c} errors out/dq/dk/dv " + " ".join(f"{e:.1e}" for e in errs),
+          flush=True)
+    return ok
+
+
+def main(argv=None):
+    import argparse
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("cases", nargs="*", type=int, help=f"indices into CASES (0..{len(CASES) - 1}); default all")
+    a = ap.parse_args(argv)
+    chosen = [CASES[i] for i in (a.cases or range(len(CASES)))]
+    results = [run(c) for c in chosen]
+    print(f"{sum(results)} of {len(results)} configurations ran and matched the reference")
+    return 0 if all(results) else 1
