@@ -99,8 +99,9 @@ def make_dkdv_kernel(plan):
         kvf = cuda.local.array(A_SHAPE, A_DT)
         load_res(smem, kvf, 0, k, b * k_st[0] + h * k_st[2], col0, nk - col0, k_st[1], tid)
         load_res(smem, kvf, 1, v, b * v_st[0] + h * v_st[2], col0, nk - col0, v_st[1], tid)
-        mcol, nblk = start(q_count, h, j_tile, mask_sh, k_per_blk)
-        t, sub, row0 = next_tile(q_index, mcol, mask_maxq, q_per_blk, nblk, 0, -1, col0, nq, nk, offset)
+        mcol, nblk, base = start(q_count, q_index, h, j_tile, mask_sh, mask_maxq, k_per_blk, q_per_blk)
+        t, sub, base, row0 = next_tile(q_index, mcol, mask_maxq, q_per_blk, nblk, 0, -1, base, col0, nq, nk,
+                                       offset)
         begin(smem, t < nblk, row0, nq, qdo, tid)
         resident_ready(smem, kvf, tid)
 
@@ -115,8 +116,8 @@ def make_dkdv_kernel(plan):
 
         stage = 0
         while t < nblk:
-            nt, nsub, nrow0 = next_tile(q_index, mcol, mask_maxq, q_per_blk, nblk, t, sub, col0, nq, nk,
-                                        offset)
+            nt, nsub, nbase, nrow0 = next_tile(q_index, mcol, mask_maxq, q_per_blk, nblk, t, sub, base, col0,
+                                               nq, nk, offset)
             acquire(smem, stage, row0, nt < nblk, nrow0, nq, qdo, tid)
             for i in range(R):
                 for j in range(C):
@@ -131,11 +132,12 @@ def make_dkdv_kernel(plan):
                 for i in range(R):
                     st[i, j] = exp2(st[i, j] * sl2 - lse2)
             if needs_mask(row0, col0, nq, nk, offset):
+                c0 = col_of(tid, 0)        # relative columns are constants (softmax.scale_and_mask)
                 for i in range(R):
                     lo, hi = visible_cols(col0 + row_of(tid, i), row0, nq, nk, offset)
                     for j in range(C):
-                        c = col_of(tid, j)
-                        if c < lo or c >= hi:
+                        c = col_of(tid, j) - c0
+                        if c < lo - c0 or c >= hi - c0:
                             st[i, j] = ZERO
             mm_pv(smem, st, stage, 1, dv_acc, tid, False)                # dV += P^T dO
             mm_nt(smem, kvf, 1, stage, 1, dpt, tid)                      # dP^T = V dO^T
@@ -144,7 +146,7 @@ def make_dkdv_kernel(plan):
                 for i in range(R):
                     dpt[i, j] = st[i, j] * (dpt[i, j] - dd)              # dS^T
             mm_pv(smem, dpt, stage, 0, dk_acc, tid, True)                # dK += dS^T Q
-            t, sub, row0, stage = nt, nsub, nrow0, 1 - stage
+            t, sub, base, row0, stage = nt, nsub, nbase, nrow0, 1 - stage
 
         sc = cuda.local.array(R, ACC)
         one = cuda.local.array(R, ACC)
@@ -184,8 +186,9 @@ def make_dq_kernel(plan):
         qf = cuda.local.array(A_SHAPE, A_DT)
         load_res(smem, qf, 0, q, b * q_st[0] + h * q_st[2], row0, nq - row0, q_st[1], tid)
         load_res(smem, qf, 1, do, b * do_st[0] + h * do_st[2], row0, nq - row0, do_st[1], tid)
-        mrow, nblk = start(kv_count, h, i_tile, mask_sh, q_per_blk)
-        t, sub, col0 = next_tile(kv_index, mrow, mask_maxk, k_per_blk, nblk, 0, -1, row0, nq, nk, offset)
+        mrow, nblk, base = start(kv_count, kv_index, h, i_tile, mask_sh, mask_maxk, q_per_blk, k_per_blk)
+        t, sub, base, col0 = next_tile(kv_index, mrow, mask_maxk, k_per_blk, nblk, 0, -1, base, row0, nq, nk,
+                                       offset)
         begin(smem, t < nblk, col0, nk, kv, tid)
         resident_ready(smem, qf, tid)
 
@@ -208,8 +211,8 @@ def make_dq_kernel(plan):
 
         stage = 0
         while t < nblk:
-            nt, nsub, ncol0 = next_tile(kv_index, mrow, mask_maxk, k_per_blk, nblk, t, sub, row0, nq, nk,
-                                        offset)
+            nt, nsub, nbase, ncol0 = next_tile(kv_index, mrow, mask_maxk, k_per_blk, nblk, t, sub, base, row0,
+                                               nq, nk, offset)
             acquire(smem, stage, col0, nt < nblk, ncol0, nk, kv, tid)
             for i in range(R):
                 for j in range(C):
@@ -221,17 +224,18 @@ def make_dq_kernel(plan):
                 for j in range(C):
                     s[i, j] = exp2(s[i, j] * sl2 - lse2[i])              # P
             if needs_mask(row0, col0, nq, nk, offset):
+                c0 = col_of(tid, 0)
                 for i in range(R):
                     lo, hi = visible_cols(row0 + row_of(tid, i), col0, nq, nk, offset)
                     for j in range(C):
-                        c = col_of(tid, j)
-                        if c < lo or c >= hi:
+                        c = col_of(tid, j) - c0
+                        if c < lo - c0 or c >= hi - c0:
                             s[i, j] = ZERO
             for i in range(R):
                 for j in range(C):
                     s[i, j] = s[i, j] * (dp[i, j] - dd[i])               # dS
             mm_pv(smem, s, stage, 0, dq_acc, tid, False)                 # dQ += dS K
-            t, sub, col0, stage = nt, nsub, ncol0, 1 - stage
+            t, sub, base, col0, stage = nt, nsub, nbase, ncol0, 1 - stage
 
         sc = cuda.local.array(R, ACC)
         for i in range(R):

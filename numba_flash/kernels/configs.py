@@ -99,10 +99,14 @@ def _mma_tiles(role, headdim):
     # First choices from the register budget (a thread holds d/2 output floats per m16 tile, Bc/2 score
     # floats, d/4 registers of A fragments per resident operand); tuned on the GPU (docs/PERFORMANCE.md).
     if role == "fwd":
+        # H200, fp16, N=4096 (tools/tune.py): d=64: 128 x 64 tiles, 4 warps of 32 rows, Q in registers,
+        # 273 TFLOP/s (8 warps of 16 rows 205, 64 x 64 219, 128 x 128 229); d=128: 4 warps of 32 rows
+        # reading Q from shared memory 266 (8 warps of 16 rows with Q in registers 258: each warp re-reads
+        # all of K and V, so 16-row warps double the shared-memory traffic per FLOP).
         if headdim <= 64:
             return MmaTiles(128, 64, 4)
         if headdim <= 128:
-            return MmaTiles(128, 64, 8)
+            return MmaTiles(128, 64, 4, a_regs=False)
         return MmaTiles(64, 64, 4, a_regs=False)
     if role == "dq":
         return MmaTiles(64, 64, 4, a_regs=headdim <= 64)

@@ -58,8 +58,9 @@ def make_forward_kernel(plan):
 
         qf = cuda.local.array(A_SHAPE, A_DT)
         load_q(smem, qf, 0, q, b * q_st[0] + h * q_st[2], row0, nq - row0, q_st[1], tid)
-        mrow, nblk = start(kv_count, h, i_tile, mask_sh, q_per_blk)
-        t, sub, col0 = next_tile(kv_index, mrow, mask_maxk, k_per_blk, nblk, 0, -1, row0, nq, nk, offset)
+        mrow, nblk, base = start(kv_count, kv_index, h, i_tile, mask_sh, mask_maxk, q_per_blk, k_per_blk)
+        t, sub, base, col0 = next_tile(kv_index, mrow, mask_maxk, k_per_blk, nblk, 0, -1, base, row0, nq, nk,
+                                       offset)
         begin(smem, t < nblk, col0, nk, kv, tid)
         resident_ready(smem, qf, tid)
 
@@ -75,8 +76,8 @@ def make_forward_kernel(plan):
 
         stage = 0
         while t < nblk:
-            nt, nsub, ncol0 = next_tile(kv_index, mrow, mask_maxk, k_per_blk, nblk, t, sub, row0, nq, nk,
-                                        offset)
+            nt, nsub, nbase, ncol0 = next_tile(kv_index, mrow, mask_maxk, k_per_blk, nblk, t, sub, base, row0,
+                                               nq, nk, offset)
             acquire(smem, stage, col0, nt < nblk, ncol0, nk, kv, tid)
             for i in range(R):
                 for j in range(C):
@@ -86,7 +87,7 @@ def make_forward_kernel(plan):
                            offset)
             online_update(s, m, l, acc, sl2)                             # s <- P, acc *= alpha
             mm_pv(smem, s, stage, 1, acc, tid, False)                       # acc += P V
-            t, sub, col0, stage = nt, nsub, ncol0, 1 - stage
+            t, sub, base, col0, stage = nt, nsub, nbase, ncol0, 1 - stage
 
         inv = cuda.local.array(R, ACC)
         lse_row = cuda.local.array(R, ACC)

@@ -75,12 +75,15 @@ def make_softmax(frag, dtype_name, exp2, visible_cols, positive_scale=True):
         """-inf where the element is invisible (tested only if `masked`: the unmasked case is a separate
         branch so the tests are not speculated into every tile); scores scaled unless positive_scale."""
         if masked:
+            # Columns relative to the thread's first one, col_of(tid, j) - col_of(tid, 0), are constants in
+            # both layouts: comparing those against a per-row interval keeps nothing per column live.
+            c0 = col_of(tid, 0)
             for i in range(R):
                 lo, hi = visible_cols(this0 + row_of(tid, i), other0, nq, nk, offset)
                 for j in range(C):
-                    c = col_of(tid, j)
+                    c = col_of(tid, j) - c0
                     x = s[i, j] if positive_scale else s[i, j] * scale_log2
-                    if c < lo or c >= hi:
+                    if c < lo - c0 or c >= hi - c0:
                         x = NEG_INF
                     s[i, j] = x
         elif not positive_scale:

@@ -37,34 +37,35 @@ def make_walk(br, bc, causal, over_keys):
         return False
 
     @inline_device
-    def start(count, head, tile, mask_sh, this_per_blk):
-        """(mask row, number of listed blocks) of this block's list."""
+    def start(count, index, head, tile, mask_sh, maxn, this_per_blk, per_blk):
+        """(mask row, number of listed blocks, first tile index of the first listed block)."""
         row = head * mask_sh + tile // this_per_blk
-        return row, count[row]
+        return row, count[row], index[row * maxn] * per_blk   # maxn >= 1: index[row, 0] always exists
 
     @inline_device
-    def next_tile(index, row, maxn, per_blk, nblocks, t, sub, this0, nq, nk, offset):
-        """The first non-empty pair after tile `sub` of listed block `t` (start with t = 0, sub = -1):
-        (t, sub, origin of its other-side tile), or (nblocks, 0, 0) when there is none. The position is
-        carried as (block, tile in block) so that no step needs an integer division."""
+    def next_tile(index, row, maxn, per_blk, nblocks, t, sub, base, this0, nq, nk, offset):
+        """The first non-empty pair after tile `sub` of listed block `t`, whose first tile index is `base`
+        (start with t = 0, sub = -1 and `start`'s base): (t, sub, base, origin of its other-side tile), or
+        t = nblocks when there is none. The position is carried as (block, tile in block, block's first
+        tile), so a step needs neither an integer division nor a load of the list."""
         sub += 1
-        if sub == per_blk:
-            sub = 0
-            t += 1
         while t < nblocks:
-            o = (index[row * maxn + t] * per_blk + sub) * other
-            if over_keys:
-                if not pair_empty(this0, o, nq, nk, offset):
-                    return t, sub, o
-                if causal and o > min(this0 + br, nq) - 1 + offset:
-                    return nblocks, 0, 0   # lists ascend: every later key tile is right of the diagonal
-            elif not pair_empty(o, this0, nq, nk, offset):
-                return t, sub, o
-            sub += 1
             if sub == per_blk:
                 sub = 0
                 t += 1
-        return nblocks, 0, 0
+                if t == nblocks:
+                    break
+                base = index[row * maxn + t] * per_blk
+            o = (base + sub) * other
+            if over_keys:
+                if not pair_empty(this0, o, nq, nk, offset):
+                    return t, sub, base, o
+                if causal and o > min(this0 + br, nq) - 1 + offset:
+                    break          # lists ascend: every later key tile is right of the diagonal too
+            elif not pair_empty(o, this0, nq, nk, offset):
+                return t, sub, base, o
+            sub += 1
+        return nblocks, 0, base, 0
 
     @inline_device
     def needs_mask(row0, col0, nq, nk, offset):
