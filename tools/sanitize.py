@@ -83,3 +83,7 @@ def main(argv=None):
     results = [run(c) for c in chosen]
     print(f"{sum(results)} of {len(results)} configurations ran and matched the reference")
     return 0 if all(results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
