@@ -7,93 +7,28 @@ N=1024 and 4096, float16 and float32, non-causal), measured by :mod:`numba_flash
 
 Without a GPU: the same kernels run under Numba's CUDA simulator on small numpy inputs (B=1, N=48,
 H=2, d=16, causal and not) through ``flash_attn_forward`` / ``flash_attn_backward`` and are
-compared with ``attention_reference`` / ``attention_reference_backward``. Exit status 1 if a
-relative error exceeds the tolerance (1e-5 in the simulator).
+compared with ``attention_reference`` / ``attention_reference_backward``: the SIMT kernels in
+float32 (tolerance 1e-5) and the tensor-core kernels in float16 (simulated mma.sync, tolerance
+1e-2). Exit status 1 if a relative error exceeds its tolerance.
 
-How "no GPU" is decided. The simulator must be chosen before ``numba.cuda`` is imported (numba
-reads ``NUMBA_ENABLE_CUDASIM`` when it loads its configuration), so the question has to be answered
-without importing ``numba.cuda`` in this process, and by the same stack that will run the kernels:
-looking for ``nvidia-smi`` or ``/dev/nvidia0`` is wrong both ways (containers without the device
-nodes, WSL's ``/dev/dxg``, a driver without a usable CUDA). So:
-
-1. ``NUMBA_ENABLE_CUDASIM=1`` already set, or the simulator already loaded: simulator.
-2. ``numba.cuda`` already imported here for real (``import numba_flash`` does that): ask it,
-   ``numba.cuda.is_available()``.
-3. Otherwise a child interpreter runs ``numba.cuda.is_available()`` (one to two seconds), which
-   leaves this process free to pick the simulator.
-
-If there is no GPU and ``numba.cuda`` is not yet imported, the variable is set here and numba's
-configuration reloaded; if it was already imported against the real driver, the command is run
-again in a child interpreter with the variable set.
+Whether there is a GPU is decided by :mod:`numba_flash.runtime` (shared with the benchmark and the
+tests): if there is none and ``numba.cuda`` is not yet imported, the simulator is switched on here; if it
+was already imported against the real driver, the command runs again in a child interpreter with the
+simulator on.
 """
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 import time
 
-SIM_ENV = "NUMBA_ENABLE_CUDASIM"
-SIM_TOL = 1e-5
+from numba_flash import runtime
+
+# (dtype, backend, tolerance): float16 outputs and gradients are rounded to float16 (2^-11 relative).
+SIM_TOL = (("float32", "simt", 1e-5), ("float16", "mma", 1e-2))
 SIM_SIZE = dict(batch=1, seqlen=48, nheads=2, headdim=16)  # 48: not a multiple of any tile
 GPU_CHECK = dict(batch=2, nheads=4, headdim=64, seqlens=(256, 200))
 GPU_TABLE = dict(headdim=64, seqlens=(1024, 4096), dtypes=("float16", "float32"))
-SIM_BANNER = ("Running under Numba's CUDA simulator (no GPU found): small sizes, "
-              "timings meaningless")
-
-
-def _env_requests_simulator() -> bool:
-    return os.environ.get(SIM_ENV, "0").strip() not in ("", "0")
-
-
-def simulator_active() -> bool:
-    """True if ``numba.cuda`` in this process is (or, once imported, will be) the simulator."""
-    if "numba.cuda" in sys.modules:
-        try:
-            from numba.cuda.core import config  # numba-cuda's own copy of the configuration
-        except ImportError:
-            from numba.core import config
-        return bool(config.ENABLE_CUDASIM)
-    if "numba" in sys.modules:  # importing numba.cuda here would fix the choice: read numba's
-        from numba.core import config
-        return bool(config.ENABLE_CUDASIM)
-    return _env_requests_simulator()
-
-
-def gpu_present(timeout_s: float = 120.0) -> bool:
-    """Whether numba.cuda can use a real GPU here (see the module docstring for the method)."""
-    if "numba.cuda" in sys.modules and not simulator_active():
-        from numba import cuda
-        return bool(cuda.is_available())
-    env = {k: v for k, v in os.environ.items() if k != SIM_ENV}
-    code = "import sys, numba.cuda as c; sys.exit(0 if c.is_available() else 1)"
-    try:
-        done = subprocess.run([sys.executable, "-c", code], env=env, timeout=timeout_s,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-    return done.returncode == 0
-
-
-def rerun_under_simulator(python_args) -> int:
-    """Run ``python *python_args`` with the simulator switched on; return its exit status."""
-    env = dict(os.environ, **{SIM_ENV: "1"})
-    # The child must import this very copy of numba_flash, installed or not.
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-    return subprocess.call([sys.executable, *python_args], env=env)
-
-
-def _use_simulator_here() -> bool:
-    """Switch this process to the simulator if numba.cuda is not loaded yet; True on success."""
-    if "numba.cuda" in sys.modules:
-        return simulator_active()
-    os.environ[SIM_ENV] = "1"
-    if "numba" in sys.modules:
-        from numba.core import config
-        config.reload_config()  # numba read NUMBA_* at import; make it read them again
-    return simulator_active()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -120,7 +55,7 @@ def _rel_err(x, ref) -> float:
 
 
 def run_simulator() -> int:
-    print(SIM_BANNER, flush=True)
+    print(runtime.BANNER, flush=True)
     import numpy as np
 
     import numba
@@ -128,36 +63,37 @@ def run_simulator() -> int:
 
     print(f"numba {numba.__version__}, numpy {np.__version__}; "
           f"B={SIM_SIZE['batch']} N={SIM_SIZE['seqlen']} H={SIM_SIZE['nheads']} "
-          f"d={SIM_SIZE['headdim']} float32; relative error ‖x − ref‖/‖ref‖ against the float64 "
-          f"numpy reference, tolerance {SIM_TOL:.0e}")
+          f"d={SIM_SIZE['headdim']}; relative error ‖x − ref‖/‖ref‖ against the float64 numpy "
+          f"reference; tolerance {SIM_TOL[0][2]:.0e} (float32, SIMT kernels), "
+          f"{SIM_TOL[1][2]:.0e} (float16, tensor-core kernels, simulated mma.sync)")
     rng = np.random.default_rng()  # fresh inputs every run (METHOD.md: any valid input)
     shape = (SIM_SIZE["batch"], SIM_SIZE["seqlen"], SIM_SIZE["nheads"], SIM_SIZE["headdim"])
     names = ("out", "lse", "dq", "dk", "dv")
-    print("| mask | " + " | ".join(names) + " | seconds |")
-    print("|---|" + "---:|" * (len(names) + 1))
-    worst = 0.0
-    for causal in (False, True):
-        q, k, v, dout = (rng.standard_normal(shape, dtype=np.float32) for _ in range(4))
-        t0 = time.perf_counter()
-        try:
-            out, lse = nf.flash_attn_forward(q, k, v, causal=causal)
-            out, lse = _host(out), _host(lse)
-            grads = nf.flash_attn_backward(dout, q, k, v, out, lse, causal=causal)
-            got = (out, lse, *(_host(g) for g in grads))
-        except Exception as e:
-            print(f"| {'causal' if causal else 'non-causal'} | {type(e).__name__}: {e} |")
-            worst = float("inf")
-            continue
-        seconds = time.perf_counter() - t0
-        ref = (*nf.attention_reference(q, k, v, causal=causal),
-               *nf.attention_reference_backward(dout, q, k, v, causal=causal))
-        errors = [_rel_err(x, r) for x, r in zip(got, ref)]
-        worst = max(worst, *errors)
-        print(f"| {'causal' if causal else 'non-causal'} | "
-              + " | ".join(f"{e:.1e}" for e in errors) + f" | {seconds:.1f} |", flush=True)
-    ok = worst <= SIM_TOL
-    print(f"max relative error {worst:.1e}: " + ("OK" if ok else f"FAILED (> {SIM_TOL:.0e})"))
-    return 0 if ok else 1
+    print("| path | mask | " + " | ".join(names) + " | seconds |")
+    print("|---|---|" + "---:|" * (len(names) + 1))
+    failed = False
+    for dtype, backend, tol in SIM_TOL:
+        for causal in (False, True):
+            label = f"| {backend} {dtype} | {'causal' if causal else 'non-causal'} |"
+            q, k, v, dout = (rng.standard_normal(shape).astype(dtype) for _ in range(4))
+            t0 = time.perf_counter()
+            try:
+                out, lse = nf.flash_attn_forward(q, k, v, causal=causal, backend=backend)
+                out, lse = _host(out), _host(lse)
+                grads = nf.flash_attn_backward(dout, q, k, v, out, lse, causal=causal, backend=backend)
+                got = (out, lse, *(_host(g) for g in grads))
+            except Exception as e:
+                print(f"{label} {type(e).__name__}: {e} |")
+                failed = True
+                continue
+            seconds = time.perf_counter() - t0
+            ref = (*nf.attention_reference(q, k, v, causal=causal),
+                   *nf.attention_reference_backward(dout, q, k, v, causal=causal))
+            errors = [_rel_err(x, r) for x, r in zip(got, ref)]
+            failed |= not max(errors) <= tol
+            print(f"{label} " + " | ".join(f"{e:.1e}" for e in errors) + f" | {seconds:.1f} |", flush=True)
+    print("all errors within tolerance: OK" if not failed else "FAILED: an error exceeds its tolerance")
+    return 1 if failed else 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -220,14 +156,14 @@ def main(argv=None) -> int:
     if argv and argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0
-    if _env_requests_simulator() or simulator_active():
+    if runtime.simulator_requested() or runtime.simulator_active():
         return run_simulator()
-    if gpu_present():
+    if runtime.gpu_present():
         return run_gpu()
-    if _use_simulator_here():
+    if runtime.use_simulator_here():
         return run_simulator()
     # numba.cuda was loaded against the real driver: start again with the simulator on.
-    return rerun_under_simulator(["-m", "numba_flash", *argv])
+    return runtime.rerun_under_simulator(["-m", "numba_flash", *argv])
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import numpy as np
 from . import interop
 from .blocksparse import BlockMask
 from .kernels import backward, configs, forward
-from .kernels.configs import BACKENDS
+from .kernels.configs import BACKENDS  # noqa: F401  (public: numba_flash.BACKENDS)
 from .kernels.convert import DTYPES
 from .kernels.launch import SIMULATOR
 

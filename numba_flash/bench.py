@@ -1043,10 +1043,10 @@ def run_sparse(args) -> int:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from numba_flash.__main__ import gpu_present, rerun_under_simulator, simulator_active
+    from numba_flash import runtime
 
-    simulated = simulator_active()
-    if not simulated and torch.cuda.is_available() and gpu_present():
+    simulated = runtime.simulator_active()
+    if not simulated and torch.cuda.is_available() and runtime.gpu_present():
         return run_sparse(args) if args.sparse else run_sweep(args)
     if not args.simulate:
         print("numba_flash.bench needs a CUDA GPU (torch.cuda and numba.cuda); "
@@ -1057,7 +1057,7 @@ def main(argv=None) -> int:
         print("--sparse needs a GPU (128×128 blocks are too large for the simulator); "
               "running the dense simulated sweep instead.")
     if not simulated:
-        return rerun_under_simulator(["-m", "numba_flash.bench",
+        return runtime.rerun_under_simulator(["-m", "numba_flash.bench",
                                       *(sys.argv[1:] if argv is None else argv)])
     return run_simulated(args)
 

@@ -1,31 +1,19 @@
 """Shared test setup: simulator selection, random inputs, tolerances, markers.
 
 NUMBA_ENABLE_CUDASIM must be in the environment before anything imports numba.cuda, so it is decided here,
-at the top of the first module pytest imports: set to "1" unless a real GPU answers `nvidia-smi -L`
-(an explicit NUMBA_ENABLE_CUDASIM in the environment always wins).
+at the top of the first module pytest imports, by numba_flash.runtime (the same decision the package's
+command line and benchmark make): the simulator unless a GPU answers numba.cuda (an explicit
+NUMBA_ENABLE_CUDASIM in the environment always wins).
 
 Inputs are fresh random numbers on every run. Each test that takes the `rng` fixture prints its seed, so a
 failure shows it under "Captured stdout setup"; NUMBA_FLASH_TEST_SEED=<seed> replays it.
 """
 import math
 import os
-import shutil
-import subprocess
 
+from numba_flash import runtime
 
-def _gpu_present():
-    exe = shutil.which("nvidia-smi")
-    if exe is None:
-        return False
-    try:
-        r = subprocess.run([exe, "-L"], capture_output=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return False
-    return r.returncode == 0 and b"GPU" in r.stdout
-
-
-if "NUMBA_ENABLE_CUDASIM" not in os.environ and not _gpu_present():
-    os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
+runtime.select()
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

@@ -38,7 +38,7 @@ def test_compute_sanitizer_finds_nothing_in_any_tile_configuration(tool, case):
     exe = _sanitizer()
     if exe is None:
         pytest.skip("compute-sanitizer not found")
-    args = [exe, "--tool", tool]
+    args = [exe, "--tool", tool, "--target-processes", "all"]
     if tool == "racecheck":
         args += ["--racecheck-report", "hazard"]
     r = subprocess.run(args + [sys.executable, SCRIPT, str(case)], capture_output=True, text=True, timeout=3000)

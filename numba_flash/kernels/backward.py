@@ -70,7 +70,7 @@ def _shared(plan, role, over_keys):
 def make_dkdv_kernel(plan):
     ops, t, (start, next_tile, needs_mask, visible_cols), (begin, acquire), _, store = _shared(plan, "dkdv",
                                                                                               False)
-    BR, BC = t.br, t.bc
+    BC = t.bc
     R, C, CO = ops.frag.rows, ops.frag.cols, ops.frag.out_cols
     row_of, col_of = ops.frag.row, ops.frag.col
     ACC = acc_type(plan.dtype)
@@ -162,7 +162,7 @@ def make_dkdv_kernel(plan):
 @lru_cache(maxsize=None)
 def make_dq_kernel(plan):
     ops, t, (start, next_tile, needs_mask, visible_cols), (begin, acquire), _, store = _shared(plan, "dq", True)
-    BR, BC = t.br, t.bc
+    BR = t.br
     R, C, CO = ops.frag.rows, ops.frag.cols, ops.frag.out_cols
     row_of, col_of = ops.frag.row, ops.frag.col
     ACC = acc_type(plan.dtype)

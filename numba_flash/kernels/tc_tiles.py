@@ -20,7 +20,6 @@ The path's `TileOps` (fragments.py) for the kernel bodies of forward.py and back
 Fragment tables: PTX ISA, "Matrix Fragments for mma.m16n8k16 with floating point type" and ldmatrix
 (see ptx.py); the thread -> element map is fragments.mma_fragment.
 """
-import math
 from functools import lru_cache
 
 import numpy as np
