@@ -26,7 +26,7 @@ from .convert import acc_constant, acc_type, loader, storer
 from .fragments import make_store_rows
 from .launch import Launchable, kernel, strides3
 from .pipeline import make_pipeline
-from .softmax import LOG2E, make_softmax
+from .softmax import LOG2E
 from .tiles import make_ops
 from .walk import make_walk
 
@@ -57,19 +57,17 @@ def make_dot_do_o_kernel(headdim, dtype_name, threads=128):
 
 
 def _shared(plan, role, over_keys):
-    """What both backward bodies take from the plan: ops, walk, pipeline and softmax pieces, constants."""
+    """What both backward bodies take from the plan: the path's ops, its tiles, walk, pipeline, epilogue."""
     ops = make_ops(plan, role)
     t = getattr(plan, role)
     walk = make_walk(t.br, t.bc, plan.causal, over_keys)
-    sm = make_softmax(ops.frag, plan.dtype, ops.exp2, walk.visible_cols)
     store = make_store_rows(ops.frag, plan.headdim, storer(plan.dtype))
-    return ops, t, walk, make_pipeline(ops), sm, store
+    return ops, t, walk, make_pipeline(ops), store
 
 
 @lru_cache(maxsize=None)
 def make_dkdv_kernel(plan):
-    ops, t, (start, next_tile, needs_mask, visible_cols), (begin, acquire), _, store = _shared(plan, "dkdv",
-                                                                                              False)
+    ops, t, (start, next_tile, needs_mask, visible_cols), (begin, acquire), store = _shared(plan, "dkdv", False)
     BC = t.bc
     R, C, CO = ops.frag.rows, ops.frag.cols, ops.frag.out_cols
     row_of, col_of = ops.frag.row, ops.frag.col
@@ -161,7 +159,7 @@ def make_dkdv_kernel(plan):
 
 @lru_cache(maxsize=None)
 def make_dq_kernel(plan):
-    ops, t, (start, next_tile, needs_mask, visible_cols), (begin, acquire), _, store = _shared(plan, "dq", True)
+    ops, t, (start, next_tile, needs_mask, visible_cols), (begin, acquire), store = _shared(plan, "dq", True)
     BR = t.br
     R, C, CO = ops.frag.rows, ops.frag.cols, ops.frag.out_cols
     row_of, col_of = ops.frag.row, ops.frag.col

@@ -13,19 +13,19 @@ the masking, the softmax and the epilogue are shared (walk.py, softmax.py, fragm
 
 Launch contract (`launch`): grid (Tr, nheads, batch); arguments q, k, v, out, lse as flat arrays with
 (batch, seqlen, head) element strides, the sequence lengths, scale * log2(e), the causal offset, and the
-mask lists (api.walk_lists).
+mask lists (api.TileLists.lists).
 """
 from functools import lru_cache
 
 from numba import cuda
 
+from .convert import acc_constant, acc_type, storer
 from .fragments import make_store_rows
 from .launch import Launchable, kernel, strides3
 from .pipeline import make_pipeline
 from .softmax import LOG2E, make_softmax
 from .tiles import make_ops
 from .walk import make_walk
-from .convert import acc_constant, acc_type, storer
 
 
 @lru_cache(maxsize=None)
@@ -35,7 +35,7 @@ def make_forward_kernel(plan):
     R, C, CO = ops.frag.rows, ops.frag.cols, ops.frag.out_cols
     row_of = ops.frag.row
     ACC = acc_type(plan.dtype)
-    NEG_INF, ZERO, ONE = (acc_constant(plan.dtype, x) for x in (-float("inf"), 0.0, 1.0))
+    NEG_INF, ZERO = acc_constant(plan.dtype, -float("inf")), acc_constant(plan.dtype, 0.0)
     start, next_tile, needs_mask, visible_cols = make_walk(BR, BC, plan.causal, over_keys=True)
     begin, acquire = make_pipeline(ops)
     scale_and_mask, online_update, finalize, _ = make_softmax(ops.frag, plan.dtype, ops.exp2, visible_cols,
