@@ -28,14 +28,6 @@ U32_POISON = np.uint32(0xFFFFFFFF)
 U16_POISON = np.uint16(0xFFFF)
 
 
-@pytest.fixture
-def rng():
-    env = os.environ.get("NUMBA_FLASH_TEST_SEED")
-    seed = int(env) if env else int.from_bytes(os.urandom(8), "little")
-    print(f"random seed: {seed}   (replay with NUMBA_FLASH_TEST_SEED={seed})")
-    return np.random.default_rng(seed)
-
-
 def launch(kernel, threads, *args, blocks=1, smem=0):
     """Run `kernel` on device copies of `args`; return the host copies of all of them."""
     dev = [cuda.to_device(np.ascontiguousarray(a)) for a in args]
@@ -100,37 +92,26 @@ def test_shfl_xor(rng, dtype, threads, blocks):
 # mma
 # ------------------------------------------------------------------------------------------------------
 
-@cuda.jit
-def _mma_f16_kernel(A32, B32, C, D):
-    # A32: (warps, 16, 8) u32 = A (16 x 16) as pairs; B32: (warps, 8, 8) u32 = B^T ([n][k]) as pairs
-    w = cuda.threadIdx.x // 32
-    lane = cuda.threadIdx.x % 32
-    g = lane >> 2
-    t = lane & 3
-    d0, d1, d2, d3 = ptx.mma_f16(A32[w, g, t], A32[w, g + 8, t], A32[w, g, t + 4], A32[w, g + 8, t + 4],
-                                 B32[w, g, t], B32[w, g, t + 4],
-                                 C[w, g, 2 * t], C[w, g, 2 * t + 1],
-                                 C[w, g + 8, 2 * t], C[w, g + 8, 2 * t + 1])
-    D[w, g, 2 * t] = d0
-    D[w, g, 2 * t + 1] = d1
-    D[w, g + 8, 2 * t] = d2
-    D[w, g + 8, 2 * t + 1] = d3
+def _make_mma_kernel(mma):
+    @cuda.jit
+    def kernel(A32, B32, C, D):
+        # A32: (warps, 16, 8) u32 = A (16 x 16) as pairs; B32: (warps, 8, 8) u32 = B^T ([n][k]) as pairs
+        w = cuda.threadIdx.x // 32
+        lane = cuda.threadIdx.x % 32
+        g = lane >> 2
+        t = lane & 3
+        d0, d1, d2, d3 = mma(A32[w, g, t], A32[w, g + 8, t], A32[w, g, t + 4], A32[w, g + 8, t + 4],
+                             B32[w, g, t], B32[w, g, t + 4],
+                             C[w, g, 2 * t], C[w, g, 2 * t + 1], C[w, g + 8, 2 * t], C[w, g + 8, 2 * t + 1])
+        D[w, g, 2 * t] = d0
+        D[w, g, 2 * t + 1] = d1
+        D[w, g + 8, 2 * t] = d2
+        D[w, g + 8, 2 * t + 1] = d3
+    return kernel
 
 
-@cuda.jit
-def _mma_bf16_kernel(A32, B32, C, D):
-    w = cuda.threadIdx.x // 32
-    lane = cuda.threadIdx.x % 32
-    g = lane >> 2
-    t = lane & 3
-    d0, d1, d2, d3 = ptx.mma_bf16(A32[w, g, t], A32[w, g + 8, t], A32[w, g, t + 4], A32[w, g + 8, t + 4],
-                                  B32[w, g, t], B32[w, g, t + 4],
-                                  C[w, g, 2 * t], C[w, g, 2 * t + 1],
-                                  C[w, g + 8, 2 * t], C[w, g + 8, 2 * t + 1])
-    D[w, g, 2 * t] = d0
-    D[w, g, 2 * t + 1] = d1
-    D[w, g + 8, 2 * t] = d2
-    D[w, g + 8, 2 * t + 1] = d3
+_mma_f16_kernel = _make_mma_kernel(ptx.mma_f16)
+_mma_bf16_kernel = _make_mma_kernel(ptx.mma_bf16)
 
 
 def bf16_bits_of(x32):

@@ -28,7 +28,7 @@ from .launch import Launchable, kernel, strides3
 from .pipeline import make_pipeline
 from .softmax import LOG2E
 from .tiles import make_ops
-from .walk import make_walk
+from .walk import make_fill_invisible, make_walk
 
 
 @lru_cache(maxsize=None)
@@ -57,20 +57,22 @@ def make_dot_do_o_kernel(headdim, dtype_name, threads=128):
 
 
 def _shared(plan, role, over_keys):
-    """What both backward bodies take from the plan: the path's ops, its tiles, walk, pipeline, epilogue."""
+    """What both backward bodies take from the plan: the path's ops, its tiles, walk, masking, pipeline,
+    epilogue."""
     ops = make_ops(plan, role)
     t = getattr(plan, role)
     walk = make_walk(t.br, t.bc, plan.causal, over_keys)
     store = make_store_rows(ops.frag, plan.headdim, storer(plan.dtype))
-    return ops, t, walk, make_pipeline(ops), store
+    return ops, t, walk, make_fill_invisible(ops.frag, walk.visible_cols), make_pipeline(ops), store
 
 
 @lru_cache(maxsize=None)
 def make_dkdv_kernel(plan):
-    ops, t, (start, next_tile, needs_mask, visible_cols), (begin, acquire), store = _shared(plan, "dkdv", False)
+    ops, t, walk, fill_invisible, (begin, acquire), store = _shared(plan, "dkdv", False)
+    first_tile, next_tile, needs_mask = walk.first_tile, walk.next_tile, walk.needs_mask
     BC = t.bc
     R, C, CO = ops.frag.rows, ops.frag.cols, ops.frag.out_cols
-    row_of, col_of = ops.frag.row, ops.frag.col
+    col_of = ops.frag.col
     ACC = acc_type(plan.dtype)
     INF, NEG_INF, ZERO, ONE, LOG2E_ACC = (acc_constant(plan.dtype, x)
                                           for x in (math.inf, -math.inf, 0.0, 1.0, LOG2E))
@@ -97,9 +99,8 @@ def make_dkdv_kernel(plan):
         kvf = cuda.local.array(A_SHAPE, A_DT)
         load_res(smem, kvf, 0, k, b * k_st[0] + h * k_st[2], col0, nk - col0, k_st[1], tid)
         load_res(smem, kvf, 1, v, b * v_st[0] + h * v_st[2], col0, nk - col0, v_st[1], tid)
-        mcol, nblk, base = start(q_count, q_index, h, j_tile, mask_sh, mask_maxq, k_per_blk, q_per_blk)
-        t, sub, base, row0 = next_tile(q_index, mcol, mask_maxq, q_per_blk, nblk, 0, -1, base, col0, nq, nk,
-                                       offset)
+        mcol, nblk, t, sub, base, row0 = first_tile(q_count, q_index, h, j_tile, mask_sh, mask_maxq,
+                                                    k_per_blk, q_per_blk, col0, nq, nk, offset)
         begin(smem, t < nblk, row0, nq, qdo, tid)
         resident_ready(smem, kvf, tid)
 
@@ -130,13 +131,7 @@ def make_dkdv_kernel(plan):
                 for i in range(R):
                     st[i, j] = exp2(st[i, j] * sl2 - lse2)
             if needs_mask(row0, col0, nq, nk, offset):
-                c0 = col_of(tid, 0)        # relative columns are constants (softmax.scale_and_mask)
-                for i in range(R):
-                    lo, hi = visible_cols(col0 + row_of(tid, i), row0, nq, nk, offset)
-                    for j in range(C):
-                        c = col_of(tid, j) - c0
-                        if c < lo - c0 or c >= hi - c0:
-                            st[i, j] = ZERO
+                fill_invisible(st, ZERO, tid, col0, row0, nq, nk, offset)
             mm_pv(smem, st, stage, 1, dv_acc, tid, False)                # dV += P^T dO
             mm_nt(smem, kvf, 1, stage, 1, dpt, tid)                      # dP^T = V dO^T
             for j in range(C):
@@ -159,10 +154,11 @@ def make_dkdv_kernel(plan):
 
 @lru_cache(maxsize=None)
 def make_dq_kernel(plan):
-    ops, t, (start, next_tile, needs_mask, visible_cols), (begin, acquire), store = _shared(plan, "dq", True)
+    ops, t, walk, fill_invisible, (begin, acquire), store = _shared(plan, "dq", True)
+    first_tile, next_tile, needs_mask = walk.first_tile, walk.next_tile, walk.needs_mask
     BR = t.br
     R, C, CO = ops.frag.rows, ops.frag.cols, ops.frag.out_cols
-    row_of, col_of = ops.frag.row, ops.frag.col
+    row_of = ops.frag.row
     ACC = acc_type(plan.dtype)
     INF, NEG_INF, ZERO, LOG2E_ACC = (acc_constant(plan.dtype, x) for x in (math.inf, -math.inf, 0.0, LOG2E))
     load_res, resident_ready, mm_nt, mm_pv = ops.load_resident, ops.resident_ready, ops.mm_nt, ops.mm_pv
@@ -184,9 +180,8 @@ def make_dq_kernel(plan):
         qf = cuda.local.array(A_SHAPE, A_DT)
         load_res(smem, qf, 0, q, b * q_st[0] + h * q_st[2], row0, nq - row0, q_st[1], tid)
         load_res(smem, qf, 1, do, b * do_st[0] + h * do_st[2], row0, nq - row0, do_st[1], tid)
-        mrow, nblk, base = start(kv_count, kv_index, h, i_tile, mask_sh, mask_maxk, q_per_blk, k_per_blk)
-        t, sub, base, col0 = next_tile(kv_index, mrow, mask_maxk, k_per_blk, nblk, 0, -1, base, row0, nq, nk,
-                                       offset)
+        mrow, nblk, t, sub, base, col0 = first_tile(kv_count, kv_index, h, i_tile, mask_sh, mask_maxk,
+                                                    q_per_blk, k_per_blk, row0, nq, nk, offset)
         begin(smem, t < nblk, col0, nk, kv, tid)
         resident_ready(smem, qf, tid)
 
@@ -222,13 +217,7 @@ def make_dq_kernel(plan):
                 for j in range(C):
                     s[i, j] = exp2(s[i, j] * sl2 - lse2[i])              # P
             if needs_mask(row0, col0, nq, nk, offset):
-                c0 = col_of(tid, 0)
-                for i in range(R):
-                    lo, hi = visible_cols(row0 + row_of(tid, i), col0, nq, nk, offset)
-                    for j in range(C):
-                        c = col_of(tid, j) - c0
-                        if c < lo - c0 or c >= hi - c0:
-                            s[i, j] = ZERO
+                fill_invisible(s, ZERO, tid, row0, col0, nq, nk, offset)
             for i in range(R):
                 for j in range(C):
                     s[i, j] = s[i, j] * (dp[i, j] - dd[i])               # dS

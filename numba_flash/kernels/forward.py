@@ -36,7 +36,7 @@ def make_forward_kernel(plan):
     row_of = ops.frag.row
     ACC = acc_type(plan.dtype)
     NEG_INF, ZERO = acc_constant(plan.dtype, -float("inf")), acc_constant(plan.dtype, 0.0)
-    start, next_tile, needs_mask, visible_cols = make_walk(BR, BC, plan.causal, over_keys=True)
+    first_tile, next_tile, needs_mask, visible_cols = make_walk(BR, BC, plan.causal, over_keys=True)
     begin, acquire = make_pipeline(ops)
     scale_and_mask, online_update, finalize, _ = make_softmax(ops.frag, plan.dtype, ops.exp2, visible_cols,
                                                               plan.positive_scale)
@@ -58,9 +58,8 @@ def make_forward_kernel(plan):
 
         qf = cuda.local.array(A_SHAPE, A_DT)
         load_q(smem, qf, 0, q, b * q_st[0] + h * q_st[2], row0, nq - row0, q_st[1], tid)
-        mrow, nblk, base = start(kv_count, kv_index, h, i_tile, mask_sh, mask_maxk, q_per_blk, k_per_blk)
-        t, sub, base, col0 = next_tile(kv_index, mrow, mask_maxk, k_per_blk, nblk, 0, -1, base, row0, nq, nk,
-                                       offset)
+        mrow, nblk, t, sub, base, col0 = first_tile(kv_count, kv_index, h, i_tile, mask_sh, mask_maxk,
+                                                    q_per_blk, k_per_blk, row0, nq, nk, offset)
         begin(smem, t < nblk, col0, nk, kv, tid)
         resident_ready(smem, qf, tid)
 

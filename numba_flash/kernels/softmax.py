@@ -17,6 +17,7 @@ from functools import lru_cache
 from . import ptx
 from .convert import acc_constant
 from .launch import SIMULATOR, inline_device
+from .walk import make_fill_invisible
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -62,7 +63,7 @@ def make_softmax(frag, dtype_name, exp2, visible_cols, positive_scale=True):
     negative softmax_scale, where max(c * s) is not c * max(s)) the scores are scaled first.
     """
     R, C, CO = frag.rows, frag.cols, frag.out_cols
-    row_of, col_of = frag.row, frag.col
+    fill_invisible = make_fill_invisible(frag, visible_cols)
     NEG_INF = acc_constant(dtype_name, -math.inf)
     ZERO = acc_constant(dtype_name, 0.0)
     ONE = acc_constant(dtype_name, 1.0)
@@ -72,24 +73,14 @@ def make_softmax(frag, dtype_name, exp2, visible_cols, positive_scale=True):
 
     @inline_device
     def scale_and_mask(s, scale_log2, masked, tid, this0, other0, nq, nk, offset):
-        """-inf where the element is invisible (tested only if `masked`: the unmasked case is a separate
-        branch so the tests are not speculated into every tile); scores scaled unless positive_scale."""
-        if masked:
-            # Columns relative to the thread's first one, col_of(tid, j) - col_of(tid, 0), are constants in
-            # both layouts: comparing those against a per-row interval keeps nothing per column live.
-            c0 = col_of(tid, 0)
-            for i in range(R):
-                lo, hi = visible_cols(this0 + row_of(tid, i), other0, nq, nk, offset)
-                for j in range(C):
-                    c = col_of(tid, j) - c0
-                    x = s[i, j] if positive_scale else s[i, j] * scale_log2
-                    if c < lo - c0 or c >= hi - c0:
-                        x = NEG_INF
-                    s[i, j] = x
-        elif not positive_scale:
+        """Scores scaled (unless positive_scale), then -inf where the element is invisible (tested only if
+        `masked`: a separate branch, so the tests are not speculated into every tile)."""
+        if not positive_scale:
             for i in range(R):
                 for j in range(C):
                     s[i, j] *= scale_log2
+        if masked:
+            fill_invisible(s, NEG_INF, tid, this0, other0, nq, nk, offset)
         return
 
     @inline_device

@@ -19,7 +19,7 @@ from functools import lru_cache
 
 from .launch import inline_device
 
-Walk = namedtuple("Walk", "start next_tile needs_mask visible_cols")
+Walk = namedtuple("Walk", "first_tile next_tile needs_mask visible_cols")
 
 
 @lru_cache(maxsize=None)
@@ -37,15 +37,9 @@ def make_walk(br, bc, causal, over_keys):
         return False
 
     @inline_device
-    def start(count, index, head, tile, mask_sh, maxn, this_per_blk, per_blk):
-        """(mask row, number of listed blocks, first tile index of the first listed block)."""
-        row = head * mask_sh + tile // this_per_blk
-        return row, count[row], index[row * maxn] * per_blk   # maxn >= 1: index[row, 0] always exists
-
-    @inline_device
     def next_tile(index, row, maxn, per_blk, nblocks, t, sub, base, this0, nq, nk, offset):
         """The first non-empty pair after tile `sub` of listed block `t`, whose first tile index is `base`
-        (start with t = 0, sub = -1 and `start`'s base): (t, sub, base, origin of its other-side tile), or
+        (first_tile starts it): (t, sub, base, origin of its other-side tile), or
         t = nblocks when there is none. The position is carried as (block, tile in block, block's first
         tile), so a step needs neither an integer division nor a load of the list."""
         sub += 1
@@ -66,6 +60,15 @@ def make_walk(br, bc, causal, over_keys):
                 return t, sub, base, o
             sub += 1
         return nblocks, 0, base, 0
+
+    @inline_device
+    def first_tile(count, index, head, tile, mask_sh, maxn, this_per_blk, per_blk, this0, nq, nk, offset):
+        """(mask row, number of listed blocks, and next_tile's state and origin for the first non-empty
+        pair) of the block that owns tile `tile` of head `head`."""
+        row = head * mask_sh + tile // this_per_blk
+        base = index[row * maxn] * per_blk          # maxn >= 1: index[row, 0] always exists
+        t, sub, base, o = next_tile(index, row, maxn, per_blk, count[row], 0, -1, base, this0, nq, nk, offset)
+        return row, count[row], t, sub, base, o
 
     @inline_device
     def needs_mask(row0, col0, nq, nk, offset):
@@ -91,4 +94,29 @@ def make_walk(br, bc, causal, over_keys):
             lo = max(0, r - offset - other0)
         return lo, hi
 
-    return Walk(start, next_tile, needs_mask, visible_cols)
+    return Walk(first_tile, next_tile, needs_mask, visible_cols)
+
+
+@lru_cache(maxsize=None)
+def make_fill_invisible(frag, visible_cols):
+    """fill(s, value, tid, this0, other0, nq, nk, offset): s[i, j] = value for the thread's invisible
+    elements of the tile pair whose fragment rows start at this0 and columns at other0 (frag: the path's
+    fragments.Fragment; visible_cols: a walk's)."""
+    R, C = frag.rows, frag.cols
+    row_of, col_of = frag.row, frag.col
+
+    @inline_device
+    def fill(s, value, tid, this0, other0, nq, nk, offset):
+        # Columns relative to the thread's first one, col_of(tid, j) - col_of(tid, 0), are constants in
+        # both layouts: comparing those against the row's interval keeps nothing per column live (LLVM
+        # had hoisted 16 64-bit column values out of the loop, which spilled).
+        c0 = col_of(tid, 0)
+        for i in range(R):
+            lo, hi = visible_cols(this0 + row_of(tid, i), other0, nq, nk, offset)
+            for j in range(C):
+                c = col_of(tid, j) - c0
+                if c < lo - c0 or c >= hi - c0:
+                    s[i, j] = value
+        return
+
+    return fill
