@@ -512,6 +512,75 @@ def test_st_shared_b16(rng, dtype):
     np.testing.assert_array_equal(got, want)
 
 
+@cuda.jit
+def _b32_shared_kernel(words, out):
+    """Scatter 32-bit patterns into a float32 shared array as bits, then copy the words out as uint32."""
+    sm = cuda.shared.array(0, float32)
+    lane = cuda.threadIdx.x
+    ptx.st_shared_b32(sm, 31 - lane, words[lane])
+    cuda.syncthreads()
+    out[lane] = sm.view(np.uint32)[lane]
+
+
+def test_st_shared_b32_moves_bits_not_values(rng):
+    # patterns that are NaNs, subnormals and negative zero as float32: a value conversion would change them
+    words = rng.integers(0, 1 << 32, 32, dtype=np.uint64).astype(np.uint32)
+    words[:4] = [0x7FC00001, 0x00000001, 0x80000000, 0xFF800000]
+    dev = [cuda.to_device(x) for x in (words, np.full(32, U32_POISON))]
+    _b32_shared_kernel[1, 32, 0, 128](*dev)
+    np.testing.assert_array_equal(dev[1].copy_to_host(), words[::-1])
+
+
+@cuda.jit
+def _vote_kernel(pred, out):
+    lane = cuda.threadIdx.x
+    out[lane] = 1 if ptx.vote_any(pred[lane] != 0) else 0
+
+
+@pytest.mark.parametrize("true_lanes", [[], [0], [31], [7, 19], list(range(32))], ids=str)
+def test_vote_any_is_true_in_every_lane_iff_some_lane_is(true_lanes):
+    pred = np.zeros(64, np.int32)
+    pred[true_lanes] = 1
+    pred[32 + 5] = 1                    # the second warp always votes yes: warps do not mix
+    *_, out = launch(_vote_kernel, 64, pred, np.full(64, -1, np.int32))
+    assert (out[:32] == (1 if true_lanes else 0)).all()
+    assert (out[32:] == 1).all()
+
+
+@cuda.jit
+def _red_kernel(vals, where, acc):
+    """Every thread of every block adds its value into acc[where]."""
+    i = cuda.grid(1)
+    ptx.red_add_f32(acc, where[i], vals[i])
+
+
+@cuda.jit
+def _red2_kernel(vals, where, acc):
+    """... (v, -v) into acc[2 where], acc[2 where + 1] (a separate kernel: sm_90 only)."""
+    i = cuda.grid(1)
+    ptx.red_add_f32x2(acc, 2 * where[i], vals[i], -vals[i])
+
+
+@pytest.mark.parametrize("pairs", [False, True], ids=["f32", "f32x2"])
+def test_red_add_sums_every_contribution(rng, pairs):
+    if pairs and not SIMULATOR and cuda.get_current_device().compute_capability < (9, 0):
+        pytest.skip("red.global.add.v2.f32 needs sm_90")
+    n, slots = 4 * 128, 8                  # 64 contributions per slot, from 4 blocks, many at once
+    vals = (rng.integers(-1000, 1000, n) / 8).astype(np.float32)   # exact in float32 in any order
+    where = rng.integers(0, slots, n).astype(np.int64)
+    init = (rng.integers(-100, 100, 2 * slots) / 4).astype(np.float32)
+    dev = [cuda.to_device(x) for x in (vals, where, init.copy())]
+    (_red2_kernel if pairs else _red_kernel)[4, 128](*dev)
+    got = dev[2].copy_to_host()
+    want = init.astype(np.float64)
+    if pairs:
+        np.add.at(want, 2 * where, vals)
+        np.add.at(want, 2 * where + 1, -vals)
+    else:
+        np.add.at(want, where, vals)
+    np.testing.assert_array_equal(got, want.astype(np.float32))
+
+
 # ------------------------------------------------------------------------------------------------------
 # the simulator's warp machinery: a broken kernel fails instead of hanging
 # ------------------------------------------------------------------------------------------------------
@@ -613,6 +682,12 @@ _CODEGEN = textwrap.dedent('''
         s = ptx.ex2(ptx.shfl_xor(e[0], 1))
         ptx.st_global_b32(O, lane * 2, ptx.pack_f16x2(s, e[2]) ^ ptx.pack_bf16x2(e[3], s) ^ z[3] ^ x)
         ptx.st_shared_b16(su, lane, G[lane])
+        ptx.st_shared_b32(su, lane, U[lane])
+        if ptx.vote_any(I32[lane] > 0):
+            ptx.red_add_f32(cf, lane, s)
+
+    def k90(cf):
+        ptx.red_add_f32x2(cf, 2 * ptx.lane_id(), 1.0, 2.0)
 
     sig = (types.float32[::1], types.uint16[::1], types.uint16[::1], types.uint32[::1],
            types.float64[::1], types.int32[::1])
@@ -622,9 +697,9 @@ _CODEGEN = textwrap.dedent('''
     except Exception as exc:   # no libNVVM here: nothing to check
         print("SKIP: no NVVM:", exc)
         sys.exit(3)
-    for cc in ((8, 0), (9, 0)):
-        text, _ = cuda.compile_ptx(k, sig, cc=cc)
-        with open(f"{sys.argv[1]}/k_sm{cc[0]}{cc[1]}.ptx", "w") as f:
+    for name, fn, args, cc in (("k", k, sig, (8, 0)), ("k", k, sig, (9, 0)), ("k90", k90, sig[:1], (9, 0))):
+        text, _ = cuda.compile_ptx(fn, args, cc=cc)
+        with open(f"{sys.argv[1]}/{name}_sm{cc[0]}{cc[1]}.ptx", "w") as f:
             f.write(text)
 ''')
 
@@ -636,7 +711,9 @@ _EXPECTED_PTX = ["mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32",
                  "cp.async.cg.shared.global", "cp.async.ca.shared.global", "cp.async.commit_group",
                  "cp.async.wait_group 1", "cp.async.wait_group 0", "cp.async.wait_all",
                  "cvt.rn.f16x2.f32", "cvt.rn.bf16x2.f32", "ex2.approx.ftz.f32", "shfl.sync.bfly.b32",
-                 "st.global.u32", "st.shared.u16", "%laneid"]
+                 "st.global.u32", "st.shared.u16", "%laneid", "st.shared.u32", "vote.sync.any.pred",
+                 "red.global.add.f32"]
+_EXPECTED_PTX_90 = ["red.global.add.v2.f32"]
 
 
 def find_ptxas():
@@ -670,10 +747,11 @@ def test_gpu_codegen_assembles(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     ptxas = find_ptxas()
     assembled = None
-    for cc in ("80", "90"):
-        path = tmp_path / f"k_sm{cc}.ptx"
+    for name, cc, expected in (("k", "80", _EXPECTED_PTX), ("k", "90", _EXPECTED_PTX),
+                               ("k90", "90", _EXPECTED_PTX_90)):
+        path = tmp_path / f"{name}_sm{cc}.ptx"
         text = path.read_text()
-        missing = [ins for ins in _EXPECTED_PTX if ins not in text]
+        missing = [ins for ins in expected if ins not in text]
         assert not missing, f"sm_{cc}: instructions missing from the PTX: {missing}"
         for exe in ptxas:
             a = subprocess.run([exe, f"-arch=sm_{cc}", str(path), "-o", str(path) + ".cubin"],

@@ -51,7 +51,7 @@ def assert_within_budget(name, ours, ref, theirs):
                                       f"+ 1e-5")
 
 
-def run_mma(q, k, v, dout, dtype, **kw):
+def run_mma(q, k, v, dout, dtype, deterministic=True, **kw):
     """Forward + backward on the tensor-core path into NaN-poisoned outputs."""
     B, Nq, H, d = q.shape
     Nk = k.shape[1]
@@ -59,12 +59,12 @@ def run_mma(q, k, v, dout, dtype, **kw):
     nf.flash_attn_forward(q, k, v, out=out, lse=lse, backend="mma", **kw)
     grads = [poison((B, n, H, d), dtype, FW) for n in (Nq, Nk, Nk)]
     nf.flash_attn_backward(dout, q, k, v, out, lse, dq=grads[0], dk=grads[1], dv=grads[2], backend="mma",
-                           **kw)
+                           deterministic=deterministic, **kw)
     return out, lse, grads
 
 
-def check_all(q, k, v, dout, dtype, **kw):
-    out, lse, grads = run_mma(q, k, v, dout, dtype, **kw)
+def check_all(q, k, v, dout, dtype, deterministic=True, **kw):
+    out, lse, grads = run_mma(q, k, v, dout, dtype, deterministic, **kw)
     ref_out, ref_lse = nf.attention_reference(q, k, v, **kw)
     ref_grads = nf.attention_reference_backward(dout, q, k, v, **kw)
     theirs = torch_lowp(q, k, v, dout, dtype, **kw)
@@ -182,6 +182,36 @@ def test_mma_nan_in_one_query_row_makes_exactly_that_row_nan(rng):
     assert rel_err(o[0, rows], ref[0, rows]) < 1e-2
 
 
+@pytest.mark.parametrize("causal,sparse", [(False, False), (True, False), (False, True)],
+                         ids=["full", "causal", "block-sparse"])
+def test_mma_atomic_dq_within_twice_torch_error(rng, causal, sparse):
+    """deterministic=False: dQ accumulated by the dK/dV kernel with atomics, then converted."""
+    b1, _ = block_sizes(16, "float16")
+    nq, nk = 2 * b1 + 5, 2 * b1 - 3
+    q, k, v = make_qkv_arrays(rng, 2, nq, nk, 2, 24, "bfloat16", FW, "kvpacked")
+    dout = random_array(rng, (2, nq, 2, 24), "bfloat16", FW)
+    kw = dict(causal=causal)
+    if sparse:
+        mask = BlockMask.random(0.5, nq, nk, (b1, b1), nheads=2, seed=int(rng.integers(1 << 31)))
+        _, _, grads = run_mma(q, k, v, dout, "bfloat16", deterministic=False, block_mask=mask)
+        dense = mask.to_dense()
+        ref = nf.attention_reference_backward(dout, q, k, v, mask=dense)
+        theirs = torch_lowp(q, k, v, dout, "bfloat16", mask=dense)[1:]
+        for name, ours, r, th in zip(("dq", "dk", "dv"), grads, ref, theirs):
+            assert_within_budget(name, ours, r, th)
+    else:
+        check_all(q, k, v, dout, "bfloat16", deterministic=False, **kw)
+
+
+def test_deterministic_must_be_a_bool(rng):
+    q, k, v = make_qkv_arrays(rng, 1, 8, 8, 1, 16, "float16", FW)
+    out, lse = nf.flash_attn_forward(q, k, v)
+    with pytest.raises(TypeError, match="deterministic"):
+        nf.flash_attn_backward(q, q, k, v, out, lse, deterministic="no")
+    with pytest.raises(TypeError, match="deterministic"):
+        nf.flash_attn_func(q.clone().requires_grad_(), k, v, deterministic=1)
+
+
 def test_mma_forward_and_backward_are_bitwise_deterministic(rng):
     q, k, v = make_qkv_arrays(rng, 1, 40, 40, 1, 16, "bfloat16", FW)
     dout = random_array(rng, (1, 40, 1, 16), "bfloat16", FW)
@@ -248,6 +278,17 @@ def test_gpu_mma_large_within_twice_torch_error(rng, N, d, dtype, causal):
     q, k, v = make_qkv_arrays(rng, 1, N, N, 2, d, dtype, "torch")
     dout = random_array(rng, (1, N, 2, d), dtype, "torch")
     check_all(q, k, v, dout, dtype, causal=causal)
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("d", [64, 128, 256])
+def test_gpu_mma_atomic_dq_large_within_twice_torch_error(rng, d, dtype, causal):
+    q, k, v = make_qkv_arrays(rng, 2, 1000, 1000, 2, d, dtype, "torch")
+    dout = random_array(rng, (2, 1000, 2, d), dtype, "torch")
+    check_all(q, k, v, dout, dtype, deterministic=False, causal=causal)
 
 
 @pytest.mark.gpu

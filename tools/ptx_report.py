@@ -8,10 +8,15 @@ from the SASS (cuobjdump) the number of HMMA (tensor-core) and LDL/STL (local me
 The kernels are built exactly as a launch would build them (kernels/forward.py, kernels/backward.py
 `launches`, with the plan's launch bounds), from dummy arguments of the right types.
 
-Needs, on a machine without a GPU: numba-cuda's NVVM (pip install "numba-cuda[cu13]") and ptxas /
-cuobjdump from the CUDA 13.5 wheels (pip install nvidia-cuda-nvcc==13.5.* nvidia-cuda-cuobjdump==13.5.*);
-the 13.4 ptxas cannot assemble the PTX version numba-cuda 0.30 emits. ptxas' own error is shown when it
-fails. On the GPU machine the system toolkit's ptxas and cuobjdump are used.
+Needs, on a machine without a GPU, numba-cuda's NVVM and ptxas / cuobjdump / nvdisasm from the CUDA
+13.5 wheels (checked 2026-12-01; ptxas 13.4 and older cannot assemble the PTX 9.x numba-cuda 0.30 emits,
+and cuobjdump needs nvdisasm to print SASS):
+
+    pip install "numba-cuda[cu13]" "nvidia-cuda-nvcc==13.5.*" "nvidia-cuda-cuobjdump==13.5.*" \
+        "nvidia-cuda-nvdisasm==13.5.*"
+
+The wheels' tools are preferred to the PATH's; ptxas' own error is printed when it fails. On the GPU
+machine the system toolkit's tools are used where the wheels are absent.
 """
 import argparse
 import os
@@ -62,8 +67,9 @@ def _view(shape, dtype):
     return View(np.zeros(1, storage_dtype(dtype)), shape, strides, dtype, "numpy", 0, 0)
 
 
-def kernels_of(path, headdim, dtype, causal, aligned=True):
-    """[(name, Launchable, args)] of the forward and backward plans."""
+def kernels_of(path, headdim, dtype, causal, aligned=True, cc=(9, 0), deterministic=True):
+    """[(name, Launchable, args)] of the forward and backward plans (NUMBA_FLASH_DQ_MODE picks the
+    backward's dQ scheme as for a launch)."""
     from numba_flash.kernels import backward, configs, forward
     lse_dt = "float64" if dtype == "float64" else "float32"
     B, N, H, d = 1, 256, 1, headdim
@@ -73,8 +79,8 @@ def kernels_of(path, headdim, dtype, causal, aligned=True):
     pf = configs.forward_plan(path, headdim, dtype, causal, aligned)
     for kern, _, _, args in forward.launches(pf, 0, x, x, x, x, lse, N, N, 0.125, 0, _Lists()):
         out.append(("fwd", kern, args, pf))
-    pb = configs.backward_plan(path, headdim, dtype, causal, aligned)
-    names = iter(("dot", "dkdv", "dq"))
+    pb = configs.backward_plan(path, headdim, dtype, causal, aligned, deterministic, cc)
+    names = iter(("prep", "dkdv", "dq" if pb.dq_mode == "kernel" else "dqcvt"))
     for kern, _, _, args in backward.launches(pb, 0, x, x, x, x, x, lse, x, x, x, N, N, 0.125, 0, _Lists(),
                                               lambda shape, dt: _view(shape, dt)):
         out.append((next(names), kern, args, pb))
@@ -97,17 +103,23 @@ def report(name, kern, args, plan, arch, sass_dir):
         r = subprocess.run([_tool("ptxas"), f"-arch={target}", "-v", pf, "-o", cubin], capture_output=True,
                            text=True)
         if r.returncode != 0:
-            print(f"{name}: ptxas failed:\n{r.stderr}")
+            print(f"{name}: {_tool('ptxas')} -arch={target} failed:\n{r.stderr.strip() or r.stdout.strip()}")
             return
         info = " | ".join(l.split("info    : ")[-1] for l in r.stderr.splitlines()
                           if "Used" in l or "spill" in l)
         sass = ""
         objdump = _tool("cuobjdump")
         if objdump:
-            text = subprocess.run([objdump, "-sass", cubin], capture_output=True, text=True).stdout
+            # cuobjdump prints SASS through nvdisasm, which it looks for beside itself or on PATH
+            env = dict(os.environ, PATH=os.pathsep.join([os.path.dirname(objdump), os.environ.get("PATH", "")]))
+            done = subprocess.run([objdump, "-sass", cubin], capture_output=True, text=True, env=env)
+            if done.returncode != 0 or "HMMA" not in done.stdout and "FFMA" not in done.stdout:
+                print(f"{name}: {objdump} -sass printed no SASS: {done.stderr.strip()[:300]}")
+            text = done.stdout
             counts = {op: len(re.findall(rf"\b{op}\b", text)) for op in ("HMMA", "LDSM", "LDGSTS", "LDL", "STL")}
             sass = " | SASS " + " ".join(f"{k}={v}" for k, v in counts.items())
-    print(f"{name:5s} {plan.path:4s} d={plan.headdim:3d} {plan.dtype:8s} threads={kern.threads:3d} "
+    mode = f" dq={plan.dq_mode}" if name == "dkdv" else ""
+    print(f"{name:5s} {plan.path:4s} d={plan.headdim:3d} {plan.dtype:8s}{mode} threads={kern.threads:3d} "
           f"smem={kern.smem_bytes:6d}B bounds={lb} | {info}{sass}", flush=True)
 
 
@@ -130,7 +142,8 @@ def main(argv=None):
         for d in a.headdim:
             for dt in a.dtype or (["float16"] if path == "mma" else ["float32", "float16"]):
                 for causal in a.causal:
-                    for name, kern, args, plan in kernels_of(path, d, dt, bool(causal), not a.unaligned):
+                    for name, kern, args, plan in kernels_of(path, d, dt, bool(causal), not a.unaligned,
+                                                             (int(a.arch[3]), int(a.arch[4:]))):
                         report(name, kern, args, plan, a.arch, a.sass)
     return 0
 

@@ -10,8 +10,10 @@ under pytest -n.)
 The simulator cannot see a missing barrier or an out-of-bounds shared access; these tools can. Covered:
 both paths, each head-dim class that has its own tiles (d <= 64, <= 128, > 128), float16 and bfloat16 on
 tensor cores, rows that are 16-byte aligned (cp.async) and rows that are not (plain loads), causal with
-seqlen_q != seqlen_k, and a block-sparse mask. Every result is also checked against the float64
-reference, so a configuration that silently did nothing fails here too. Exit status 1 on a mismatch.
+seqlen_q != seqlen_k, a block-sparse mask, and both ways the tensor-core backward computes dQ (the
+separate "kernel" by default, and "atomic", fused into dK/dV; configs.DQ_MODES). Every result is checked
+against the float64 reference, so a configuration that silently did nothing fails here too. Exit status
+1 on a mismatch.
 """
 import os
 import sys
@@ -34,6 +36,12 @@ CASES = [
     dict(path="mma", d=128, dtype="float16", causal=True, nq=333, nk=200, aligned=True, sparse=False),
     dict(path="mma", d=256, dtype="bfloat16", causal=False, nq=200, nk=150, aligned=True, sparse=False),
     dict(path="mma", d=64, dtype="float16", causal=False, nq=384, nk=320, aligned=True, sparse=True),
+    dict(path="mma", d=64, dtype="bfloat16", causal=True, nq=333, nk=333, aligned=True, sparse=False,
+         dq="atomic"),
+    dict(path="mma", d=128, dtype="float16", causal=False, nq=200, nk=333, aligned=False, sparse=True,
+         dq="atomic"),
+    dict(path="mma", d=256, dtype="float16", causal=True, nq=150, nk=200, aligned=True, sparse=False,
+         dq="atomic"),
     # SIMT
     dict(path="simt", d=64, dtype="float32", causal=True, nq=200, nk=333, aligned=True, sparse=False),
     dict(path="simt", d=128, dtype="float16", causal=False, nq=300, nk=150, aligned=False, sparse=False),
@@ -47,6 +55,7 @@ def rel(a, b):
 
 
 def run(c):
+    os.environ["NUMBA_FLASH_DQ_MODE"] = c.get("dq", "")     # "": the default of the path
     g = torch.Generator(device="cuda").manual_seed(0)
     dt = getattr(torch, c["dtype"])
     pad = 0 if c["aligned"] else 2          # views 2 elements into their rows: no 16-byte alignment

@@ -4,11 +4,13 @@ numba_flash/kernels/configs.py).
     python tools/tune.py --backend mma --dtype float16 --d 64 --N 4096 \\
         fwd=128,64,4,1 fwd=128,64,8,1 dkdv=64,64,4,1 dq=64,64,4,1
 
-Each configuration is KERNEL=TILES with KERNEL one of fwd, dkdv, dq, bwd (both backward kernels) and
+Each configuration is KERNEL[@DQ]=TILES with KERNEL one of fwd, dkdv, dq, bwd (both backward kernels),
 TILES as the NUMBA_FLASH_*_TILES variables take them: "br,bc,ty,tx[,min_blocks]" (simt) or
-"br,bc,warps,a_regs[,min_blocks]" (mma). A fwd configuration times flash_attn_forward; the others time
-flash_attn_backward. Every configuration gets its own process, so all of them compile at once; then
-they time one after another (a barrier and a lock keep the GPU to one at a time). Each is checked
+"br,bc,warps,a_regs[,min_blocks]" (mma), and DQ how the backward computes dQ (kernel or atomic:
+NUMBA_FLASH_DQ_MODE, kernels/configs.py), e.g. dkdv@atomic=64,128,8,1,1. A fwd configuration times
+flash_attn_forward; the others time flash_attn_backward. Every configuration gets its own process, so
+all of them compile at once; then they time one after another (a barrier and a lock keep the GPU to one
+at a time). Each is checked
 against the default configuration's output. Shapes: batch x N = 16k tokens, hidden 2048 (as the
 benchmark). Prints one line per configuration: milliseconds (median, triton.testing.do_bench) and
 TFLOP/s (4 B H N^2 d per forward, x2.5 backward; halved when causal).
@@ -26,6 +28,9 @@ VARS = {"fwd": ["NUMBA_FLASH_FWD_TILES"], "dkdv": ["NUMBA_FLASH_DKDV_TILES"],
 
 def _work(cfg, a, barrier, lock, results):
     kernel, _, tiles = cfg.partition("=")
+    kernel, _, mode = kernel.partition("@")
+    if mode:
+        os.environ["NUMBA_FLASH_DQ_MODE"] = mode
     if tiles:
         for var in VARS[kernel]:
             os.environ[var] = tiles
@@ -76,10 +81,10 @@ def main(argv=None):
     ctx = mp.get_context("spawn")
     cfgs = list(dict.fromkeys(a.configs))
     for kernel in {c.partition("=")[0] for c in cfgs}:
-        if kernel not in VARS:
+        if kernel.partition("@")[0] not in VARS:
             ap.error(f"unknown kernel {kernel!r} in a configuration: use fwd, dkdv, dq or bwd")
         if kernel not in cfgs:
-            cfgs.insert(0, kernel)             # the default, for the comparison
+            cfgs.insert(0, kernel)             # the default tiles, for the comparison
     mgr = ctx.Manager()
     results, barrier, lock = mgr.dict(), ctx.Barrier(len(cfgs)), ctx.Lock()
     procs = [ctx.Process(target=_work, args=(c, a, barrier, lock, results)) for c in cfgs]

@@ -1,29 +1,35 @@
-"""FlashAttention backward, FlashAttention-2 style, deterministic: three kernels, no atomics, one body per
-kernel for every path.
+"""FlashAttention backward, FlashAttention-2 style: one body per kernel for every path.
 
-1. `D = rowsum(dO * O)` per query row (the softmax backward's correction term).
+1. prepare: `D = rowsum(dO * O)` per query row (the softmax backward's correction term); with a fused dQ
+   also the float32 dQ accumulator zeroed.
 2. dK/dV: one block per key tile K_j, V_j (resident), walking the query tiles listed for it. For each Q_i
    it recomputes S^T = K_j Q_i^T and P^T = exp(S^T - lse_i) from the saved log-sum-exp, then
        dV_j += P^T dO_i,   dP^T = V_j dO_i^T,   dS^T = P^T * (dP^T - D_i),   dK_j += scale * dS^T Q_i
    with dK_j, dV_j accumulated in registers until the end.
-3. dQ: one block per query tile (Q_i, dO_i resident), walking its key tiles: S, P and dP again,
-   dQ_i += scale * dS K_j.
+3. dQ, in one of two ways (`plan.dq_mode`, configs.py):
+   "kernel" (deterministic, the default): a separate kernel, one block per query tile (Q_i, dO_i
+       resident) walking its key tiles: S, P and dP again, dQ_i += scale * dS K_j. Two extra tile
+       products per pair (7 instead of 5), but every dQ element has one writer, in a fixed order: same
+       inputs, bitwise same gradients.
+   "atomic" (tensor cores, deterministic=False): the dK/dV kernel itself adds dS K_j into a float32
+       accumulator of dQ with unordered reductions (5 products per pair, as flash-attn), and a last
+       kernel scales and converts it. The order of the additions, hence the last bits of dQ, varies
+       from run to run.
 
-Splitting dQ from dK/dV costs two extra tile products per pair (S and dP are recomputed) but every output
-element is written by exactly one thread, in a fixed order: same inputs, bitwise same gradients.
 S^T is computed as K Q^T directly, so nothing is transposed: the score fragments of P^T and dS^T are the
 A operands of the next products (in registers on tensor cores, through shared memory on SIMT).
 
-Launch contract (`launch`): the three kernels in that order on one stream; grids (Tr or Tc, nheads,
-batch); D is a (batch, nheads, seqlen_q) scratch vector of the lse's dtype, allocated through `alloc`.
+Launch contract (`launch`): the kernels in that order on one stream; grids (Tr or Tc, nheads, batch); D
+is a (batch, nheads, seqlen_q) scratch vector of the lse's dtype and the dQ accumulator a (batch,
+seqlen_q, nheads, DP) float32 scratch, both allocated through `alloc`.
 """
 import math
 from functools import lru_cache
 
-from numba import cuda
+from numba import cuda, float32
 
 from .convert import acc_constant, acc_type, loader, storer
-from .fragments import make_store_rows
+from .fragments import make_store_rows, pair_packer
 from .launch import Launchable, kernel, strides3
 from .pipeline import make_pipeline
 from .softmax import LOG2E
@@ -32,14 +38,18 @@ from .walk import make_fill_invisible, make_walk
 
 
 @lru_cache(maxsize=None)
-def make_dot_do_o_kernel(headdim, dtype_name, threads=128):
-    """D[b, h, r] = sum_c dO[b, r, h, c] * O[b, r, h, c]; one thread per query row."""
+def make_prepare_kernel(headdim, dtype_name, threads=128):
+    """D[b, h, r] = sum_c dO[b, r, h, c] * O[b, r, h, c] - dlse[b, h, r] (if has_dlse), one thread per
+    query row; and zf[:nzf] = 0 over the whole grid (the fused dQ's accumulator)."""
     ACC = acc_type(dtype_name)
     load_elem = loader(dtype_name)
 
     @cuda.jit
-    def bwd_dot_do_o(o, do, dvec, nrows_total, nq, nheads, o_st, do_st, d_st):
+    def bwd_prepare(o, do, dvec, nrows_total, nq, nheads, o_st, do_st, d_st, zf, nzf, dlse, has_dlse):
         idx = cuda.grid(1)
+        nthreads = cuda.gridsize(1)
+        for e in range(idx, nzf, nthreads):
+            zf[e] = float32(0)
         if idx >= nrows_total:
             return
         r = idx % nq
@@ -51,9 +61,32 @@ def make_dot_do_o_kernel(headdim, dtype_name, threads=128):
         acc = ACC(0)
         for c in range(headdim):
             acc += load_elem(o[ob + c]) * load_elem(do[db + c])
-        dvec[b * d_st[0] + h * d_st[1] + r] = acc
+        di = b * d_st[0] + h * d_st[1] + r
+        if has_dlse:     # lse's gradient: dS = P (dP - D + dlse), the same as D - dlse for D (api.py)
+            acc -= dlse[di]
+        dvec[di] = acc
 
-    return Launchable(bwd_dot_do_o, threads, 0)
+    return Launchable(bwd_prepare, threads, 0)
+
+
+@lru_cache(maxsize=None)
+def make_dq_convert_kernel(headdim, padded, dtype_name, threads=256):
+    """dq[b, r, h, c] = scale * acc[b, r, h, c] in the output dtype (acc: (B, Nq, H, padded) float32)."""
+    store_elem = storer(dtype_name)
+
+    @cuda.jit
+    def bwd_dq_convert(acc, dq, nelem, nq, nheads, dq_st, scale):
+        idx = cuda.grid(1)
+        if idx >= nelem:
+            return
+        row = idx // headdim
+        c = idx - row * headdim
+        h = row % nheads
+        r = (row // nheads) % nq
+        b = row // (nheads * nq)
+        dq[b * dq_st[0] + r * dq_st[1] + h * dq_st[2] + c] = store_elem(acc[row * padded + c] * float32(scale))
+
+    return Launchable(bwd_dq_convert, threads, 0)
 
 
 def _shared(plan, role, over_keys):
@@ -62,12 +95,13 @@ def _shared(plan, role, over_keys):
     ops = make_ops(plan, role)
     t = getattr(plan, role)
     walk = make_walk(t.br, t.bc, plan.causal, over_keys)
-    store = make_store_rows(ops.frag, plan.headdim, storer(plan.dtype))
+    store = make_store_rows(ops.frag, plan.headdim, storer(plan.dtype), pair_packer(plan, ops.frag))
     return ops, t, walk, make_fill_invisible(ops.frag, walk.visible_cols), make_pipeline(ops), store
 
 
 @lru_cache(maxsize=None)
 def make_dkdv_kernel(plan):
+    fused = plan.dq_mode == "atomic"
     ops, t, walk, fill_invisible, (begin, acquire), store = _shared(plan, "dkdv", False)
     first_tile, next_tile, needs_mask = walk.first_tile, walk.next_tile, walk.needs_mask
     BC = t.bc
@@ -80,11 +114,17 @@ def make_dkdv_kernel(plan):
                                                    ops.mm_pv, ops.vec)
     exp2 = ops.exp2
     A_SHAPE, A_DT = ops.a_shape, ops.a_dtype
+    if fused:
+        stage_ds, mm_dq, add_dq = ops.dq.stage, ops.dq.mm, ops.dq.add
+        DQ_R, DQ_C = ops.dq.frag.rows, ops.dq.frag.out_cols
+    else:
+        stage_ds = mm_dq = add_dq = None
+        DQ_R, DQ_C = 1, 1
 
     @kernel(ops.threads, ops.smem_bytes, ops.min_blocks, ops.min_regs)
     def flash_bwd_dkdv(q, k, v, do, lse, dvec, dk, dv, nq, nk, q_st, k_st, v_st, do_st, dk_st, dv_st,
                        lse_st, scale, scale_log2, offset, q_count, q_index, mask_sh, mask_maxq, q_per_blk,
-                       k_per_blk):
+                       k_per_blk, dq_acc, acc_st):
         smem = cuda.shared.array(0, ACC)
         j_tile = cuda.blockIdx.x
         h = cuda.blockIdx.y
@@ -95,6 +135,7 @@ def make_dkdv_kernel(plan):
         lse_base = b * lse_st[0] + h * lse_st[1]
         qdo = (q, b * q_st[0] + h * q_st[2], q_st[1], do, b * do_st[0] + h * do_st[2], do_st[1],
                lse, lse_base, dvec, lse_base)
+        acc_base = b * acc_st[0] + h * acc_st[2]
 
         kvf = cuda.local.array(A_SHAPE, A_DT)
         load_res(smem, kvf, 0, k, b * k_st[0] + h * k_st[2], col0, nk - col0, k_st[1], tid)
@@ -108,6 +149,7 @@ def make_dkdv_kernel(plan):
         dv_acc = cuda.local.array((R, CO), ACC)
         st = cuda.local.array((R, C), ACC)
         dpt = cuda.local.array((R, C), ACC)
+        dqf = cuda.local.array((DQ_R, DQ_C), ACC)
         for i in range(R):
             for j in range(CO):
                 dk_acc[i, j] = ZERO
@@ -138,6 +180,14 @@ def make_dkdv_kernel(plan):
                 dd = vec(smem, stage, 1, col_of(tid, j))
                 for i in range(R):
                     dpt[i, j] = st[i, j] * (dpt[i, j] - dd)              # dS^T
+            if fused:
+                stage_ds(smem, dpt, tid)                                 # dS^T -> shared memory
+                cuda.syncthreads()                                       # every warp's dS^T is there
+                for i in range(DQ_R):
+                    for j in range(DQ_C):
+                        dqf[i, j] = ZERO
+                mm_dq(smem, dqf, tid)                                    # dQ_i (partial) = dS K_j
+                add_dq(dqf, dq_acc, acc_base, row0, nq - row0, acc_st[1], tid)
             mm_pv(smem, dpt, stage, 0, dk_acc, tid, True)                # dK += dS^T Q
             t, sub, base, row0, stage = nt, nsub, nbase, nrow0, 1 - stage
 
@@ -232,27 +282,42 @@ def make_dq_kernel(plan):
     return Launchable(flash_bwd_dq, ops.threads, ops.smem_bytes, ops.min_blocks, ops.min_regs)
 
 
-def launches(plan, stream, dout, q, k, v, out, lse, dq, dk, dv, nq, nk, scale, offset, masks, alloc):
-    """[(kernel, grid, stream, args)] of the backward pass: D, then dK/dV, then dQ. Arrays are
-    interop.View of (B, N, H, d) (lse: (B, H, Nq)); masks.lists(br, bc, transpose) gives the walk arguments
-    for a kernel's tiles; alloc(shape, dtype) allocates the D scratch vector in the inputs' framework."""
+def launches(plan, stream, dout, q, k, v, out, lse, dq, dk, dv, nq, nk, scale, offset, masks, alloc,
+             dlse=None):
+    """[(kernel, grid, stream, args)] of the backward pass: prepare, dK/dV, then dQ (its own kernel, or
+    the fused dQ's conversion). Arrays are interop.View of (B, N, H, d) (lse, dlse: (B, H, Nq), dlse
+    optional, contiguous as lse); masks.lists(br, bc, transpose) gives the walk arguments for a kernel's
+    tiles; alloc(shape, dtype) allocates scratch in the inputs' framework."""
     B, H, d = q.shape[0], q.shape[2], q.shape[3]
+    fused = plan.dq_mode == "atomic"
+    t = plan.dkdv
     dvec = alloc((B, H, nq), lse.dtype)
+    if fused:
+        dp = t.padded_headdim(d)
+        acc = alloc((B, nq, H, dp), "float32")
+        nzero, acc_st = B * nq * H * dp, strides3(acc)
+    else:
+        acc, nzero, acc_st = alloc((1,), "float32"), 0, (0, 0, 0)
     lse_st = (lse.strides[0], lse.strides[1])
     common = (nq, nk, strides3(q), strides3(k), strides3(v), strides3(dout))
     out_ = []
     if nq > 0:
-        dot = make_dot_do_o_kernel(d, plan.dtype)
+        prep = make_prepare_kernel(d, plan.dtype)
         rows = B * H * nq
-        out_.append((dot, (-(-rows // dot.threads),), stream,
+        out_.append((prep, (-(-rows // prep.threads),), stream,
                      (out.flat, dout.flat, dvec.flat, rows, nq, H, strides3(out), strides3(dout),
-                      (dvec.strides[0], dvec.strides[1]))))
+                      (dvec.strides[0], dvec.strides[1]), acc.flat, nzero,
+                      (dlse if dlse is not None else dvec).flat, dlse is not None)))
     if nk > 0:
-        out_.append((make_dkdv_kernel(plan), (-(-nk // plan.dkdv.bc), H, B), stream,
+        out_.append((make_dkdv_kernel(plan), (-(-nk // t.bc), H, B), stream,
                      (q.flat, k.flat, v.flat, dout.flat, lse.flat, dvec.flat, dk.flat, dv.flat, *common,
                       strides3(dk), strides3(dv), lse_st, scale, scale * LOG2E, offset,
-                      *masks.lists(plan.dkdv.br, plan.dkdv.bc, True))))
-    if nq > 0:
+                      *masks.lists(t.br, t.bc, True), acc.flat, acc_st)))
+    if nq > 0 and fused:
+        conv = make_dq_convert_kernel(d, dp, plan.dtype)
+        n = B * nq * H * d
+        out_.append((conv, (-(-n // conv.threads),), stream, (acc.flat, dq.flat, n, nq, H, strides3(dq), scale)))
+    elif nq > 0:
         out_.append((make_dq_kernel(plan), (-(-nq // plan.dq.br), H, B), stream,
                      (q.flat, k.flat, v.flat, dout.flat, lse.flat, dvec.flat, dq.flat, *common, strides3(dq),
                       lse_st, scale, scale * LOG2E, offset, *masks.lists(plan.dq.br, plan.dq.bc, False))))

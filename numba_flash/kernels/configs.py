@@ -15,6 +15,14 @@ TN = cols/TX) and a TM x DPT micro-tile of an output tile (DPT = padded head dim
 Tensor-core tiles: `warps` warps each own 16*mt rows of the block's resident tile (queries in the forward
 and dQ kernels, keys in dK/dV), as m16 tiles of mma fragments; `a_regs` keeps the resident operands (Q,
 dO or K, V) in registers as A fragments instead of re-reading them from shared memory at every tile.
+
+How the backward computes dQ (`Plan.dq_mode`, backward.py):
+  "kernel"   a separate dQ kernel recomputes S and dP (7 tile products per pair instead of 5); every
+             dQ element has one writer, so gradients are bitwise reproducible. The default
+             (`deterministic=True`), and the only mode of the SIMT path.
+  "atomic"   tensor cores with `deterministic=False`: the dK/dV kernel adds its dS K_j into a float32
+             dQ accumulator with unordered reductions (5 products, flash-attn's scheme).
+NUMBA_FLASH_DQ_MODE overrides the choice for tensor-core plans (tuning runs).
 """
 import math
 import os
@@ -24,6 +32,8 @@ from .launch import SIMULATOR
 
 BACKENDS = ("auto", "simt", "mma")
 BACKEND_ENV = "NUMBA_FLASH_BACKEND"
+DQ_MODES = ("kernel", "atomic")
+DQ_MODE_ENV = "NUMBA_FLASH_DQ_MODE"
 MMA_DTYPES = ("float16", "bfloat16")
 MAX_HEADDIM = 256
 MIN_HEADDIM = 16
@@ -64,6 +74,8 @@ class Plan:
     dkdv: object = None  # tiles of the dK/dV and dQ kernels (a backward plan)
     dq: object = None
     positive_scale: bool = True   # forward: softmax_scale > 0 (the FlashAttention-2 exp2 form, softmax.py)
+    dq_mode: str = "kernel"       # backward: how dQ is computed (module docstring)
+    vector_red: bool = False      # backward: dQ additions as red.global.add.v2.f32 (sm_90)
 
 
 def vector_elems(path):
@@ -110,6 +122,16 @@ def _mma_tiles(role, headdim):
         return MmaTiles(64, 64, 4, a_regs=False)
     if role == "dq":
         return MmaTiles(64, 64, 4, a_regs=headdim <= 64)
+    if role == "dkdv_atomic":
+        # The fused dQ adds a BN x d float32 tile into global memory per tile pair: 128-key tiles halve
+        # those additions per FLOP. H200, fp16, N=4096 backward (tools/tune.py, 2026-12-01): d=64
+        # 64 x 128 keys, 8 warps 6.60 ms against 7.02 for 64 x 64, 4 warps; d=128 32 x 128, 8 warps
+        # 6.95 against 7.14.
+        if headdim <= 64:
+            return MmaTiles(64, 128, 8, a_regs=True, min_blocks=1)
+        if headdim <= 128:
+            return MmaTiles(32, 128, 8, a_regs=False, min_blocks=1)
+        role = "dkdv"
     # dK/dV hold two output accumulators (d/2 floats each per m16 tile): past d=64 the resident K, V stay
     # in shared memory and the query tiles shrink. H200, d=128, N=4096 backward: 32-query tiles 7.39 ms
     # (40 bytes of spills, ptxas sm_90) against 8.13 ms for 16-query tiles (none).
@@ -133,10 +155,17 @@ def _override(path, role):
     return None
 
 
-def tiles(path, role, headdim):
+def tiles(path, role, headdim, block_k=None):
+    """Tiles of kernel `role` ("fwd", "dkdv", "dq", or "dkdv_atomic": the dK/dV kernel with the fused
+    dQ). block_k: a block mask's key block size, which the key tiles must divide (None: dense)."""
     if SIMULATOR:
-        return _SIM[path][role]
-    return _override(path, role) or (_simt_tiles if path == "simt" else _mma_tiles)(role, headdim)
+        return _SIM[path]["dkdv" if role == "dkdv_atomic" else role]
+    t = _override(path, "dkdv" if role == "dkdv_atomic" else role)
+    if t is None:
+        t = (_simt_tiles if path == "simt" else _mma_tiles)(role, headdim)
+        if role == "dkdv_atomic" and block_k is not None and block_k % t.bc:
+            t = _mma_tiles("dkdv", headdim)          # the mask's key blocks are narrower than 128
+    return t
 
 
 def resolve_backend(backend, dtype_name, capability):
@@ -167,9 +196,29 @@ def forward_plan(path, headdim, dtype_name, causal, aligned, positive_scale=True
                 positive_scale=bool(positive_scale))
 
 
-def backward_plan(path, headdim, dtype_name, causal, aligned):
+def dq_mode(path, deterministic):
+    """How the backward on `path` computes dQ (module docstring)."""
+    if path != "mma":
+        return "kernel"
+    mode = os.environ.get(DQ_MODE_ENV, "").strip()
+    if mode:
+        if mode not in DQ_MODES:
+            raise ValueError(f"{DQ_MODE_ENV}={mode!r}: must be one of {DQ_MODES}")
+        return mode
+    return "kernel" if deterministic else "atomic"
+
+
+def backward_plan(path, headdim, dtype_name, causal, aligned, deterministic=True, capability=None,
+                  block_k=None):
+    """capability: (major, minor) of the device, None under the simulator; block_k: a block mask's key
+    block size (None: dense)."""
+    mode = dq_mode(path, deterministic)
+    if mode == "kernel":
+        return Plan(path, headdim, dtype_name, bool(causal), bool(aligned), dkdv=tiles(path, "dkdv", headdim),
+                    dq=tiles(path, "dq", headdim))
     return Plan(path, headdim, dtype_name, bool(causal), bool(aligned),
-                dkdv=tiles(path, "dkdv", headdim), dq=tiles(path, "dq", headdim))
+                dkdv=tiles(path, "dkdv_atomic", headdim, block_k), dq_mode=mode,
+                vector_red=capability is None or tuple(capability) >= (9, 0))
 
 
 def mask_tile(path, headdim):

@@ -20,7 +20,7 @@ from functools import lru_cache
 from numba import cuda
 
 from .convert import acc_constant, acc_type, storer
-from .fragments import make_store_rows
+from .fragments import make_store_rows, pair_packer
 from .launch import Launchable, kernel, strides3
 from .pipeline import make_pipeline
 from .softmax import LOG2E, make_softmax
@@ -40,7 +40,7 @@ def make_forward_kernel(plan):
     begin, acquire = make_pipeline(ops)
     scale_and_mask, online_update, finalize, _ = make_softmax(ops.frag, plan.dtype, ops.exp2, visible_cols,
                                                               plan.positive_scale)
-    store_o = make_store_rows(ops.frag, plan.headdim, storer(plan.dtype))
+    store_o = make_store_rows(ops.frag, plan.headdim, storer(plan.dtype), pair_packer(plan, ops.frag))
     load_q, resident_ready, mm_nt, mm_pv = ops.load_resident, ops.resident_ready, ops.mm_nt, ops.mm_pv
     A_SHAPE, A_DT, GROUP = ops.a_shape, ops.a_dtype, ops.frag.group
 

@@ -20,6 +20,7 @@ with the same g).
 from collections import namedtuple
 from dataclasses import dataclass
 
+from . import ptx
 from .launch import inline_device
 
 
@@ -63,12 +64,17 @@ def mma_fragment(mt, n_tiles, out_n_tiles):
     return Fragment(2 * mt, 2 * n_tiles, 2 * out_n_tiles, 4, row, col, col)
 
 
-def make_store_rows(frag, headdim, store_elem):
+def make_store_rows(frag, headdim, store_elem, pack=None):
     """store(acc, row_scale, g, base, row0, nrows, stride, tid): g[base + (row0 + r) * stride + c] =
     acc[i, j] * row_scale[i] for the thread's output elements (r, c) inside the nrows x headdim tile.
-    Used by every epilogue (O, dQ, dK, dV) of both paths."""
+    Used by every epilogue (O, dQ, dK, dV) of both paths.
+
+    pack: for 16-bit outputs whose rows start 4-byte aligned (and an even head dim), the pair packer
+    (ptx.pack_f16x2 / pack_bf16x2): both layouts give a thread adjacent output columns j, j+1 for even j,
+    so each pair is rounded by one cvt and written by one 32-bit store."""
     R, CO = frag.rows, frag.out_cols
     row_of, col_of = frag.row, frag.out_col
+    assert pack is None or (CO % 2 == 0 and headdim % 2 == 0)
 
     @inline_device
     def store(acc, row_scale, g, base, row0, nrows, stride, tid):
@@ -76,13 +82,27 @@ def make_store_rows(frag, headdim, store_elem):
             r = row_of(tid, i)
             if r < nrows:
                 grow = base + (row0 + r) * stride
-                for j in range(CO):
-                    c = col_of(tid, j)
-                    if c < headdim:
-                        g[grow + c] = store_elem(acc[i, j] * row_scale[i])
+                if pack is None:
+                    for j in range(CO):
+                        c = col_of(tid, j)
+                        if c < headdim:
+                            g[grow + c] = store_elem(acc[i, j] * row_scale[i])
+                else:
+                    for j in range(0, CO, 2):
+                        c = col_of(tid, j)
+                        if c < headdim:
+                            ptx.st_global_b32(g, grow + c, pack(acc[i, j] * row_scale[i],
+                                                                acc[i, j + 1] * row_scale[i]))
         return
 
     return store
+
+
+def pair_packer(plan, frag):
+    """The `pack` make_store_rows may use for `plan`'s outputs, or None."""
+    if not plan.aligned or plan.dtype not in ("float16", "bfloat16") or frag.out_cols % 2 or plan.headdim % 2:
+        return None
+    return ptx.pack_f16x2 if plan.dtype == "float16" else ptx.pack_bf16x2
 
 
 TileOps = namedtuple("TileOps", [
@@ -97,7 +117,17 @@ TileOps = namedtuple("TileOps", [
     "vec",             # (smem, stage, which, idx): streamed per-row vector value (dK/dV: lse, D)
     "mm_nt",           # (smem, afrag, a_slot, stage, b_slot, c, tid): c += A[a_slot] B[b_slot]^T
     "mm_pv",           # (smem, p, stage, b_slot, acc, tid, lead_sync): acc += P B[b_slot]
+    "dq",              # DqOps of a dK/dV kernel that computes dQ itself (tensor cores), else None
 ])
+DqOps = namedtuple("DqOps", [
+    "frag",            # Fragment of the thread's dQ partial (rows: query rows of the tile; out_cols)
+    "stage",           # (smem, ds, tid): the thread's dS^T score fragment -> shared memory
+    "mm",              # (smem, dq, tid): dq += this thread's part of dS K (after a barrier on stage)
+    "add",             # (dq, g, base, row0, nrows, stride, tid): global float32 g += dq (reductions)
+])
+DqOps.__doc__ = """A dK/dV kernel's own dQ_i += dS K_j (backward.py, tc_tiles.make_dq_ops): the staged dS^T,
+the product, and its addition into a float32 accumulator in global memory."""
+
 TileOps.__doc__ = """What a path provides to the kernel bodies of forward.py and backward.py.
 
 A block owns a tile of BM rows (the resident operands: Q, or Q and dO, or K and V) and streams tiles of

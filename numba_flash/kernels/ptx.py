@@ -130,7 +130,12 @@ ld1, st1 = _make_scalar_access()
 #   ex2(x)                                           -> f32: 2^x, ex2.approx.ftz.f32
 #   st_global_b32(garr, gidx, u32)                   one 32-bit store at element gidx of a global array
 #   st_shared_b16(sarr, hidx, v16)                   one 16-bit store at halfword hidx of a shared array
+#   st_shared_b32(sarr, widx, u32)                   one 32-bit store (bits as given) at word widx of a shared array
 #   lane_id()                                        lane within the warp
+#   vote_any(pred)                                   -> bool: pred is true in some lane of the warp
+#   red_add_f32(garr, gidx, x)                       global float32 reduction (atomic add, no result)
+#   red_add_f32x2(garr, gidx, x, y)                  the same on two adjacent floats in one instruction
+#                                                    (red.global.add.v2.f32, sm_90; gidx even)
 #
 # Fragment layouts of mma.sync.m16n8k16 (PTX ISA, "Matrix Fragments for mma.m16n8k16 with floating point
 # type"), g = lane >> 2, t = lane & 3, each u32 register holding two 16-bit elements, the lower-indexed
@@ -354,6 +359,46 @@ if SIMULATOR:
         off = 2 * int(hidx)
         bits = _np.asarray(val).astype(_np.float16 if isinstance(val, (float, _np.floating)) else _np.uint16)
         buf[off:off + 2] = _np.frombuffer(bits.tobytes(), _np.uint8)
+
+    def st_shared_b32(sarr, widx, val):
+        buf, off = _span(sarr, 0, 4, 1, "st_shared_b32")
+        off = 4 * int(widx)
+        if off < 0 or off + 4 > buf.size:
+            raise IndexError(f"st_shared_b32: bytes [{off}, {off + 4}) outside {buf.size} bytes")
+        buf[off:off + 4] = _np.frombuffer((int(val) & 0xFFFFFFFF).to_bytes(4, "little"), _np.uint8)
+
+    # --- votes, global reductions ---
+
+    def vote_any(pred):
+        _, preds, _ = _simwarp.exchange(bool(pred))
+        return any(preds)
+
+    # Blocks of a simulated grid run one after another, but the threads of a block run concurrently:
+    # a reduction is a read-modify-write under one lock, as the GPU's L2 performs it atomically.
+    _RED_LOCK = __import__("threading").Lock()
+
+    def _f32_array(garr, gidx, n, what):
+        a = _ndarray(garr)
+        if a.dtype != _np.float32 or a.ndim != 1:
+            raise TypeError(f"{what}: needs a flat float32 array, got {a.dtype} with {a.ndim} dims")
+        i = int(gidx)
+        if i % n:
+            raise ValueError(f"{what}: element {i} is not {4 * n}-byte aligned")
+        if i < 0 or i + n > a.size:
+            raise IndexError(f"{what}: elements [{i}, {i + n}) outside an array of {a.size}")
+        return a, i
+
+    def red_add_f32(garr, gidx, x):
+        a, i = _f32_array(garr, gidx, 1, "red_add_f32")
+        with _RED_LOCK:
+            a[i] = a[i] + _f32(x)
+
+    def red_add_f32x2(garr, gidx, x, y):
+        a, i = _f32_array(garr, gidx, 2, "red_add_f32x2")
+        with _RED_LOCK:
+            a[i] = a[i] + _f32(x)
+            a[i + 1] = a[i + 1] + _f32(y)
+
 
 else:
     from llvmlite import ir as _ir
@@ -646,3 +691,62 @@ else:
             return context.get_dummy_value()
 
         return _types.void(sarr, hidx, val), codegen
+
+    @_intrinsic
+    def st_shared_b32(typingctx, sarr, widx, val):
+        """Store the 32 bits of integer `val` at word `widx` of a shared array of any 4-byte dtype."""
+        if not (_is_array(sarr) and _is_int(widx) and _is_int(val)):
+            return None
+
+        def codegen(context, builder, signature, args):
+            t = signature.args
+            ary = context.make_array(t[0])(context, builder, args[0])
+            base = builder.addrspacecast(builder.bitcast(ary.data, _ir.IntType(8).as_pointer()),
+                                         _ir.PointerType(_ir.IntType(8), 3))
+            p = builder.gep(builder.bitcast(base, _ir.PointerType(_I32, 3)),
+                            [context.cast(builder, args[1], t[1], _types.intp)])
+            builder.store(context.cast(builder, args[2], t[2], _types.uint32), p, align=4)
+            return context.get_dummy_value()
+
+        return _types.void(sarr, widx, val), codegen
+
+    @_intrinsic
+    def vote_any(typingctx, pred):
+        if not _is_int(pred):
+            return None
+        text = ("{ .reg .pred p, q; setp.ne.u32 p, $1, 0; vote.sync.any.pred q, p, 0xffffffff; "
+                "selp.u32 $0, 1, 0, q; }")
+
+        def codegen(context, builder, signature, args):
+            v = context.cast(builder, args[0], signature.args[0], _types.uint32)
+            r = _asm(builder, _I32, [_I32], text, "=r,r", [v], attrs=_COLLECTIVE_PURE)
+            return builder.icmp_unsigned("!=", r, _ir.Constant(_I32, 0))
+
+        return _types.boolean(pred), codegen
+
+    def _red_codegen(n):
+        vals = ", ".join(f"${i + 1}" for i in range(n))
+        text = (f"red.global.add.v{n}.f32 [$0], {{{vals}}};" if n > 1 else "red.global.add.f32 [$0], $1;")
+
+        def codegen(context, builder, signature, args):
+            t = signature.args
+            p = _global_ptr(context, builder, t[0], args[0], t[1], args[1])
+            ops = [context.cast(builder, v, ty, _types.float32) for v, ty in zip(args[2:], t[2:])]
+            _asm(builder, _ir.VoidType(), [p.type] + [_F32] * n, text,
+                 ",".join(["l"] + ["f"] * n) + ",~{memory}", [p] + ops, side_effect=True)
+            return context.get_dummy_value()
+
+        return codegen
+
+    @_intrinsic
+    def red_add_f32(typingctx, garr, gidx, x):
+        if not (_is_array(garr) and _is_int(gidx) and isinstance(x, _types.Number)):
+            return None
+        return _types.void(garr, gidx, x), _red_codegen(1)
+
+    @_intrinsic
+    def red_add_f32x2(typingctx, garr, gidx, x, y):
+        if not (_is_array(garr) and _is_int(gidx) and isinstance(x, _types.Number)
+                and isinstance(y, _types.Number)):
+            return None
+        return _types.void(garr, gidx, x, y), _red_codegen(2)

@@ -274,4 +274,4 @@ def make_simt_ops(role, tiles, headdim, dtype_name, vec_global):
         path="simt", stages=1, threads=NT, smem_bytes=WORDS * WORD_BYTES, min_blocks=tiles.min_blocks,
         min_regs=96, frag=simt_fragment(TM, TN, TY, TX, DPT), a_shape=(1,), a_dtype=uint32, exp2=math.exp2,
         load_resident=load_resident, resident_ready=resident_ready, stream=stream, commit=noop,
-        wait_all=noop, vec=vec, mm_nt=mm_nt, mm_pv=mm_pv)
+        wait_all=noop, vec=vec, mm_nt=mm_nt, mm_pv=mm_pv, dq=None)

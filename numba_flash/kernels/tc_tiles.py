@@ -26,15 +26,18 @@ import numpy as np
 from numba import cuda, uint32
 
 from . import ptx
-from .fragments import TileOps, mma_fragment
+from .fragments import DqOps, Fragment, TileOps, mma_fragment
 from .launch import inline_device
 
 CP_ASYNC_HALVES = 8      # one cp.async moves 16 bytes = 8 halves
 
 
 @lru_cache(maxsize=None)
-def make_tc_ops(role, tiles, headdim, dtype_name, aligned):
-    """TileOps of the tensor-core path for one kernel role ("fwd", "dq", "dkdv"; see simt_tiles)."""
+def make_tc_ops(role, tiles, headdim, dtype_name, aligned, fused_dq=False, vector_red=False):
+    """TileOps of the tensor-core path for one kernel role ("fwd", "dq", "dkdv"; see simt_tiles).
+
+    fused_dq (dkdv only): also provide stage_ds / mm_dq / add_dq, the dK/dV kernel's own dQ = dS K
+    (backward.py); vector_red: add dQ with red.global.add.v2.f32 (sm_90) instead of two scalar reds."""
     assert dtype_name in ("float16", "bfloat16")
     BM, BN = (tiles.bc, tiles.br) if role == "dkdv" else (tiles.br, tiles.bc)
     W = tiles.warps
@@ -51,7 +54,11 @@ def make_tc_ops(role, tiles, headdim, dtype_name, aligned):
     AREG = tiles.a_regs
     OFF_B = NA * BM * LDW                  # words; streamed: [stage][slot] tiles of BN x LDW
     OFF_VEC = OFF_B + 2 * 2 * BN * LDW     # dK/dV: [stage][lse, D] vectors of BN float32
-    WORDS = OFF_VEC + (2 * 2 * BN if role == "dkdv" else 0)
+    OFF_DS = OFF_VEC + (2 * 2 * BN if role == "dkdv" else 0)
+    # fused dQ: dS^T staged as 16-bit [key][query], rows padded by 16 bytes like the tiles (LDS words)
+    LDS = (BN + 8) // 2
+    assert not fused_dq or role == "dkdv"
+    WORDS = OFF_DS + (BM * LDS if fused_dq else 0)
     mma = ptx.mma_f16 if dtype_name == "float16" else ptx.mma_bf16
     pack = ptx.pack_f16x2 if dtype_name == "float16" else ptx.pack_bf16x2
     ZERO_BITS = np.uint16(0)
@@ -220,6 +227,9 @@ def make_tc_ops(role, tiles, headdim, dtype_name, aligned):
                         acc[i, j + 2], acc[i, j + 3], acc[i + 1, j + 2], acc[i + 1, j + 3])
         return
 
+    frag = mma_fragment(MT, NT, DT)
+    dq = make_dq_ops(BM, BN, W, DP, LDW, OFF_DS, LDS, mma, pack, vector_red, frag) if fused_dq else None
+
     # Registers per thread, roughly: MT*(DP/2) output floats per accumulator, MT*BN/2 score floats per
     # score tile, NA*MT*DP/4 words of A fragments; the launch bounds leave room for them.
     a_words = NA * MT * KS * 4 if AREG else 0
@@ -227,7 +237,108 @@ def make_tc_ops(role, tiles, headdim, dtype_name, aligned):
     min_regs = min(255, max(128, need + 64))
     return TileOps(
         path="mma", stages=2, threads=NTHREADS, smem_bytes=WORDS * 4, min_blocks=tiles.min_blocks,
-        min_regs=min_regs, frag=mma_fragment(MT, NT, DT),
+        min_regs=min_regs, frag=frag,
         a_shape=(NA, MT, KS, 4) if AREG else (1,), a_dtype=uint32, exp2=ptx.ex2,
         load_resident=load_resident, resident_ready=resident_ready, stream=stream,
-        commit=ptx.cp_async_commit, wait_all=ptx.cp_async_wait_all, vec=vec, mm_nt=mm_nt, mm_pv=mm_pv)
+        commit=ptx.cp_async_commit, wait_all=ptx.cp_async_wait_all, vec=vec, mm_nt=mm_nt, mm_pv=mm_pv,
+        dq=dq)
+
+
+def make_dq_ops(BM, BN, W, DP, LDW, OFF_DS, LDS, mma, pack, vector_red, sfrag):
+    """The dK/dV kernel's own dQ_i += dS K_j (fragments.DqOps).
+
+    dS^T is in registers as the score fragment (rows: this warp's keys, columns: the BN queries); dQ
+    needs dS with the queries as rows, and every key of the tile in each row's sum. So the warps stage
+    dS^T in shared memory as 16-bit [key][query] rows (stage_ds), and after a barrier each warp reads its
+    share of dS back as mma A fragments with ldmatrix.trans: the .trans of an 8 x 8 block of dS^T stored
+    by keys is, lane for lane, the A-fragment block of dS (PTX ISA, ldmatrix). B is the resident K tile
+    (keys x head dim, row-major: ldmatrix.trans as in mm_pv). The BN x DP output is cut into units of one
+    m16 query tile x DP/CG columns, one unit per warp when there are as many units as warps.
+    """
+    QT = BN // 16                          # m16 query tiles
+    DT = DP // 8
+    if QT >= W:
+        assert QT % W == 0, (BN, W)
+        MQ, CG = QT // W, 1
+    else:
+        assert W % QT == 0, (BN, W)
+        MQ = 1
+        CG = max(c for c in range(1, W // QT + 1) if (DT // 2) % c == 0 and (W // QT) % c == 0)
+    NQ = DT // CG                          # n8 tiles of a unit (even: DT // 2 is a multiple of CG)
+    ACTIVE = QT * CG if QT < W else W      # warps with a unit
+    R, C, srow, scol = sfrag.rows, sfrag.cols, sfrag.row, sfrag.col
+
+    @inline_device
+    def unit(tid):
+        """(first m16 query tile, first output column) of this warp's unit."""
+        w = tid // 32
+        if QT >= W:
+            return w * MQ, 0
+        return w % QT, (w // QT) * NQ * 8
+
+    @inline_device
+    def row(tid, i):
+        qt, _ = unit(tid)
+        return (qt + i // 2) * 16 + (i % 2) * 8 + (tid % 32) // 4
+
+    @inline_device
+    def col(tid, j):
+        _, c0 = unit(tid)
+        return c0 + (j // 2) * 8 + 2 * (tid % 4) + j % 2
+
+    @inline_device
+    def stage_ds(smem, p, tid):
+        """This thread's dS^T fragment p (the score layout: rows keys, columns queries) -> shared memory
+        as 16-bit pairs (columns 2t, 2t+1 are adjacent). Lanes g, t of a store write row g, word t:
+        rows LDS = 4 (mod 8) words apart put the warp's 32 words in 32 banks."""
+        for i in range(R):
+            w = OFF_DS + srow(tid, i) * LDS
+            for j in range(0, C, 2):
+                ptx.st_shared_b32(smem, w + scol(tid, j) // 2, pack(p[i, j], p[i, j + 1]))
+        return
+
+    @inline_device
+    def mm_dq(smem, dq, tid):
+        """dq[2MQ, 2NQ] += (this warp's rows of dS) K, dS from the staged dS^T."""
+        if tid // 32 < ACTIVE:
+            lane = tid % 32
+            qt0, c0 = unit(tid)
+            lane_a = OFF_DS + (lane % 8 + 8 * (lane // 16)) * LDS + 4 * ((lane // 8) % 2)
+            lane_b = (lane % 8 + 8 * ((lane // 8) % 2)) * LDW + 4 * (lane // 16)
+            a = cuda.local.array((MQ, 4), uint32)
+            for kk in range(BM // 16):
+                for mq in range(MQ):
+                    # matrices: (q 0-7, k 0-7), (q 8-15, k 0-7), (q 0-7, k 8-15), (q 8-15, k 8-15)
+                    a[mq, 0], a[mq, 1], a[mq, 2], a[mq, 3] = ptx.ldmatrix_x4_trans(
+                        smem, lane_a + (qt0 + mq) * 8, kk * 16 * LDS)
+                for d2 in range(NQ // 2):
+                    b0, b1, b2, b3 = ptx.ldmatrix_x4_trans(smem, lane_b + c0 // 2, kk * 16 * LDW + d2 * 8)
+                    for mq in range(MQ):
+                        i = 2 * mq
+                        j = 4 * d2
+                        dq[i, j], dq[i, j + 1], dq[i + 1, j], dq[i + 1, j + 1] = mma(
+                            a[mq, 0], a[mq, 1], a[mq, 2], a[mq, 3], b0, b1,
+                            dq[i, j], dq[i, j + 1], dq[i + 1, j], dq[i + 1, j + 1])
+                        dq[i, j + 2], dq[i, j + 3], dq[i + 1, j + 2], dq[i + 1, j + 3] = mma(
+                            a[mq, 0], a[mq, 1], a[mq, 2], a[mq, 3], b2, b3,
+                            dq[i, j + 2], dq[i, j + 3], dq[i + 1, j + 2], dq[i + 1, j + 3])
+        return
+
+    @inline_device
+    def add_dq(dq, g, base, row0, nrows, stride, tid):
+        """g[base + (row0 + r) * stride + c] += dq[i, j] for this warp's elements (r, c), r < nrows; the
+        accumulator's rows are DP floats wide, so every column exists and pairs are 8-byte aligned."""
+        if tid // 32 < ACTIVE:
+            for i in range(2 * MQ):
+                r = row(tid, i)
+                if r < nrows:
+                    grow = base + (row0 + r) * stride
+                    for j in range(0, 2 * NQ, 2):
+                        if vector_red:
+                            ptx.red_add_f32x2(g, grow + col(tid, j), dq[i, j], dq[i, j + 1])
+                        else:
+                            ptx.red_add_f32(g, grow + col(tid, j), dq[i, j])
+                            ptx.red_add_f32(g, grow + col(tid, j) + 1, dq[i, j + 1])
+        return
+
+    return DqOps(frag=Fragment(2 * MQ, 0, 2 * NQ, 4, row, col, col), stage=stage_ds, mm=mm_dq, add=add_dq)

@@ -7,4 +7,5 @@ def make_ops(plan, role):
     if plan.path == "simt":
         return make_simt_ops(role, t, plan.headdim, plan.dtype, plan.aligned)
     from .tc_tiles import make_tc_ops
-    return make_tc_ops(role, t, plan.headdim, plan.dtype, plan.aligned)
+    fused = role == "dkdv" and plan.dq_mode == "atomic"
+    return make_tc_ops(role, t, plan.headdim, plan.dtype, plan.aligned, fused, fused and plan.vector_red)
