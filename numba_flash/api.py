@@ -68,7 +68,7 @@ def check_qkv(q, k, v):
             raise ValueError(f"{name} must have shape (batch, seqlen, nheads, headdim), got {shape}")
         if dtype not in DTYPES:
             raise TypeError(f"{name} has dtype {dtype}; supported: {', '.join(DTYPES)}")
-        if shape[3] > 1 and strides[3] != 1:
+        if shape[3] > 1 and strides[3] != 1 and 0 not in shape:   # an empty array has no layout to obey
             raise ValueError(f"{name} must be contiguous in its last (headdim) dim, got strides {strides}")
         _check_device(name, fw, dev)
         descs[name] = (fw, shape, dtype, dev)
@@ -109,8 +109,16 @@ def check_scale(softmax_scale, headdim):
     return s
 
 
+def check_bool(name, value):
+    """A flag must be a bool (numpy's included): causal='False' would otherwise mean causal."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
+    return bool(value)
+
+
 def causal_offset(causal, causal_align, seqlen_q, seqlen_k):
     """Key c is visible to query r iff c <= r + offset (bottom-right: offset = seqlen_k - seqlen_q)."""
+    causal = check_bool("causal", causal)
     if causal_align not in CAUSAL_ALIGNS:
         raise ValueError(f"causal_align must be one of {CAUSAL_ALIGNS}, got {causal_align!r}")
     if not causal:
@@ -126,6 +134,8 @@ def _check_out(name, x, p, shape, dtype, contiguous=False):
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {s}")
     if dt != dtype:
         raise TypeError(f"{name} must have dtype {dtype}, got {dt}")
+    if 0 in s:          # no elements: any strides will do (out.sum()'s gradient of an empty out: all 0)
+        return x
     if contiguous:
         expect = tuple(int(np.prod(shape[i + 1:])) for i in range(len(shape)))
         if any(n > 1 and st != e for n, st, e in zip(s, strides, expect)):
@@ -146,19 +156,25 @@ def lse_dtype(dtype):
 _capabilities = {}
 
 
+def capability_of(p):
+    """(major, minor) of problem p's GPU; None under the simulator."""
+    if SIMULATOR or p.device == "cpu":
+        return None
+    cap = _capabilities.get(p.device)
+    if cap is None:
+        from numba import cuda
+        cap = _capabilities[p.device] = tuple(cuda.gpus[p.device].compute_capability)
+    return cap
+
+
 def path_of(p, backend):
     """The kernel path for problem p: configs.resolve_backend with the device's compute capability."""
-    cap = None
-    if not SIMULATOR and p.device != "cpu":
-        cap = _capabilities.get(p.device)
-        if cap is None:
-            from numba import cuda
-            cap = _capabilities[p.device] = tuple(cuda.gpus[p.device].compute_capability)
-    return configs.resolve_backend(backend, p.dtype, cap)
+    return configs.resolve_backend(backend, p.dtype, capability_of(p))
 
 
 def _aligned(path, p, *views):
-    """Whether every row of every input starts on the path's vector boundary (configs.vector_elems)."""
+    """Whether every row of every view given (the inputs, and the outputs the kernels store in pairs)
+    starts on the path's vector boundary (configs.vector_elems)."""
     n = configs.vector_elems(path)
     return p.dtype != "float64" and p.headdim % n == 0 and all(v.aligned(n) for v in views)
 
@@ -206,8 +222,8 @@ class TileLists:
             self.arrays, self.block = _dense_lists[p.device], None
         else:
             ml = mask_lists_of(block_mask, p)
-            self.arrays, self.block = (ml.kv_count, ml.kv_index, ml.q_count, ml.q_index), (ml.block_q,
-                                                                                          ml.block_k)
+            self.arrays = (ml.kv_count, ml.kv_index, ml.q_count, ml.q_index)
+            self.block = (ml.block_q, ml.block_k)
 
     def lists(self, br, bc, transpose):
         count, index = self.arrays[2:] if transpose else self.arrays[:2]
@@ -220,6 +236,7 @@ class TileLists:
 
 
 def _alloc(p):
+    """Scratch of the inputs' framework (uninitialised: the kernels that need zeros write them)."""
     def alloc(shape, dtype):
         return interop.flat_view(interop.empty_like_framework(p.framework, p.device, shape, dtype), "scratch")
     return alloc
@@ -275,7 +292,7 @@ def flash_attn_forward(q, k, v, *, softmax_scale=None, causal=False, causal_alig
         return out, lse
 
     views = [interop.flat_view(x, n) for x, n in ((q, "q"), (k, "k"), (v, "v"), (out, "out"), (lse, "lse"))]
-    plan = configs.forward_plan(path, d, p.dtype, causal, _aligned(path, p, *views[:3]), scale > 0)
+    plan = configs.forward_plan(path, d, p.dtype, causal, _aligned(path, p, *views[:4]), scale > 0)
     with _on_device(p):
         forward.launch(plan, interop.launch_stream(p.framework, p.device), *views, Nq, p.seqlen_k, scale,
                        offset, TileLists(p, block_mask))
@@ -283,13 +300,24 @@ def flash_attn_forward(q, k, v, *, softmax_scale=None, causal=False, causal_alig
 
 
 def flash_attn_backward(dout, q, k, v, out, lse, *, softmax_scale=None, causal=False,
-                        causal_align="bottom_right", block_mask=None, dq=None, dk=None, dv=None, backend=None):
+                        causal_align="bottom_right", block_mask=None, dq=None, dk=None, dv=None, backend=None,
+                        deterministic=True, dlse=None):
     """FlashAttention backward: `(dq, dk, dv)` given dout = dL/dout and the forward's `out` and `lse`.
 
     Shapes and dtypes as `flash_attn_forward` (dout, out: like q; lse: C-contiguous (batch, nheads,
     seqlen_q)); softmax_scale, causal, causal_align and block_mask must be those of the forward call;
-    backend as there. dq, dk, dv: optional preallocated outputs shaped like q, k, v. Deterministic: the
-    same inputs give bitwise the same gradients (no atomics). Rows that saw no key contribute nothing.
+    backend as there. dq, dk, dv: optional preallocated outputs shaped like q, k, v. Rows that saw no
+    key contribute nothing.
+
+    dlse: optional dL/dlse, C-contiguous like lse, for a loss that uses the log-sum-exp too (merging
+    partial attentions, say). Since d lse_r / d S_rc = P_rc, it enters as dS = P * (dP - D + dlse): the
+    kernels subtract it from D = rowsum(dO * O) and cost nothing more.
+
+    deterministic: True (default): the same inputs give bitwise the same gradients: a separate dQ
+        kernel writes every dQ element once (it recomputes S and dP, 7 tile products per tile pair
+        instead of 5). False: on tensor cores the dK/dV kernel adds its share of dQ into a float32
+        accumulator with unordered atomics, as flash-attn does: 5 products, faster, and the last bits
+        of dq vary from run to run. SIMT kernels are deterministic either way.
     """
     p = check_qkv(q, k, v)
     scale = check_scale(softmax_scale, p.headdim)
@@ -300,6 +328,8 @@ def flash_attn_backward(dout, q, k, v, out, lse, *, softmax_scale=None, causal=F
     _check_out("dout", dout, p, (B, Nq, H, d), p.dtype)
     _check_out("out", out, p, (B, Nq, H, d), p.dtype)
     _check_out("lse", lse, p, (B, H, Nq), lse_dtype(p.dtype), contiguous=True)
+    if dlse is not None:
+        _check_out("dlse", dlse, p, (B, H, Nq), lse_dtype(p.dtype), contiguous=True)
     outs = []
     for name, x, n in (("dq", dq, Nq), ("dk", dk, Nk), ("dv", dv, Nk)):
         if x is None:
@@ -314,10 +344,15 @@ def flash_attn_backward(dout, q, k, v, out, lse, *, softmax_scale=None, causal=F
     views = [interop.flat_view(x, n) for x, n in
              ((dout, "dout"), (q, "q"), (k, "k"), (v, "v"), (out, "out"), (lse, "lse"), (dq, "dq"),
               (dk, "dk"), (dv, "dv"))]
-    plan = configs.backward_plan(path, d, p.dtype, causal, _aligned(path, p, *views[:4]))
+    dlse_view = None if dlse is None else interop.flat_view(dlse, "dlse")
+    if not isinstance(deterministic, bool):
+        raise TypeError(f"deterministic must be a bool, got {type(deterministic).__name__}")
+    lists = TileLists(p, block_mask)
+    plan = configs.backward_plan(path, d, p.dtype, causal, _aligned(path, p, *views[:4], *views[6:]),
+                                 deterministic, capability_of(p), lists.block[1] if lists.block else None)
     with _on_device(p):
         backward.launch(plan, interop.launch_stream(p.framework, p.device), *views, Nq, Nk, scale, offset,
-                        TileLists(p, block_mask), _alloc(p))
+                        lists, _alloc(p), dlse_view)
     return dq, dk, dv
 
 

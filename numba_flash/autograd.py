@@ -29,7 +29,7 @@ def _align(top_left):
 def flash_fwd_op(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float, causal: bool, top_left: bool,
                  kv_count: Optional[Tensor], kv_index: Optional[Tensor], q_count: Optional[Tensor],
                  q_index: Optional[Tensor], block_q: int, block_k: int,
-                 backend: str = "auto") -> tuple[Tensor, Tensor]:
+                 backend: str = "auto", deterministic: bool = True) -> tuple[Tensor, Tensor]:
     return api.flash_attn_forward(
         q, k, v, softmax_scale=softmax_scale, causal=causal, causal_align=_align(top_left),
         block_mask=_lists(kv_count, kv_index, q_count, q_index, block_q, block_k), backend=backend)
@@ -37,7 +37,7 @@ def flash_fwd_op(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float, causal: 
 
 @flash_fwd_op.register_fake
 def _(q, k, v, softmax_scale, causal, top_left, kv_count, kv_index, q_count, q_index, block_q, block_k,
-      backend="auto"):
+      backend="auto", deterministic=True):
     B, Nq, H, d = q.shape
     lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     return q.new_empty((B, Nq, H, d)), q.new_empty((B, H, Nq), dtype=lse_dtype)
@@ -48,37 +48,45 @@ def flash_bwd_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse
                  softmax_scale: float, causal: bool, top_left: bool,
                  kv_count: Optional[Tensor], kv_index: Optional[Tensor], q_count: Optional[Tensor],
                  q_index: Optional[Tensor], block_q: int, block_k: int,
-                 backend: str = "auto") -> tuple[Tensor, Tensor, Tensor]:
+                 backend: str = "auto", deterministic: bool = True,
+                 dlse: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
     return api.flash_attn_backward(
         dout, q, k, v, out, lse, softmax_scale=softmax_scale, causal=causal,
         causal_align=_align(top_left),
-        block_mask=_lists(kv_count, kv_index, q_count, q_index, block_q, block_k), backend=backend)
+        block_mask=_lists(kv_count, kv_index, q_count, q_index, block_q, block_k), backend=backend,
+        deterministic=deterministic, dlse=dlse)
 
 
 @flash_bwd_op.register_fake
 def _(dout, q, k, v, out, lse, softmax_scale, causal, top_left, kv_count, kv_index, q_count, q_index,
-      block_q, block_k, backend="auto"):
+      block_q, block_k, backend="auto", deterministic=True, dlse=None):
     return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, scale, causal, top_left, kv_count, kv_index, q_count, q_index, block_q, block_k, backend = inputs
+    (q, k, v, scale, causal, top_left, kv_count, kv_index, q_count, q_index, block_q, block_k, backend,
+     deterministic) = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, kv_count, kv_index, q_count, q_index)
-    ctx.params = (scale, causal, top_left, block_q, block_k, backend)
-    ctx.mark_non_differentiable(lse)
+    ctx.params = (scale, causal, top_left, block_q, block_k, backend, deterministic)
 
 
 def _backward(ctx, dout, dlse):
+    """Gradients of out and of lse (differentiable: d lse / d S = P, folded into D by the kernels)."""
     q, k, v, out, lse, kv_count, kv_index, q_count, q_index = ctx.saved_tensors
-    scale, causal, top_left, block_q, block_k, backend = ctx.params
-    if dout.stride(-1) != 1:
+    scale, causal, top_left, block_q, block_k, backend, deterministic = ctx.params
+    if dout is None:
+        dout = torch.zeros_like(out)
+    elif dout.stride(-1) != 1:
         # e.g. the expanded gradient of out.sum() has stride 0 everywhere; the kernels need a
         # contiguous head dim (other strides, zeros included, are fine).
         dout = dout.contiguous()
+    if dlse is not None:
+        dlse = dlse.contiguous()
     dq, dk, dv = flash_bwd_op(dout, q, k, v, out, lse, scale, causal, top_left,
-                              kv_count, kv_index, q_count, q_index, block_q, block_k, backend)
-    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None
+                              kv_count, kv_index, q_count, q_index, block_q, block_k, backend,
+                              deterministic, dlse)
+    return (dq, dk, dv) + (None,) * 11
 
 
 flash_fwd_op.register_autograd(_backward, setup_context=_setup_context)

@@ -124,7 +124,13 @@ class BlockMask:
         block_size: ``(bq, bk)``; seqlen_q, seqlen_k: the sequence lengths the mask was built for.
 
     ``Hm == 1`` means one mask shared by all attention heads. A block mask has block granularity:
-    every element of a kept block is visible (``causal`` is applied by the kernel on top). Build one
+    every element of a kept block is visible (``causal`` is applied by the kernel on top).
+
+    Block sizes: each side must be a multiple of the kernels' tile on that side, which depends on the
+    path, head dim and machine. Multiples of 128 (the default 128 x 128) work everywhere: on a GPU the
+    tiles are at most 128 on a side (tensor cores: 128 x 64 forward, 64 x 64 backward; SIMT: at most
+    128 x 64), under the simulator at most 32. A smaller block (64, say) works on some GPU paths and is
+    refused on others, with the tile it needs in the error. Build one
     with :meth:`from_layout`, :meth:`from_predicate`, :meth:`from_flex` or a pattern constructor
     (:meth:`dense`, :meth:`causal`, :meth:`local`, :meth:`strided`, :meth:`butterfly`,
     :meth:`random`); combine with ``|`` and ``&``.
@@ -474,7 +480,8 @@ class BlockMask:
         bq, bk = self.block_size
         if bq % br or bk % bc:
             raise ValueError(f"block_mask block size {self.block_size} is not a multiple of the "
-                             f"kernel tile {(br, bc)}")
+                             f"kernel tile {(br, bc)} of this path and head dim: use multiples of "
+                             f"{(br, bc)}, or of 128 (the default 128 x 128 fits every path)")
         return bq // br, bk // bc
 
     def to_dense(self, seqlen_q=None, seqlen_k=None) -> np.ndarray:

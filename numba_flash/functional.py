@@ -3,7 +3,7 @@ from . import api, interop
 
 
 def flash_attn_func(q, k, v, softmax_scale=None, causal=False, return_lse=False, block_mask=None,
-                    backend=None):
+                    backend=None, deterministic=True):
     """Exact attention softmax(softmax_scale * Q K^T) V, FlashAttention style (flash-attn's call).
 
     Args:
@@ -20,21 +20,27 @@ def flash_attn_func(q, k, v, softmax_scale=None, causal=False, return_lse=False,
             with `causal` if both are given).
         backend: "auto" (default; None reads NUMBA_FLASH_BACKEND), "simt" or "mma": which kernels run
             (see `flash_attn_forward`). "auto" puts float16/bfloat16 on tensor cores.
+        deterministic: the backward pass gives bitwise the same gradients for the same inputs (default).
+            False lets the tensor-core backward add dQ with unordered atomics, as flash-attn does
+            (`flash_attn_backward`).
 
     Returns:
         out (batch, seqlen_q, nheads, headdim) in the input dtype, and if return_lse, lse (batch, nheads,
         seqlen_q) float32 (float64 for float64 inputs), natural log, -inf for rows that see no key.
+        With torch tensors both are differentiable: a loss may use lse too (to merge attentions computed
+        over parts of the keys, say), and its gradient reaches q and k.
     """
-    return _attention(q, k, v, softmax_scale, causal, False, return_lse, block_mask, backend)
+    return _attention(q, k, v, softmax_scale, causal, False, return_lse, block_mask, backend, deterministic)
 
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
-                                 scale=None, enable_gqa=False, *, block_mask=None, backend=None):
+                                 scale=None, enable_gqa=False, *, block_mask=None, backend=None,
+                                 deterministic=True):
     """Drop-in for `torch.nn.functional.scaled_dot_product_attention` on (batch, nheads, seqlen, headdim).
 
     `is_causal` is top-left aligned, as in torch (query r sees key c iff c <= r). Differences: no dense
     `attn_mask` (pass a block-sparse `block_mask` instead), no dropout, no grouped-query attention; each
-    raises ValueError. `block_mask` and `backend` as in `flash_attn_func`. Returns (batch, nheads, seqlen_q, headdim); inputs are passed to the kernels as
+    raises ValueError. `block_mask`, `backend` and `deterministic` as in `flash_attn_func`. Returns (batch, nheads, seqlen_q, headdim); inputs are passed to the kernels as
     transposed views, without copies.
     """
     if attn_mask is not None:
@@ -48,7 +54,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         if len(shape) != 4:
             raise ValueError(f"{name} must have shape (batch, nheads, seqlen, headdim), got {shape}")
     out = _attention(_swap(query), _swap(key), _swap(value), scale, is_causal, True, False, block_mask,
-                     backend)
+                     backend, deterministic)
     return _swap(out)
 
 
@@ -70,8 +76,10 @@ def _numba_swap(x):
     return cuda.from_cuda_array_interface(desc, owner=x, sync=False)
 
 
-def _attention(q, k, v, softmax_scale, causal, top_left, return_lse, block_mask, backend):
+def _attention(q, k, v, softmax_scale, causal, top_left, return_lse, block_mask, backend, deterministic):
     align = "top_left" if top_left else "bottom_right"
+    causal = api.check_bool("is_causal" if top_left else "causal", causal)
+    return_lse = api.check_bool("return_lse", return_lse)
     if interop.framework_of(q) == "torch":
         from . import autograd
         p = api.check_qkv(q, k, v)
@@ -79,8 +87,9 @@ def _attention(q, k, v, softmax_scale, causal, top_left, return_lse, block_mask,
         api.causal_offset(causal, align, p.seqlen_q, p.seqlen_k)
         path = api.path_of(p, backend)
         api.validate_block_mask(block_mask, p, path)
-        out, lse = autograd.flash_fwd_op(q, k, v, scale, bool(causal), top_left,
-                                         *autograd.mask_tensors(block_mask, q.device), path)
+        deterministic = api.check_bool("deterministic", deterministic)
+        out, lse = autograd.flash_fwd_op(q, k, v, scale, causal, top_left,
+                                         *autograd.mask_tensors(block_mask, q.device), path, deterministic)
     else:
         out, lse = api.flash_attn_forward(q, k, v, softmax_scale=softmax_scale, causal=causal,
                                           causal_align=align, block_mask=block_mask, backend=backend)

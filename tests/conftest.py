@@ -13,7 +13,11 @@ import os
 
 from numba_flash import runtime
 
-runtime.select()
+if not runtime.select() and runtime.SIM_ENV in os.environ and not runtime.gpu_present():
+    import pytest as _pytest
+    raise _pytest.UsageError(
+        f"{runtime.SIM_ENV}={os.environ[runtime.SIM_ENV]!r} asks for a GPU, but numba.cuda finds "
+        f"none here: unset it (or set it to 1) to run the tests under Numba's CUDA simulator")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

@@ -4,7 +4,9 @@ Same shapes as the forward tests: under the simulator the tile is 16 x 16, so 17
 tiles. Gradients are written by exactly one thread each (no atomics), so they are also checked bitwise
 for determinism and for independence from the input strides.
 """
+import math
 import os
+
 import numpy as np
 import pytest
 
@@ -188,6 +190,45 @@ def test_sdpa_grads_match_torch_sdpa_float64_top_left_causal(rng, Nq, Nk):
     F.scaled_dot_product_attention(*theirs, is_causal=True).backward(dout)
     for name, a, b in zip(("dq", "dk", "dv"), mine, theirs):
         assert_close(a.grad, b.grad, "float64", what=name)
+
+
+@pytest.mark.parametrize("shape", [(0, 9, 2, 16), (1, 9, 0, 16), (1, 0, 2, 16)], ids=["batch0", "heads0",
+                                                                                      "seqlen0"])
+def test_empty_inputs_through_autograd_give_empty_outputs_and_gradients(shape):
+    """out.sum() of an empty output hands backward an expanded all-stride-0 gradient: empty in, empty out."""
+    q, k, v = (torch.zeros(shape, device=DEVICE).requires_grad_(True) for _ in range(3))
+    out, lse = nf.flash_attn_func(q, k, v, causal=True, return_lse=True)
+    assert out.shape == shape and lse.shape == (shape[0], shape[2], shape[1])
+    (out.sum() + lse.sum()).backward()
+    assert all(x.grad is not None and x.grad.shape == shape for x in (q, k, v))
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_lse_is_differentiable_gradcheck_float64(rng, causal):
+    """A loss using lse (as merging partial attentions does): d lse / d S = P enters through D."""
+    q, k, v = (leaf(torch.from_numpy(rng.standard_normal((1, n, 2, 16))).to(DEVICE)) for n in (7, 9, 9))
+    w = torch.from_numpy(rng.standard_normal((1, 2, 7))).to(DEVICE)
+
+    def f(a, b, c):
+        out, lse = nf.flash_attn_func(a, b, c, causal=causal, return_lse=True)
+        return out, lse * w
+    assert torch.autograd.gradcheck(f, (q, k, v), fast_mode=True, eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+def test_lse_gradient_matches_float64_autograd_of_logsumexp(rng):
+    """The low-level dlse argument against torch autograd of the plain-math log-sum-exp."""
+    B, Nq, Nk, H, d = 1, 17, 24, 2, 16
+    q, k, v = (torch.from_numpy(rng.standard_normal((B, n, H, d))) for n in (Nq, Nk, Nk))
+    dlse = torch.from_numpy(rng.standard_normal((B, H, Nq)))
+    qt, kt = leaf(q), leaf(k)
+    s = torch.einsum("bqhd,bkhd->bhqk", qt, kt) / math.sqrt(d)
+    torch.autograd.backward(torch.logsumexp(s, -1), dlse)
+    qd, kd, vd = (x.to(DEVICE) for x in (q, k, v))
+    out, lse = nf.flash_attn_forward(qd, kd, vd)
+    dq, dk, dv = nf.flash_attn_backward(torch.zeros_like(out), qd, kd, vd, out, lse, dlse=dlse.to(DEVICE))
+    assert_close(dq, qt.grad, "float64", what="dq")
+    assert_close(dk, kt.grad, "float64", what="dk")
+    assert float(as64(dv).__abs__().max()) == 0.0        # lse does not depend on v
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])

@@ -10,8 +10,8 @@ import pytest
 
 import numba_flash as nf
 from numba_flash import BlockMask
-from conftest import (DEFAULT_FW, SIMULATOR, block_sizes, from_numpy, make_qkv_arrays, mask_tile, poison,
-                      random_array, torch)
+from conftest import (DEFAULT_FW, SIMULATOR, assert_bitwise_equal, block_sizes, from_numpy, make_qkv_arrays,
+                      mask_tile, poison, random_array, torch)
 
 
 def names(arg):
@@ -122,6 +122,27 @@ def test_non_array_input_raises_type_error_naming_it(qkv):
     q, k, v = qkv
     with pytest.raises(TypeError, match=names("q")):
         nf.flash_attn_forward(np.asarray(q).tolist() if SIMULATOR else [[1.0]], k, v)
+
+
+@pytest.mark.parametrize("value", ["False", 1, None, np.int64(0)])
+def test_causal_must_be_a_bool_not_merely_truthy(rng, qkv, value):
+    q, k, v = qkv
+    with pytest.raises(TypeError, match=names("causal")):
+        nf.flash_attn_forward(q, k, v, causal=value)
+    tq, tk, tv = make_qkv_arrays(rng, 1, 9, 9, 1, 16, framework="torch")
+    with pytest.raises(TypeError, match=names("causal")):
+        nf.flash_attn_func(tq, tk, tv, causal=value)
+    with pytest.raises(TypeError, match=names("is_causal")):
+        nf.scaled_dot_product_attention(tq, tk, tv, is_causal=value)
+    with pytest.raises(TypeError, match=names("return_lse")):
+        nf.flash_attn_func(tq, tk, tv, return_lse="yes")
+
+
+def test_numpy_bool_causal_is_accepted(qkv):
+    q, k, v = qkv
+    a, _ = nf.flash_attn_forward(q, k, v, causal=np.bool_(True))
+    b, _ = nf.flash_attn_forward(q, k, v, causal=True)
+    assert_bitwise_equal(a, b, "out")
 
 
 def test_bad_causal_align_raises_value_error_naming_it(qkv):
