@@ -143,19 +143,35 @@ def run_gpu() -> int:
         for n in GPU_TABLE["seqlens"]:
             for impl in impls:
                 fwd, both = index[(dtype, n, impl, "fwd")], index[(dtype, n, impl, "fwd+bwd")]
-                rows.append([dtype, n, impl, bench._cell(fwd), bench._cell(both),
-                             bench._cell(fwd, "mem_mib", "{:.0f}")])
-    print("\n".join(bench._md_table(["dtype", "N", "impl", "fwd", "fwd+bwd", "fwd MiB"], rows)))
+                rows.append([dtype, n, impl, bench.cell(fwd), bench.cell(both),
+                             bench.cell(fwd, "mem_mib", "{:.0f}")])
+    print("\n".join(bench.md_table(["dtype", "N", "impl", "fwd", "fwd+bwd", "fwd MiB"], rows)))
     if failed:
         print("\nFAILED: numba_flash disagrees with the float64 reference (see the check above)")
     return 1 if failed else 0
 
 
+def build_parser():
+    import argparse
+    p = argparse.ArgumentParser(
+        prog="python -m numba_flash",
+        description="Check numba_flash against a float64 reference, then time it next to PyTorch's "
+                    "attention backends. Without a GPU the kernels run under Numba's CUDA simulator at "
+                    "a small size, checked but not timed.",
+        epilog="The full benchmark is python -m numba_flash.bench (--help there); the paper's "
+               "experiments, python -m paper_repro.")
+    p.add_argument("--simulate", action="store_true",
+                   help="use Numba's CUDA simulator even where a GPU is present (same as "
+                        "NUMBA_ENABLE_CUDASIM=1)")
+    return p
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] in ("-h", "--help"):
-        print(__doc__)
-        return 0
+    args = build_parser().parse_args(argv)
+    if args.simulate and not runtime.simulator_active():
+        if not runtime.use_simulator_here():
+            return runtime.rerun_under_simulator(["-m", "numba_flash"])
     if runtime.simulator_requested() or runtime.simulator_active():
         return run_simulator()
     if runtime.gpu_present():
