@@ -29,6 +29,7 @@ import tempfile
 
 METRICS = ("dram__bytes_read.sum", "dram__bytes_write.sum", "lts__t_sectors_srcunit_tex_op_read.sum",
            "lts__t_sectors_srcunit_tex_op_write.sum")
+GRID = "launch__grid_size"        # requested too, so the markers are found whatever columns the CSV has
 SECTOR = 32
 MARK_START, MARK_END = 1000, 5000
 
@@ -61,7 +62,7 @@ def measure(cases, timeout_s=1800):
         env.pop("NUMBA_ENABLE_CUDASIM", None)
         for metrics in (METRICS, METRICS[:2]):   # the L2 metrics are a bonus: fall back to HBM only
             cmd = [exe, "--clock-control", "none", "--cache-control", "all", "--target-processes", "all",
-                   "--metrics", ",".join(metrics), "-f", "-o", report, sys.executable, "-m", "paper_repro.hbm",
+                   "--metrics", ",".join((*metrics, GRID)), "-f", "-o", report, sys.executable, "-m", "paper_repro.hbm",
                    spec, status_path]
             run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
             if run.returncode == 0 and os.path.exists(report + ".ncu-rep"):
@@ -80,9 +81,18 @@ def measure(cases, timeout_s=1800):
     return out
 
 
+def _num(text):
+    """A CSV number as ncu prints it: '1,234,567', '1234.5' or '' (n/a)."""
+    text = text.replace(",", "").strip()
+    return float(text) if text and text.lower() != "n/a" else 0.0
+
+
 def _grid_x(text):
-    """'(1001, 1, 1)' -> 1001."""
-    return int(text.strip("() ").split(",")[0])
+    """'(1001, 1, 1)' or '1001' (blocks) -> 1001."""
+    text = text.strip()
+    if text.startswith("("):
+        return int(text.strip("() ").split(",")[0])
+    return int(_num(text))
 
 
 def _attribute(csv_text, ncases):
@@ -92,8 +102,9 @@ def _attribute(csv_text, ncases):
     col = {name: i for i, name in enumerate(header)}
     out = [dict(dram_read=0.0, dram_write=0.0, l2_read=None, l2_write=None, kernels=0) for _ in range(ncases)]
     current = None
+    grid_col = col.get("Grid Size", col.get(GRID))
     for row in body:
-        name, grid = row[col["Kernel Name"]], row[col["Grid Size"]]
+        name, grid = row[col["Kernel Name"]], row[grid_col]
         if "paper_repro_marker" in name:
             g = _grid_x(grid)
             current = g - MARK_START if MARK_START <= g < MARK_END else None
@@ -103,10 +114,10 @@ def _attribute(csv_text, ncases):
         rec = out[current]
         rec["kernels"] += 1
         for key, metric in (("dram_read", METRICS[0]), ("dram_write", METRICS[1])):
-            rec[key] += float(row[col[metric]] or 0)
+            rec[key] += _num(row[col[metric]])
         for key, metric in (("l2_read", METRICS[2]), ("l2_write", METRICS[3])):
             if metric in col:
-                rec[key] = (rec[key] or 0.0) + float(row[col[metric]] or 0) * SECTOR
+                rec[key] = (rec[key] or 0.0) + _num(row[col[metric]]) * SECTOR
     return out
 
 
