@@ -115,6 +115,13 @@ def summary(result):
         lines.append("numba_flash against standard attention, forward + backward: "
                      + ", ".join(f"N={n} {x:.1f}x" for n, x in sp)
                      + " (paper: up to 3x on the A100).")
+    small = [by.get(("numba_flash", n, "fwd")) for n in ns[:2]]
+    if len(small) == 2 and all(r and r["status"] == "ok" for r in small) and small[1]["ms"] < 1.3 * small[0]["ms"]:
+        lines.append(f"Up to N = {ns[1]} numba_flash's time hardly follows the work (forward "
+                     f"{small[0]['ms']:.2f} ms at N = {ns[0]}, {small[1]['ms']:.2f} ms at N = {ns[1]}, where "
+                     f"SDPA's FlashAttention-2 needs {by[('sdpa_flash', ns[0], 'fwd')]['ms']:.2f} ms): a fixed "
+                     f"cost per call, most likely the host side of a call (validation, array views, Numba's "
+                     f"argument typing at each kernel launch) outrunning the GPU work; see docs/PERFORMANCE.md.")
     oom = sorted({r["seqlen"] for r in recs if r["impl"] == "naive" and r["status"] == "OOM"})
     if oom:
         lines.append(f"Standard attention runs out of memory from N = {oom[0]}; numba_flash "

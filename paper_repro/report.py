@@ -45,6 +45,10 @@ def build(results: Path = None, root: Path = None) -> str:
                      f"numba_flash {meta.get('numba_flash')}.")
         if meta.get("simulated"):
             parts.append(f"**{common.NOT_A_MEASUREMENT}.**")
+        missing = [name for name in EXPERIMENTS if results[name] is None]
+        if missing:
+            parts.append(f"Not run here yet: {', '.join(missing)} (`python -m paper_repro --quick --only "
+                         f"{' '.join(missing)}`).")
         parts.append("")
         for name in EXPERIMENTS:
             res = results[name]
