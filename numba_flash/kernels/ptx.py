@@ -440,6 +440,14 @@ else:
         item = context.get_abi_sizeof(context.get_value_type(arrty.dtype))
         return builder.add(base, builder.mul(off, _ir.Constant(_I32, item)))
 
+    def _shared_word_ptr(context, builder, arrty, arr, idxty, idx, bits):
+        """Pointer (shared address space) to the idx-th `bits`-bit word of a shared array of any dtype."""
+        ary = context.make_array(arrty)(context, builder, arr)
+        base = builder.addrspacecast(builder.bitcast(ary.data, _ir.IntType(8).as_pointer()),
+                                     _ir.PointerType(_ir.IntType(8), 3))
+        return builder.gep(builder.bitcast(base, _ir.PointerType(_ir.IntType(bits), 3)),
+                           [context.cast(builder, idx, idxty, _types.intp)])
+
     def _global_ptr(context, builder, arrty, arr, idxty, idx):
         p = _elem_ptr(context, builder, arrty, arr, idxty, idx)
         return builder.addrspacecast(p, _ir.PointerType(_ir.IntType(8), 1))
@@ -681,13 +689,8 @@ else:
 
         def codegen(context, builder, signature, args):
             t = signature.args
-            ary = context.make_array(t[0])(context, builder, args[0])
-            base = builder.addrspacecast(builder.bitcast(ary.data, _ir.IntType(8).as_pointer()),
-                                         _ir.PointerType(_ir.IntType(8), 3))
-            p = builder.gep(builder.bitcast(base, _ir.PointerType(_ir.IntType(16), 3)),
-                            [context.cast(builder, args[1], t[1], _types.intp)])
-            v = builder.bitcast(args[2], _ir.IntType(16))
-            builder.store(v, p, align=2)
+            p = _shared_word_ptr(context, builder, t[0], args[0], t[1], args[1], 16)
+            builder.store(builder.bitcast(args[2], _ir.IntType(16)), p, align=2)
             return context.get_dummy_value()
 
         return _types.void(sarr, hidx, val), codegen
@@ -700,11 +703,7 @@ else:
 
         def codegen(context, builder, signature, args):
             t = signature.args
-            ary = context.make_array(t[0])(context, builder, args[0])
-            base = builder.addrspacecast(builder.bitcast(ary.data, _ir.IntType(8).as_pointer()),
-                                         _ir.PointerType(_ir.IntType(8), 3))
-            p = builder.gep(builder.bitcast(base, _ir.PointerType(_I32, 3)),
-                            [context.cast(builder, args[1], t[1], _types.intp)])
+            p = _shared_word_ptr(context, builder, t[0], args[0], t[1], args[1], 32)
             builder.store(context.cast(builder, args[2], t[2], _types.uint32), p, align=4)
             return context.get_dummy_value()
 

@@ -33,6 +33,23 @@ CP_ASYNC_HALVES = 8      # one cp.async moves 16 bytes = 8 halves
 
 
 @lru_cache(maxsize=None)
+def make_mma_n16(mma):
+    """mma_n16(c, i, j, a, m, b0, b1, b2, b3): c[i:i+2, j:j+4] += A B for one m16 x k16 A fragment
+    (a[m, 0:4]) and an n16 x k16 B block given as the four ldmatrix registers of two n8 tiles (b0, b1 for
+    columns 0-7, b2, b3 for 8-15); c holds accumulator fragments as [2 * m16 tile + half, 2 * n8 tile +
+    element] (fragments.mma_fragment)."""
+    @inline_device
+    def mma_n16(c, i, j, a, m, b0, b1, b2, b3):
+        c[i, j], c[i, j + 1], c[i + 1, j], c[i + 1, j + 1] = mma(
+            a[m, 0], a[m, 1], a[m, 2], a[m, 3], b0, b1, c[i, j], c[i, j + 1], c[i + 1, j], c[i + 1, j + 1])
+        c[i, j + 2], c[i, j + 3], c[i + 1, j + 2], c[i + 1, j + 3] = mma(
+            a[m, 0], a[m, 1], a[m, 2], a[m, 3], b2, b3,
+            c[i, j + 2], c[i, j + 3], c[i + 1, j + 2], c[i + 1, j + 3])
+        return
+    return mma_n16
+
+
+@lru_cache(maxsize=None)
 def make_tc_ops(role, tiles, headdim, dtype_name, aligned, fused_dq=False, vector_red=False):
     """TileOps of the tensor-core path for one kernel role ("fwd", "dq", "dkdv"; see simt_tiles).
 
@@ -60,6 +77,7 @@ def make_tc_ops(role, tiles, headdim, dtype_name, aligned, fused_dq=False, vecto
     assert not fused_dq or role == "dkdv"
     WORDS = OFF_DS + (BM * LDS if fused_dq else 0)
     mma = ptx.mma_f16 if dtype_name == "float16" else ptx.mma_bf16
+    mma_n16 = make_mma_n16(mma)
     pack = ptx.pack_f16x2 if dtype_name == "float16" else ptx.pack_bf16x2
     ZERO_BITS = np.uint16(0)
 
@@ -187,14 +205,7 @@ def make_tc_ops(role, tiles, headdim, dtype_name, aligned, fused_dq=False, vecto
                 # matrices: (n 0-7, k 0-7), (n 0-7, k 8-15), (n 8-15, k 0-7), (n 8-15, k 8-15)
                 b0, b1, b2, b3 = ptx.ldmatrix_x4(smem, boff + lane_nt, n2 * 16 * LDW + ks * 8)
                 for mt in range(MT):
-                    i = 2 * mt
-                    j = 4 * n2
-                    c[i, j], c[i, j + 1], c[i + 1, j], c[i + 1, j + 1] = mma(
-                        a[mt, 0], a[mt, 1], a[mt, 2], a[mt, 3], b0, b1,
-                        c[i, j], c[i, j + 1], c[i + 1, j], c[i + 1, j + 1])
-                    c[i, j + 2], c[i, j + 3], c[i + 1, j + 2], c[i + 1, j + 3] = mma(
-                        a[mt, 0], a[mt, 1], a[mt, 2], a[mt, 3], b2, b3,
-                        c[i, j + 2], c[i, j + 3], c[i + 1, j + 2], c[i + 1, j + 3])
+                    mma_n16(c, 2 * mt, 4 * n2, a, mt, b0, b1, b2, b3)
         return
 
     @inline_device
@@ -217,14 +228,7 @@ def make_tc_ops(role, tiles, headdim, dtype_name, aligned, fused_dq=False, vecto
                 # matrices: (k 0-7, n 0-7), (k 8-15, n 0-7), (k 0-7, n 8-15), (k 8-15, n 8-15)
                 b0, b1, b2, b3 = ptx.ldmatrix_x4_trans(smem, boff + lane_pv, kk * 16 * LDW + d2 * 8)
                 for mt in range(MT):
-                    i = 2 * mt
-                    j = 4 * d2
-                    acc[i, j], acc[i, j + 1], acc[i + 1, j], acc[i + 1, j + 1] = mma(
-                        a[mt, 0], a[mt, 1], a[mt, 2], a[mt, 3], b0, b1,
-                        acc[i, j], acc[i, j + 1], acc[i + 1, j], acc[i + 1, j + 1])
-                    acc[i, j + 2], acc[i, j + 3], acc[i + 1, j + 2], acc[i + 1, j + 3] = mma(
-                        a[mt, 0], a[mt, 1], a[mt, 2], a[mt, 3], b2, b3,
-                        acc[i, j + 2], acc[i, j + 3], acc[i + 1, j + 2], acc[i + 1, j + 3])
+                    mma_n16(acc, 2 * mt, 4 * d2, a, mt, b0, b1, b2, b3)
         return
 
     frag = mma_fragment(MT, NT, DT)
@@ -267,6 +271,7 @@ def make_dq_ops(BM, BN, W, DP, LDW, OFF_DS, LDS, mma, pack, vector_red, sfrag):
     NQ = DT // CG                          # n8 tiles of a unit (even: DT // 2 is a multiple of CG)
     ACTIVE = QT * CG if QT < W else W      # warps with a unit
     R, C, srow, scol = sfrag.rows, sfrag.cols, sfrag.row, sfrag.col
+    mma_n16 = make_mma_n16(mma)
 
     @inline_device
     def unit(tid):
@@ -314,14 +319,7 @@ def make_dq_ops(BM, BN, W, DP, LDW, OFF_DS, LDS, mma, pack, vector_red, sfrag):
                 for d2 in range(NQ // 2):
                     b0, b1, b2, b3 = ptx.ldmatrix_x4_trans(smem, lane_b + c0 // 2, kk * 16 * LDW + d2 * 8)
                     for mq in range(MQ):
-                        i = 2 * mq
-                        j = 4 * d2
-                        dq[i, j], dq[i, j + 1], dq[i + 1, j], dq[i + 1, j + 1] = mma(
-                            a[mq, 0], a[mq, 1], a[mq, 2], a[mq, 3], b0, b1,
-                            dq[i, j], dq[i, j + 1], dq[i + 1, j], dq[i + 1, j + 1])
-                        dq[i, j + 2], dq[i, j + 3], dq[i + 1, j + 2], dq[i + 1, j + 3] = mma(
-                            a[mq, 0], a[mq, 1], a[mq, 2], a[mq, 3], b2, b3,
-                            dq[i, j + 2], dq[i, j + 3], dq[i + 1, j + 2], dq[i + 1, j + 3])
+                        mma_n16(dq, 2 * mq, 4 * d2, a, mq, b0, b1, b2, b3)
         return
 
     @inline_device
