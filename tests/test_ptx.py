@@ -694,8 +694,12 @@ _CODEGEN = textwrap.dedent('''
     try:
         from numba.cuda.cudadrv.nvvm import NVVM
         NVVM()
-    except Exception as exc:   # no libNVVM here: nothing to check
-        print("SKIP: no NVVM:", exc)
+        # compile_ptx also asks NVRTC which architectures exist: a toolkit with NVVM but no NVRTC
+        # (seen: a system CUDA found by cuda-pathfinder without libnvrtc) cannot compile either
+        from numba.cuda.cudadrv.nvrtc import get_supported_ccs
+        get_supported_ccs()
+    except Exception as exc:   # no libNVVM / libNVRTC here: nothing to check
+        print("SKIP: no CUDA compiler libraries (NVVM and NVRTC):", str(exc).splitlines()[0][:200])
         sys.exit(3)
     for name, fn, args, cc in (("k", k, sig, (8, 0)), ("k", k, sig, (9, 0)), ("k90", k90, sig[:1], (9, 0))):
         text, _ = cuda.compile_ptx(fn, args, cc=cc)
