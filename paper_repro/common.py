@@ -12,7 +12,6 @@ import json
 import math
 import re
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -188,9 +187,6 @@ def minimal_hbm_bytes(B, H, N, d, e=2, passes="fwd"):
     fwd, bwd = 4 * nd, 8 * nd
     return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[passes]
 
-
-def log(msg):
-    print(msg, file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------------------------------------
