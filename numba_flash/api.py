@@ -215,19 +215,21 @@ class TileLists:
     def __init__(self, p, block_mask):
         self.p = p
         if block_mask is None:
-            if p.device not in _dense_lists:
+            views = _dense_lists.get(p.device)
+            if views is None:
                 one, zero = np.ones((1, 1), np.int32), np.zeros((1, 1, 1), np.int32)
-                _dense_lists[p.device] = tuple(interop.to_device_like(a, p.framework, p.device)
-                                               for a in (one, zero, one, zero))
-            self.arrays, self.block = _dense_lists[p.device], None
+                views = _dense_lists[p.device] = tuple(
+                    interop.flat_view(interop.to_device_like(a, p.framework, p.device), "block_mask")
+                    for a in (one, zero, one, zero))
+            self.views, self.block = views, None
         else:
             ml = mask_lists_of(block_mask, p)
-            self.arrays = (ml.kv_count, ml.kv_index, ml.q_count, ml.q_index)
+            self.views = tuple(interop.flat_view(a, "block_mask")
+                               for a in (ml.kv_count, ml.kv_index, ml.q_count, ml.q_index))
             self.block = (ml.block_q, ml.block_k)
 
     def lists(self, br, bc, transpose):
-        count, index = self.arrays[2:] if transpose else self.arrays[:2]
-        cv, iv = interop.flat_view(count, "block_mask"), interop.flat_view(index, "block_mask")
+        cv, iv = self.views[2:] if transpose else self.views[:2]
         if self.block is None:
             tq, tk = -(-self.p.seqlen_q // br), -(-self.p.seqlen_k // bc)
             return cv.flat, iv.flat, 0, 1, max(tq, 1), tk
@@ -357,17 +359,35 @@ def flash_attn_backward(dout, q, k, v, out, lse, *, softmax_scale=None, causal=F
 
 
 class _on_device:
-    """Make the arrays' device Numba's current one for the launch (a no-op under the simulator)."""
+    """Make the arrays' device's primary context current for the launch (a no-op under the simulator, and
+    when it already is current: torch and Numba share the primary context, so it usually is)."""
 
     def __init__(self, p):
-        self.ctx = None if SIMULATOR or p.device == "cpu" else p.device
+        self.dev = None if SIMULATOR or p.device == "cpu" else p.device
+        self._cm = None
 
     def __enter__(self):
-        if self.ctx is not None:
-            from numba import cuda
-            self._cm = cuda.gpus[self.ctx]
-            self._cm.__enter__()
+        if self.dev is None:
+            return
+        from .kernels import driverlaunch
+        if driverlaunch.libcuda() is not None and driverlaunch.current_context() == _primary_context(self.dev):
+            return
+        from numba import cuda
+        self._cm = cuda.gpus[self.dev]
+        self._cm.__enter__()
 
     def __exit__(self, *exc):
-        if self.ctx is not None:
+        if self._cm is not None:
             self._cm.__exit__(*exc)
+
+
+_primary = {}
+
+
+def _primary_context(dev):
+    """The handle (int) of device dev's primary context, which Numba and torch both use."""
+    h = _primary.get(dev)
+    if h is None:
+        from numba import cuda
+        h = _primary[dev] = int(cuda.gpus[dev].get_primary_context().handle)
+    return h

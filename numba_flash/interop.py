@@ -4,8 +4,9 @@ Kernels see every tensor as a flat 1-D array over the tensor's memory plus eleme
 whose last dim is contiguous (a slice of a packed QKV tensor, a (B, H, N, d) transpose) runs without a copy,
 and index arithmetic is 64-bit. A `View` carries that flat array and the logical shape and strides.
 
-torch and CuPy arrays are wrapped zero-copy through `__cuda_array_interface__`; bfloat16 goes as its raw
-16 bits (uint16), since torch refuses bfloat16 in the interface. Kernels launch on the framework's current
+On a GPU the flat array is a `DeviceBuffer` (address, element count, dtype) made from the tensor's data
+pointer, zero-copy, with no Numba device array in between (kernels/driverlaunch.py: those cost tens of
+microseconds each); bfloat16 goes as its raw 16 bits (uint16). Kernels launch on the framework's current
 stream, with no host synchronisation. Under the CUDA simulator the arrays are host memory: numpy arrays
 and CPU torch tensors are wrapped as numpy views.
 """
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 from numba import cuda
 
+from .kernels.driverlaunch import DeviceBuffer
 from .kernels.launch import SIMULATOR
 
 _TYPESTR = {"float32": "<f4", "float16": "<f2", "bfloat16": "<u2", "float64": "<f8", "int32": "<i4"}
@@ -21,7 +23,7 @@ _TYPESTR = {"float32": "<f4", "float16": "<f2", "bfloat16": "<u2", "float64": "<
 
 @dataclass(frozen=True)
 class View:
-    flat: object          # 1-D array the kernels index (numba device array, or numpy under the simulator)
+    flat: object          # 1-D array the kernels index: a DeviceBuffer (simulator: a FakeCUDAArray)
     shape: tuple
     strides: tuple        # in elements
     dtype: str            # "float32", "float16", "bfloat16", "float64", "int32", ...
@@ -131,10 +133,7 @@ def flat_view(x, name):
         ptr = x.data.ptr
     else:
         ptr = x.__cuda_array_interface__["data"][0]
-    desc = {"shape": (span,), "strides": None, "typestr": _TYPESTR[dtype], "data": (ptr, False),
-            "version": 3}
-    flat = cuda.from_cuda_array_interface(desc, owner=x, sync=False)
-    return View(flat, shape, strides, dtype, fw, dev, ptr)
+    return View(DeviceBuffer(ptr, span, _TYPESTR[dtype], x), shape, strides, dtype, fw, dev, ptr)
 
 
 def empty_like_framework(framework, device, shape, dtype):
@@ -168,25 +167,14 @@ def to_device_like(host_array, framework, device):
         return cuda.to_device(np.ascontiguousarray(host_array))
 
 
-_streams = {}
-
-
 def launch_stream(framework, device):
-    """The stream kernels go on: torch's / CuPy's current stream, Numba's default stream otherwise."""
+    """The CUstream handle (an int) kernels go on: torch's / CuPy's current stream, else the default (0)."""
     if SIMULATOR or device == "cpu":
         return 0
     if framework == "torch":
         import torch
-        ptr = torch.cuda.current_stream(device).cuda_stream
-    elif framework == "cupy":
+        return torch.cuda.current_stream(device).cuda_stream
+    if framework == "cupy":
         import cupy
-        ptr = cupy.cuda.get_current_stream().ptr
-    else:
-        return 0
-    if ptr == 0:
-        return 0
-    s = _streams.get((device, ptr))
-    if s is None:
-        with cuda.gpus[device]:
-            s = _streams[(device, ptr)] = cuda.external_stream(ptr)
-    return s
+        return cupy.cuda.get_current_stream().ptr
+    return 0

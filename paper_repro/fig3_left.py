@@ -120,8 +120,8 @@ def summary(result):
         lines.append(f"Up to N = {ns[1]} numba_flash's time hardly follows the work (forward "
                      f"{small[0]['ms']:.2f} ms at N = {ns[0]}, {small[1]['ms']:.2f} ms at N = {ns[1]}, where "
                      f"SDPA's FlashAttention-2 needs {by[('sdpa_flash', ns[0], 'fwd')]['ms']:.2f} ms): a fixed "
-                     f"cost per call, most likely the host side of a call (validation, array views, Numba's "
-                     f"argument typing at each kernel launch) outrunning the GPU work; see docs/PERFORMANCE.md.")
+                     f"cost per call: the host side of a call outrunning the GPU work (tools/host_overhead.py "
+                     f"measures it; see docs/PERFORMANCE.md).")
     oom = sorted({r["seqlen"] for r in recs if r["impl"] == "naive" and r["status"] == "OOM"})
     if oom:
         lines.append(f"Standard attention runs out of memory from N = {oom[0]}; numba_flash "

@@ -1,15 +1,17 @@
-"""Compiling and launching kernels: the simulator switch, inlined device functions, launch bounds, and
-launches with more than 48 KiB of dynamic shared memory.
+"""Compiling and launching kernels: the simulator switch, inlined device functions, launch bounds, launches
+straight through the driver (driverlaunch.py), and launches with more than 48 KiB of dynamic shared memory.
 
 Tiles for head dims >= 64 need more than the 48 KiB a block gets by default; Hopper allows 227 KiB once
 the function's MAX_DYNAMIC_SHARED_SIZE_BYTES attribute is raised. numba-cuda exposes no setter for it,
 so it is set here through the driver on the compiled function, once per (overload, device).
 """
+import threading
 from dataclasses import dataclass, field
 
-from numba import cuda, typeof
+from numba import cuda
 
 from ..runtime import simulator
+from .driverlaunch import ArgPacker, DriverKernel, current_context, libcuda
 
 SIMULATOR = simulator()
 
@@ -49,30 +51,52 @@ def launch_bounds(threads, smem_bytes, min_blocks=0, min_regs=96):
 
 @dataclass
 class Launchable:
+    """A kernel with its launch shape. Called as `launchable(grid, stream, *args)`.
+
+    On a GPU the arguments are `driverlaunch.DeviceBuffer`s and scalars, and the launch goes straight to
+    the driver (driverlaunch.py says why): compiled once per signature through Numba, its CUfunction kept
+    per context. Under the simulator (or without a loadable driver library) Numba's dispatcher launches.
+    """
     kernel: object       # numba CUDA dispatcher
     threads: int         # threads per block
     smem_bytes: int      # dynamic shared memory per block
     min_blocks: int = 0  # the launch bounds it was compiled with (for tools/)
     min_regs: int = 96
-    _raised: set = field(default_factory=set, repr=False)
+    _direct: dict = field(default_factory=dict, repr=False)   # (context, signature key) -> DriverKernel
+    _lock: object = field(default_factory=threading.Lock, repr=False)
 
     def __call__(self, grid, stream, *args):
-        if not SIMULATOR and self.smem_bytes > _DEFAULT_SMEM_LIMIT:
-            self._raise_smem_limit(args)
-        self.kernel[grid, self.threads, stream, self.smem_bytes](*args)
-
-    def _raise_smem_limit(self, args):
-        # The dispatch layer always passes the same argument types to one Launchable, so it has one
-        # overload: typing the arguments once per device is enough.
-        key = cuda.get_current_device().id
-        if key in self._raised:
+        if SIMULATOR or libcuda() is None:
+            if type(stream) is int and stream:
+                stream = cuda.external_stream(stream)
+            self.kernel[grid, self.threads, stream, self.smem_bytes](*args)
             return
-        sig = tuple(typeof(a) for a in args)
+        key, values = ArgPacker.flatten(args)
+        ctx = current_context()
+        fast = self._direct.get((ctx, *key))
+        if fast is None:
+            fast = self._prepare(ctx, key, args)
+        fast.launch(grid, self.threads, self.smem_bytes, stream_handle(stream), values)
+
+    def _prepare(self, ctx, key, args):
+        """Compile for these arguments' signature, raise the shared-memory limit, take the CUfunction."""
+        with self._lock:
+            fast = self._direct.get((ctx, *key))
+            if fast is not None:
+                return fast
+            from numba.cuda.cudadrv.driver import driver
+            compiled = self.kernel.compile(ArgPacker.signature(args))
+            cufunc = compiled._codelibrary.get_cufunc()     # loads the module into the current context
+            if self.smem_bytes > _DEFAULT_SMEM_LIMIT:
+                self._raise_smem_limit(cufunc)
+            fast = DriverKernel(driver.cuKernelGetFunction(cufunc.handle), ArgPacker.struct_format(args))
+            self._direct[(ctx, *key)] = fast
+            return fast
+
+    def _raise_smem_limit(self, cufunc):
         from cuda.bindings import driver as cu
         from numba.cuda.cudadrv.driver import driver
 
-        compiled = self.kernel.compile(sig)
-        cufunc = compiled._codelibrary.get_cufunc()
         limit = cuda.get_current_device().MAX_SHARED_MEMORY_PER_BLOCK_OPTIN
         if self.smem_bytes > limit:
             raise ValueError(
@@ -80,7 +104,13 @@ class Launchable:
                 f"allows {limit}")
         attr = cu.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
         driver.cuKernelSetAttribute(attr, self.smem_bytes, cufunc.handle, cufunc.device.id)
-        self._raised.add(key)
+
+
+def stream_handle(stream):
+    """The CUstream of a launch's stream argument (0, an int handle, or a Numba stream object)."""
+    if type(stream) is int:
+        return stream
+    return int(stream.handle) if stream else 0
 
 
 def strides3(view):

@@ -1,0 +1,109 @@
+"""Host time per call against GPU time per call: is a numba_flash call bound by Python or by the GPU?
+
+For each step (the low-level forward and backward, the torch op, forward+backward through autograd, and
+PyTorch SDPA's FlashAttention-2 for reference) it enqueues the step `--calls` times without
+synchronising and reports the host milliseconds per call, then the GPU milliseconds per call (CUDA
+events around a batch of calls). When host time reaches GPU time the GPU waits for Python and every
+timing of that size measures the host. `--profile` adds the cProfile of the forward+backward step.
+
+    python tools/host_overhead.py --seqlen 512 2048 --headdim 64
+"""
+import argparse
+import cProfile
+import io
+import os
+import pstats
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def per_call_ms(torch, fn, calls):
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    host = (time.perf_counter() - t0) / calls * 1e3
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(calls):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return host, start.elapsed_time(end) / calls
+
+
+def steps(torch, nf, B, N, H, d, dtype):
+    def rand(grad=False):
+        return torch.randn(B, N, H, d, device="cuda", dtype=dtype, requires_grad=grad)
+    q, k, v = rand(), rand(), rand()
+    out, lse = nf.flash_attn_forward(q, k, v)
+    dout = torch.randn_like(out)
+    qg, kg, vg = rand(True), rand(True), rand(True)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def autograd_step():
+        nf.flash_attn_func(qg, kg, vg).backward(dout)
+
+    def sdpa_step():
+        sdpa(qg.transpose(1, 2), kg.transpose(1, 2), vg.transpose(1, 2)).backward(dout.transpose(1, 2))
+
+    def op_forward():
+        with torch.no_grad():
+            return nf.flash_attn_func(q, k, v)
+
+    return {
+        "api forward": lambda: nf.flash_attn_forward(q, k, v),
+        "api backward": lambda: nf.flash_attn_backward(dout, q, k, v, out, lse),
+        "torch op forward (no grad)": op_forward,
+        "autograd forward+backward": autograd_step,
+        "SDPA FA2 forward+backward": sdpa_step,
+    }
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seqlen", type=int, nargs="+", default=[512, 2048])
+    ap.add_argument("--headdim", type=int, default=64)
+    ap.add_argument("--tokens", type=int, default=16384, help="batch x seqlen (default 16384)")
+    ap.add_argument("--nheads", type=int, default=16)
+    ap.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    ap.add_argument("--calls", type=int, default=100)
+    ap.add_argument("--profile", action="store_true", help="print cProfile of the autograd step")
+    args = ap.parse_args(argv)
+
+    import torch
+    if not torch.cuda.is_available():
+        print("host_overhead: needs a CUDA GPU (it measures launch overhead, which the simulator has not)")
+        return 0
+    import numba_flash as nf
+    dtype = getattr(torch, args.dtype)
+    print(f"{torch.cuda.get_device_name()}, {args.dtype}, d={args.headdim}, H={args.nheads}, "
+          f"batch x seqlen = {args.tokens}; ms per call")
+    print("| N | step | host | GPU | bound by |\n|---:|---|---:|---:|---|")
+    for N in args.seqlen:
+        B = max(1, args.tokens // N)
+        for name, fn in steps(torch, nf, B, N, args.nheads, args.headdim, dtype).items():
+            host, gpu = per_call_ms(torch, fn, args.calls)
+            print(f"| {N} | {name} | {host:.3f} | {gpu:.3f} | {'host' if host > 0.9 * gpu else 'GPU'} |",
+                  flush=True)
+        if args.profile:
+            fn = steps(torch, nf, B, N, args.nheads, args.headdim, dtype)["autograd forward+backward"]
+            fn()
+            prof = cProfile.Profile()
+            prof.enable()
+            for _ in range(args.calls):
+                fn()
+            prof.disable()
+            torch.cuda.synchronize()
+            text = io.StringIO()
+            pstats.Stats(prof, stream=text).sort_stats("cumulative").print_stats(35)
+            print(text.getvalue())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
