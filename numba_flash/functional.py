@@ -88,8 +88,8 @@ def _attention(q, k, v, softmax_scale, causal, top_left, return_lse, block_mask,
         path = api.path_of(p, backend)
         api.validate_block_mask(block_mask, p, path)
         deterministic = api.check_bool("deterministic", deterministic)
-        out, lse = autograd.flash_fwd_op(q, k, v, scale, causal, top_left,
-                                         *autograd.mask_tensors(block_mask, q.device), path, deterministic)
+        out, lse = autograd.attention(q, k, v, scale, causal, top_left,
+                                      *autograd.mask_tensors(block_mask, q.device), path, deterministic)
     else:
         out, lse = api.flash_attn_forward(q, k, v, softmax_scale=softmax_scale, causal=causal,
                                           causal_align=align, block_mask=block_mask, backend=backend)
