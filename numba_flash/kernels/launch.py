@@ -67,9 +67,7 @@ class Launchable:
 
     def __call__(self, grid, stream, *args):
         if SIMULATOR or libcuda() is None:
-            if type(stream) is int and stream:
-                stream = cuda.external_stream(stream)
-            self.kernel[grid, self.threads, stream, self.smem_bytes](*args)
+            self._dispatch(grid, stream, args)
             return
         key, values = ArgPacker.flatten(args)
         ctx = current_context()
@@ -92,6 +90,17 @@ class Launchable:
             fast = DriverKernel(driver.cuKernelGetFunction(cufunc.handle), ArgPacker.struct_format(args))
             self._direct[(ctx, *key)] = fast
             return fast
+
+    def _dispatch(self, grid, stream, args):
+        """Numba's own launch (the simulator; a GPU whose driver library ctypes cannot load)."""
+        if not SIMULATOR:
+            if type(stream) is int and stream:
+                stream = cuda.external_stream(stream)
+            if self.smem_bytes > _DEFAULT_SMEM_LIMIT:
+                with self._lock:
+                    compiled = self.kernel.compile(ArgPacker.signature(args))
+                    self._raise_smem_limit(compiled._codelibrary.get_cufunc())
+        self.kernel[grid, self.threads, stream, self.smem_bytes](*args)
 
     def _raise_smem_limit(self, cufunc):
         from cuda.bindings import driver as cu
