@@ -11,7 +11,8 @@ statement: within each 1024-byte atom of 8 rows x 128 bytes, 16-byte chunk c of 
 c ^ (r % 8)), the fragments from the register-fragment tables. Under the simulator these check the twins
 against that reading of the ISA; on an H100/H200 they check the reading itself.
 
-Self-sufficient: needs no fixture from conftest.py, and picks the simulator itself when run without it.
+Picks the simulator itself (runtime.select() before numba.cuda is imported); the random inputs come from
+conftest.py's `rng` fixture.
 """
 import os
 import re
@@ -70,15 +71,6 @@ def prompt_thread_switches():
         yield
     finally:
         sys.setswitchinterval(old)
-
-
-@pytest.fixture
-def rng():
-    """A fresh generator per test; its seed is printed (shown with a failure) and replayable."""
-    env = os.environ.get("NUMBA_FLASH_TEST_SEED")
-    seed = int(env) if env else int.from_bytes(os.urandom(8), "little")
-    print(f"random seed: {seed}   (replay with NUMBA_FLASH_TEST_SEED={seed})")
-    return np.random.default_rng(seed)
 
 
 def launch(kernel, blocks, threads, *args):

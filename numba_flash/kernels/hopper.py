@@ -154,7 +154,7 @@ if SIMULATOR:
     import numpy as _np
 
     from . import simwarp as _simwarp
-    from .ptx import _bytes, _ndarray
+    from .ptx import _bf16_to_f64, _bytes, _f16_to_f64, _ndarray
     from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray as _FakeArray
     from numba.cuda.simulator.cudadrv.devicearray import FakeWithinKernelCUDAArray as _FakeKernelArray
 
@@ -364,12 +364,6 @@ if SIMULATOR:
     # ----------------------------------------------------------------------------------------------
     # wgmma
     # ----------------------------------------------------------------------------------------------
-
-    def _f16_to_f64(bits):
-        return bits.view(_np.float16).astype(_np.float64)
-
-    def _bf16_to_f64(bits):
-        return (bits.astype(_np.uint32) << 16).view(_np.float32).astype(_np.float64)
 
     def _frag_maps():
         q = _np.arange(WARPGROUP).reshape(-1, 1)
@@ -668,7 +662,7 @@ else:
     from numba.cuda.extending import intrinsic as _intrinsic
 
     # the inline-asm and address helpers of the sm_80 intrinsics
-    from .ptx import _asm, _global_ptr, _is_array, _is_int, _shared_addr
+    from .ptx import _asm, _global_ptr, _is_array, _is_int, _make_void_asm, _shared_addr
 
     _I32 = _ir.IntType(32)
     _I64 = _ir.IntType(64)
@@ -683,14 +677,7 @@ else:
         return context.cast(builder, val, ty, dst)
 
     def _void_op(text, collective=False):
-        @_intrinsic
-        def op(typingctx):
-            def codegen(context, builder, signature, args):
-                _asm(builder, _ir.VoidType(), [], text, "~{memory}", [], side_effect=True,
-                     attrs=_COLLECTIVE if collective else ())
-                return context.get_dummy_value()
-            return _types.void(), codegen
-        return op
+        return _make_void_asm(text, _COLLECTIVE if collective else ())
 
     def _literal_op(name, text, check):
         """A no-result instruction whose one operand is an immediate, given as an integer literal."""

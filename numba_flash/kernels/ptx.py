@@ -601,11 +601,12 @@ else:
     cp_async16 = _make_cp_async(16, "cg")   # .cg: 16-byte copies may bypass L1
     cp_async4 = _make_cp_async(4, "ca")     # .cg allows only 16 bytes
 
-    def _make_void_asm(text):
+    def _make_void_asm(text, attrs=()):
+        """An argument-free instruction with a memory clobber; attrs: call attributes (e.g. convergent)."""
         @_intrinsic
         def op(typingctx):
             def codegen(context, builder, signature, args):
-                _asm(builder, _ir.VoidType(), [], text, "~{memory}", [], side_effect=True)
+                _asm(builder, _ir.VoidType(), [], text, "~{memory}", [], side_effect=True, attrs=attrs)
                 return context.get_dummy_value()
             return _types.void(), codegen
         return op
