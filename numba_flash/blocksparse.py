@@ -128,8 +128,8 @@ class BlockMask:
 
     Block sizes: each side must be a multiple of the kernels' tile on that side, which depends on the
     path, head dim and machine. Multiples of 128 (the default 128 x 128) work everywhere: on a GPU the
-    tiles are at most 128 on a side (tensor cores: 128 x 64 forward, 64 x 64 backward; SIMT: at most
-    128 x 64), under the simulator at most 32. A smaller block (64, say) works on some GPU paths and is
+    tiles are at most 128 on a side (tensor cores: 128 x 64 forward, 64 x 64 backward, the Hopper forward
+    128 x 128; SIMT: at most 128 x 64), under the simulator at most 64. A smaller block (64, say) works on some GPU paths and is
     refused on others, with the tile it needs in the error. Build one
     with :meth:`from_layout`, :meth:`from_predicate`, :meth:`from_flex` or a pattern constructor
     (:meth:`dense`, :meth:`causal`, :meth:`local`, :meth:`strided`, :meth:`butterfly`,

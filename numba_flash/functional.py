@@ -85,7 +85,7 @@ def _attention(q, k, v, softmax_scale, causal, top_left, return_lse, block_mask,
         p = api.check_qkv(q, k, v)
         scale = api.check_scale(softmax_scale, p.headdim)
         api.causal_offset(causal, align, p.seqlen_q, p.seqlen_k)
-        path = api.path_of(p, backend)
+        path = api.path_of(p, backend, block_mask)
         api.validate_block_mask(block_mask, p, path)
         deterministic = api.check_bool("deterministic", deterministic)
         out, lse = autograd.attention(q, k, v, scale, causal, top_left,

@@ -53,9 +53,20 @@ else:
 HEADDIMS = [16, 24, 32] if SIMULATOR else [16, 24, 32, 40, 64, 80, 96, 128, 160, 256]
 
 
+def gpu_capability():
+    """(major, minor) of the current GPU; None under the simulator."""
+    if SIMULATOR:
+        return None
+    from numba import cuda
+    try:
+        return tuple(cuda.get_current_device().compute_capability)
+    except Exception:       # no usable device (a child process that only generates code)
+        return (0, 0)
+
+
 def mask_tile(headdim=32, dtype="float32", backend=None):
     """(Br, Bc) every block size must be a multiple of, on the path `backend` picks for `dtype` here."""
-    cap = None if SIMULATOR else (8, 0)
+    cap = gpu_capability()
     return configs.mask_tile(configs.resolve_backend(backend, dtype, cap), headdim)
 
 

@@ -93,7 +93,8 @@ def report(name, kern, args, plan, arch, sass_dir):
     sig = tuple(typeof(a) for a in args)
     cc = (int(arch[3]), int(arch[4:]))
     lb = launch_bounds(kern.threads, kern.smem_bytes, kern.min_blocks, kern.min_regs)
-    ptx, _ = cuda.compile_ptx(kern.kernel.py_func, sig, cc=cc, launch_bounds=lb)
+    # sm_90a (wgmma, setmaxnreg) is what numba-cuda targets on a cc 9.0 device
+    ptx, _ = cuda.compile_ptx(kern.kernel.py_func, sig, cc=(9, 0, "a") if cc == (9, 0) else cc, launch_bounds=lb)
     with tempfile.TemporaryDirectory() as tmp:
         pf = os.path.join(tmp, "k.ptx")
         with open(pf, "w") as f:
@@ -107,6 +108,9 @@ def report(name, kern, args, plan, arch, sass_dir):
             return
         info = " | ".join(l.split("info    : ")[-1] for l in r.stderr.splitlines()
                           if "Used" in l or "spill" in l)
+        for line in r.stderr.splitlines():       # e.g. wgmma serialized for want of register fences
+            if "warning" in line.lower():
+                info += f"\n      ptxas {line.strip()}"
         sass = ""
         objdump = _tool("cuobjdump")
         if objdump:
@@ -116,7 +120,7 @@ def report(name, kern, args, plan, arch, sass_dir):
             if done.returncode != 0 or not re.search(r"/\*[0-9a-f]{4}\*/", done.stdout):
                 print(f"{name}: {objdump} -sass printed no SASS: {done.stderr.strip()[:300]}")
             text = done.stdout
-            counts = {op: len(re.findall(rf"\b{op}\b", text)) for op in ("HMMA", "LDSM", "LDGSTS", "LDL", "STL")}
+            counts = {op: len(re.findall(rf"\b{op}\b", text)) for op in ("HMMA", "HGMMA", "LDSM", "LDGSTS", "LDL", "STL")}
             sass = " | SASS " + " ".join(f"{k}={v}" for k, v in counts.items())
     mode = f" dq={plan.dq_mode}" if name == "dkdv" else ""
     print(f"{name:5s} {plan.path:4s} d={plan.headdim:3d} {plan.dtype:8s}{mode} threads={kern.threads:3d} "
@@ -125,7 +129,7 @@ def report(name, kern, args, plan, arch, sass_dir):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--path", nargs="+", default=["mma", "simt"], choices=["mma", "simt"])
+    ap.add_argument("--path", nargs="+", default=["mma", "simt"], choices=["mma", "wgmma", "simt"])
     ap.add_argument("--headdim", type=int, nargs="+", default=[64, 128])
     ap.add_argument("--dtype", nargs="+", default=None,
                     help="default: float16 for mma, float32 and float16 for simt")
@@ -140,7 +144,7 @@ def main(argv=None):
         return 1
     for path in a.path:
         for d in a.headdim:
-            for dt in a.dtype or (["float16"] if path == "mma" else ["float32", "float16"]):
+            for dt in a.dtype or (["float16"] if path in ("mma", "wgmma") else ["float32", "float16"]):
                 for causal in a.causal:
                     for name, kern, args, plan in kernels_of(path, d, dt, bool(causal), not a.unaligned,
                                                              (int(a.arch[3]), int(a.arch[4:]))):

@@ -8,7 +8,7 @@
 under pytest -n.)
 
 The simulator cannot see a missing barrier or an out-of-bounds shared access; these tools can. Covered:
-both paths, each head-dim class that has its own tiles (d <= 64, <= 128, > 128), float16 and bfloat16 on
+every path, each head-dim class that has its own tiles (d <= 64, <= 128, > 128), float16 and bfloat16 on
 tensor cores, rows that are 16-byte aligned (cp.async) and rows that are not (plain loads), causal with
 seqlen_q != seqlen_k, a block-sparse mask, and both ways the tensor-core backward computes dQ (the
 separate "kernel" by default, and "atomic", fused into dK/dV; configs.DQ_MODES). Every result is checked
@@ -42,6 +42,13 @@ CASES = [
          dq="atomic"),
     dict(path="mma", d=256, dtype="float16", causal=True, nq=150, nk=200, aligned=True, sparse=False,
          dq="atomic"),
+    # warpgroup MMA (Hopper): its forward; the backward runs the mma kernels. Each head-dim class's tiles,
+    # aligned and not, causal, and a mask of 128 x 128 blocks (the wgmma tiles are 128 x 128 at d <= 128)
+    dict(path="wgmma", d=64, dtype="float16", causal=True, nq=200, nk=333, aligned=True, sparse=False),
+    dict(path="wgmma", d=128, dtype="bfloat16", causal=False, nq=300, nk=150, aligned=False, sparse=False),
+    dict(path="wgmma", d=256, dtype="float16", causal=True, nq=150, nk=200, aligned=True, sparse=False),
+    dict(path="wgmma", d=64, dtype="bfloat16", causal=False, nq=384, nk=320, aligned=True, sparse=True,
+         block=(128, 128)),
     # SIMT
     dict(path="simt", d=64, dtype="float32", causal=True, nq=200, nk=333, aligned=True, sparse=False),
     dict(path="simt", d=128, dtype="float16", causal=False, nq=300, nk=150, aligned=False, sparse=False),
@@ -55,6 +62,9 @@ def rel(a, b):
 
 
 def run(c):
+    if c["path"] == "wgmma" and torch.cuda.get_device_capability() != (9, 0):
+        print(f"skip {c}: wgmma needs a cc 9.0 GPU", flush=True)
+        return True
     os.environ["NUMBA_FLASH_DQ_MODE"] = c.get("dq", "")     # "": the default of the path
     g = torch.Generator(device="cuda").manual_seed(0)
     dt = getattr(torch, c["dtype"])
@@ -68,7 +78,7 @@ def run(c):
     dout = rnd(c["nq"])
     mask = None
     if c["sparse"]:
-        mask = nf.BlockMask.random(0.5, c["nq"], c["nk"], (128, 64), nheads=2, seed=1)
+        mask = nf.BlockMask.random(0.5, c["nq"], c["nk"], c.get("block", (128, 64)), nheads=2, seed=1)
     kw = dict(causal=c["causal"], block_mask=mask, backend=c["path"])
     out, lse = nf.flash_attn_forward(q, k, v, **kw)
     grads = nf.flash_attn_backward(dout, q, k, v, out, lse, **kw)

@@ -2,6 +2,8 @@
 
     numba_flash      numba_flash.flash_attn_func(q, k, v, causal=...) on (B, N, H, d) tensors
     numba_flash_nd   the same with deterministic=False (tensor cores: dQ by atomics, 5 products)
+    numba_flash_mma, numba_flash_wgmma
+                     the same on backend="mma" / "wgmma" (the default picks one per head dim and GPU)
     naive            matmul -> softmax -> matmul in the input dtype (PyTorch)
     sdpa_flash       F.scaled_dot_product_attention under SDPBackend.FLASH_ATTENTION
     sdpa_efficient   ... under SDPBackend.EFFICIENT_ATTENTION
@@ -23,7 +25,7 @@ import torch.nn.functional as F
 
 import numba_flash
 
-from .problem import IMPLS, PASSES, Config
+from .problem import IMPLS, OWN_IMPLS, PASSES, Config
 from .timing import first_line
 
 SDPA_BACKENDS = {
@@ -94,12 +96,13 @@ def make_forward(impl: str, q, k, v, causal: bool, *, block_mask=None):
     """
     nullcontext = contextlib.nullcontext
     qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
-    if impl in ("numba_flash", "numba_flash_nd"):
-        deterministic = impl == "numba_flash"
+    if impl in OWN_IMPLS:
+        deterministic = impl != "numba_flash_nd"
+        backend = {"numba_flash_mma": "mma", "numba_flash_wgmma": "wgmma"}.get(impl)
 
         def forward():
             return numba_flash.flash_attn_func(q, k, v, causal=causal, block_mask=block_mask,
-                                               deterministic=deterministic)
+                                               deterministic=deterministic, backend=backend)
         return forward, nullcontext
 
     if block_mask is not None and impl != "flex":

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import numba_flash
 
 from .impls import Unavailable, make_forward, make_inputs, pass_step
-from .problem import CHECK_TOL, OWN_FP32_TOL, Config, attention_flops
+from .problem import CHECK_TOL, OWN_FP32_TOL, OWN_IMPLS, Config, attention_flops
 from .timing import Timing, first_line, forward_peak_mib, free_memory, probe
 
 
@@ -125,7 +125,7 @@ def reference_outputs(q, k, v, dout, causal):
 
 def check_impl(impl: str, cfg: Config, q, k, v, dout, ref) -> dict:
     """Relative errors of out, dq, dk, dv of ``impl`` against ``ref`` (from reference_outputs)."""
-    own = impl in ("numba_flash", "numba_flash_nd")
+    own = impl in OWN_IMPLS
     tol = OWN_FP32_TOL if (own and cfg.dtype == "float32") else CHECK_TOL[cfg.dtype]
     rec = {"impl": impl, "d": cfg.headdim, "dtype": cfg.dtype, "causal": cfg.causal,
            "seqlen": cfg.seqlen, "batch": cfg.batch, "nheads": cfg.nheads, "tol": tol,

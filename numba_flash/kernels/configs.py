@@ -7,8 +7,11 @@ what tools/ read.
 Paths:
   "simt"  fp32 (float64 for float64) arithmetic on CUDA cores; every dtype, every GPU, the simulator.
   "mma"   tensor cores through mma.sync m16n8k16 (sm_80+), float16 and bfloat16 only.
+  "wgmma" Hopper warpgroup MMA (sm_90a: compute capability 9.0), float16 and bfloat16: the forward
+          (wgmma_tiles.py); its backward runs the "mma" kernels (`backward_path`).
 `backend="auto"` (the default, or NUMBA_FLASH_BACKEND) takes "mma" for float16/bfloat16 on compute
-capability >= 8.0 (and under the simulator, so CI runs it) and "simt" otherwise.
+capability >= 8.0 (and under the simulator, so CI runs it), "wgmma" instead on a cc 9.0 GPU for the head
+dims where it measured faster (WGMMA_AUTO_HEADDIMS), and "simt" otherwise.
 
 SIMT tiles: a kernel runs TY x TX threads; each owns a TM x TN micro-tile of a score tile (TM = rows/TY,
 TN = cols/TX) and a TM x DPT micro-tile of an output tile (DPT = padded head dim / TX).
@@ -30,7 +33,7 @@ from dataclasses import dataclass
 
 from .launch import SIMULATOR
 
-BACKENDS = ("auto", "simt", "mma")
+BACKENDS = ("auto", "simt", "mma", "wgmma")
 BACKEND_ENV = "NUMBA_FLASH_BACKEND"
 DQ_MODES = ("kernel", "atomic")
 DQ_MODE_ENV = "NUMBA_FLASH_DQ_MODE"
@@ -81,14 +84,16 @@ class Plan:
 def vector_elems(path):
     """Alignment (in elements) the plan's `aligned` promises: SIMT moves 4 elements per load, the tensor-core
     path copies 16 bytes (8 half-precision elements) per cp.async."""
-    return 8 if path == "mma" else 4
+    return 8 if path in ("mma", "wgmma") else 4
 
 
 # The simulator runs every thread as a Python thread: small blocks keep the tests quick and still give
 # several tiles per sequence at the lengths tests use. Two warps per tensor-core block exercise the
 # warp-to-rows mapping and the cross-warp barriers.
 _SIM = {"simt": dict(fwd=SimtTiles(16, 16, 4, 4), dkdv=SimtTiles(16, 16, 4, 4), dq=SimtTiles(16, 16, 4, 4)),
-        "mma": dict(fwd=MmaTiles(32, 16, 2), dkdv=MmaTiles(16, 32, 2), dq=MmaTiles(32, 16, 2))}
+        "mma": dict(fwd=MmaTiles(32, 16, 2), dkdv=MmaTiles(16, 32, 2), dq=MmaTiles(32, 16, 2)),
+        # a warpgroup (4 warps, 64 query rows) is the smallest wgmma block
+        "wgmma": dict(fwd=MmaTiles(64, 32, 4, a_regs=False))}
 
 
 def _simt_tiles(role, headdim):
@@ -142,6 +147,15 @@ _ENV = {"fwd": ("NUMBA_FLASH_FWD_TILES",), "dkdv": ("NUMBA_FLASH_DKDV_TILES", "N
         "dq": ("NUMBA_FLASH_DQ_TILES", "NUMBA_FLASH_BWD_TILES")}
 
 
+def _wgmma_tiles(role, headdim):
+    # The warpgroup forward (wgmma_tiles.py): one warpgroup per 64 query rows, Q, K, V in shared memory;
+    # a thread holds Bc/2 score and d/2 output floats.
+    assert role == "fwd", role
+    if headdim <= 128:
+        return MmaTiles(128, 128, 8, a_regs=False)
+    return MmaTiles(128, 64, 8, a_regs=False)
+
+
 def _override(path, role):
     """Tile overrides for tuning runs only: NUMBA_FLASH_{FWD,DQ,DKDV,BWD}_TILES = "br,bc,ty,tx[,min_blocks]"
     (simt) or "br,bc,warps,a_regs[,min_blocks]" (mma)."""
@@ -162,15 +176,22 @@ def tiles(path, role, headdim, block_k=None):
         return _SIM[path]["dkdv" if role == "dkdv_atomic" else role]
     t = _override(path, "dkdv" if role == "dkdv_atomic" else role)
     if t is None:
-        t = (_simt_tiles if path == "simt" else _mma_tiles)(role, headdim)
+        t = {"simt": _simt_tiles, "mma": _mma_tiles, "wgmma": _wgmma_tiles}[path](role, headdim)
         if role == "dkdv_atomic" and block_k is not None and block_k % t.bc:
             t = _mma_tiles("dkdv", headdim)          # the mask's key blocks are narrower than 128
     return t
 
 
-def resolve_backend(backend, dtype_name, capability):
-    """The path for `backend` ("auto", "simt", "mma"; None reads NUMBA_FLASH_BACKEND) and an input dtype on a
-    device of compute `capability` ((major, minor); None under the simulator)."""
+# Head dims whose forward "auto" puts on wgmma on a cc 9.0 GPU: where it measured faster than mma.sync
+# (H200, fp16, N=4096, 2026-12-02: d=128 381 against 307 TFLOP/s, causal 328 against 267; at d=64 312
+# against 291 but causal 244 against 261, so d <= 64 stays on mma.sync).
+WGMMA_AUTO_HEADDIMS = range(65, 129)
+
+
+def resolve_backend(backend, dtype_name, capability, headdim=None):
+    """The path for `backend` ("auto", "simt", "mma", "wgmma"; None reads NUMBA_FLASH_BACKEND) and an input
+    dtype on a device of compute `capability` ((major, minor); None under the simulator). headdim: the
+    problem's, for "auto" on a cc 9.0 GPU (WGMMA_AUTO_HEADDIMS); None: never wgmma by default."""
     if backend is None:
         backend = os.environ.get(BACKEND_ENV, "auto").strip() or "auto"
         source = f"{BACKEND_ENV}={backend!r}"
@@ -179,8 +200,13 @@ def resolve_backend(backend, dtype_name, capability):
     if backend not in BACKENDS:
         raise ValueError(f"{source}: backend must be one of {BACKENDS}")
     mma_ok = capability is None or capability >= (8, 0)
+    wgmma_ok = capability is None or tuple(capability) == (9, 0)
     if backend == "auto":
-        return "mma" if dtype_name in MMA_DTYPES and mma_ok else "simt"
+        if dtype_name not in MMA_DTYPES or not mma_ok:
+            return "simt"
+        if capability is not None and tuple(capability) == (9, 0) and headdim in WGMMA_AUTO_HEADDIMS:
+            return "wgmma"
+        return "mma"
     if backend == "mma":
         if dtype_name not in MMA_DTYPES:
             raise ValueError(f"{source} computes in float16/bfloat16 on tensor cores; the inputs are "
@@ -188,7 +214,19 @@ def resolve_backend(backend, dtype_name, capability):
         if not mma_ok:
             raise ValueError(f"{source} needs compute capability >= 8.0 (mma.sync); this GPU has "
                              f"{capability[0]}.{capability[1]}")
+    if backend == "wgmma":
+        if dtype_name not in MMA_DTYPES:
+            raise ValueError(f"{source} computes in float16/bfloat16 on tensor cores; the inputs are "
+                             f"{dtype_name} (use backend='simt' or 'auto')")
+        if not wgmma_ok:
+            raise ValueError(f"{source} needs compute capability 9.0 (wgmma is an sm_90a instruction); "
+                             f"this GPU has {capability[0]}.{capability[1]} (use backend='mma')")
     return backend
+
+
+def backward_path(path):
+    """The path of the backward kernels for a `path` call: the warpgroup path has a forward only so far."""
+    return "mma" if path == "wgmma" else path
 
 
 def forward_plan(path, headdim, dtype_name, causal, aligned, positive_scale=True):
@@ -212,6 +250,7 @@ def backward_plan(path, headdim, dtype_name, causal, aligned, deterministic=True
                   block_k=None):
     """capability: (major, minor) of the device, None under the simulator; block_k: a block mask's key
     block size (None: dense)."""
+    path = backward_path(path)
     mode = dq_mode(path, deterministic)
     if mode == "kernel":
         return Plan(path, headdim, dtype_name, bool(causal), bool(aligned), dkdv=tiles(path, "dkdv", headdim),
@@ -223,5 +262,5 @@ def backward_plan(path, headdim, dtype_name, causal, aligned, deterministic=True
 
 def mask_tile(path, headdim):
     """The (Br, Bc) a block mask's block size must be a multiple of, for both passes of `path`."""
-    ts = [tiles(path, role, headdim) for role in ("fwd", "dkdv", "dq")]
+    ts = [tiles(path, "fwd", headdim)] + [tiles(backward_path(path), role, headdim) for role in ("dkdv", "dq")]
     return (math.lcm(*(t.br for t in ts)), math.lcm(*(t.bc for t in ts)))

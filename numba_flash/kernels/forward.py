@@ -8,8 +8,15 @@ lse = m + log(l) (natural log), kept for the backward pass. Rows that see no key
 they output 0 and lse = -inf.
 
 What differs between paths comes from the plan's TileOps (simt_tiles.py: fp32 FMA micro-tiles, P through
-shared memory; tc_tiles.py: mma.sync with Q in registers, K/V by cp.async, P in registers); the walk,
-the masking, the softmax and the epilogue are shared (walk.py, softmax.py, fragments.py).
+shared memory; tc_tiles.py: mma.sync with Q in registers, K/V by cp.async, P in registers;
+wgmma_tiles.py: warpgroup MMA from shared memory); the walk, the masking, the softmax and the epilogue
+are shared (walk.py, softmax.py, fragments.py).
+
+Paths whose products are asynchronous (TileOps.pipe: wgmma) run the same algorithm software-pipelined,
+as FlashAttention-3 does within a warpgroup: at key tile j the products S_j = Q K_j^T and O += P_{j-1}
+V_{j-1} are issued together, the softmax of S_j (row max, P_j, the rescale factor) runs while the tensor
+cores still multiply P_{j-1} V_{j-1}, and O is rescaled once that product is complete. K_{j+1} and V_j
+are copied during tile j into the buffers K_{j-1} and V_{j-2} left, so one barrier per tile suffices.
 
 Launch contract (`launch`): grid (Tr, nheads, batch); arguments q, k, v, out, lse as flat arrays with
 (batch, seqlen, head) element strides, the sequence lengths, scale * log2(e), the causal offset, and the
@@ -17,15 +24,38 @@ mask lists (api.TileLists.lists).
 """
 from functools import lru_cache
 
-from numba import cuda
+from numba import cuda, uint32
 
 from .convert import acc_constant, acc_type, storer
 from .fragments import make_store_rows, pair_packer
-from .launch import Launchable, kernel, strides3
+from .launch import Launchable, inline_device, kernel, strides3
 from .pipeline import make_pipeline
 from .softmax import LOG2E, make_softmax
 from .tiles import make_ops
 from .walk import make_walk
+
+
+def _make_epilogue(plan, ops, finalize):
+    """epilogue(m, l, acc, sl2, o, lse, b, h, row0, nq, o_st, lse_st, tid): O = acc / l and lse stored."""
+    R = ops.frag.rows
+    row_of, GROUP = ops.frag.row, ops.frag.group
+    ACC = acc_type(plan.dtype)
+    store_o = make_store_rows(ops.frag, plan.headdim, storer(plan.dtype), pair_packer(plan, ops.frag))
+
+    @inline_device
+    def epilogue(m, l, acc, sl2, o, lse, b, h, row0, nq, o_st, lse_st, tid):
+        inv = cuda.local.array(R, ACC)
+        lse_row = cuda.local.array(R, ACC)
+        finalize(m, l, inv, lse_row, sl2)
+        store_o(acc, inv, o, b * o_st[0] + h * o_st[2], row0, nq - row0, o_st[1], tid)
+        if tid % GROUP == 0:      # one lane of each row's group writes its lse
+            for i in range(R):
+                r = row0 + row_of(tid, i)
+                if r < nq:
+                    lse[b * lse_st[0] + h * lse_st[1] + r] = lse_row[i]
+        return
+
+    return epilogue
 
 
 @lru_cache(maxsize=None)
@@ -33,16 +63,18 @@ def make_forward_kernel(plan):
     ops = make_ops(plan, "fwd")
     BR, BC = plan.fwd.br, plan.fwd.bc
     R, C, CO = ops.frag.rows, ops.frag.cols, ops.frag.out_cols
-    row_of = ops.frag.row
     ACC = acc_type(plan.dtype)
     NEG_INF, ZERO = acc_constant(plan.dtype, -float("inf")), acc_constant(plan.dtype, 0.0)
     first_tile, next_tile, needs_mask, visible_cols = make_walk(BR, BC, plan.causal, over_keys=True)
     begin, acquire = make_pipeline(ops)
-    scale_and_mask, online_update, finalize, _ = make_softmax(ops.frag, plan.dtype, ops.exp2, visible_cols,
-                                                              plan.positive_scale)
-    store_o = make_store_rows(ops.frag, plan.headdim, storer(plan.dtype), pair_packer(plan, ops.frag))
+    sm = make_softmax(ops.frag, plan.dtype, ops.exp2, visible_cols, plan.positive_scale)
+    scale_and_mask, online_update, update, rescale = sm.scale_and_mask, sm.online_update, sm.update, sm.rescale
+    epilogue = _make_epilogue(plan, ops, sm.finalize)
+    if ops.pipe is not None:
+        return _make_pipelined(plan, ops, first_tile, next_tile, needs_mask, scale_and_mask, update, rescale,
+                               epilogue)
     load_q, resident_ready, mm_nt, mm_pv = ops.load_resident, ops.resident_ready, ops.mm_nt, ops.mm_pv
-    A_SHAPE, A_DT, GROUP = ops.a_shape, ops.a_dtype, ops.frag.group
+    A_SHAPE, A_DT = ops.a_shape, ops.a_dtype
 
     @kernel(ops.threads, ops.smem_bytes, ops.min_blocks, ops.min_regs)
     def flash_fwd(q, k, v, o, lse, nq, nk, q_st, k_st, v_st, o_st, lse_st, scale_log2, offset,
@@ -88,15 +120,99 @@ def make_forward_kernel(plan):
             mm_pv(smem, s, stage, 1, acc, tid, False)                       # acc += P V
             t, sub, base, col0, stage = nt, nsub, nbase, ncol0, 1 - stage
 
-        inv = cuda.local.array(R, ACC)
-        lse_row = cuda.local.array(R, ACC)
-        finalize(m, l, inv, lse_row, sl2)
-        store_o(acc, inv, o, b * o_st[0] + h * o_st[2], row0, nq - row0, o_st[1], tid)
-        if tid % GROUP == 0:      # one lane of each row's group writes its lse
-            for i in range(R):
-                r = row0 + row_of(tid, i)
-                if r < nq:
-                    lse[b * lse_st[0] + h * lse_st[1] + r] = lse_row[i]
+        epilogue(m, l, acc, sl2, o, lse, b, h, row0, nq, o_st, lse_st, tid)
+
+    return Launchable(flash_fwd, ops.threads, ops.smem_bytes, ops.min_blocks, ops.min_regs)
+
+
+def _make_pipelined(plan, ops, first_tile, next_tile, needs_mask, scale_and_mask, update, rescale, epilogue):
+    """The forward with asynchronous products (module docstring): same arguments, walk, softmax, epilogue."""
+    BR = plan.fwd.br
+    R, C, CO = ops.frag.rows, ops.frag.cols, ops.frag.out_cols
+    ACC = acc_type(plan.dtype)
+    NEG_INF, ZERO = acc_constant(plan.dtype, -float("inf")), acc_constant(plan.dtype, 0.0)
+    pp = ops.pipe
+    KK = pp.steps
+    load_q = ops.load_resident
+    commit = ops.commit
+
+    @kernel(ops.threads, ops.smem_bytes, ops.min_blocks, ops.min_regs)
+    def flash_fwd(q, k, v, o, lse, nq, nk, q_st, k_st, v_st, o_st, lse_st, scale_log2, offset,
+                  kv_count, kv_index, mask_sh, mask_maxk, q_per_blk, k_per_blk):
+        smem = cuda.shared.array(0, ACC)
+        i_tile = cuda.blockIdx.x
+        h = cuda.blockIdx.y
+        b = cuda.blockIdx.z
+        tid = cuda.threadIdx.x
+        row0 = i_tile * BR
+        sl2 = ACC(scale_log2)
+        kv = (k, b * k_st[0] + h * k_st[2], k_st[1], v, b * v_st[0] + h * v_st[2], v_st[1])
+
+        qf = cuda.local.array(1, uint32)
+        load_q(smem, qf, 0, q, b * q_st[0] + h * q_st[2], row0, nq - row0, q_st[1], tid)
+        mrow, nblk, t, sub, base, col0 = first_tile(kv_count, kv_index, h, i_tile, mask_sh, mask_maxk,
+                                                    q_per_blk, k_per_blk, row0, nq, nk, offset)
+        m = cuda.local.array(R, ACC)
+        l = cuda.local.array(R, ACC)
+        alpha = cuda.local.array(R, ACC)
+        acc = cuda.local.array((R, CO), ACC)
+        s = cuda.local.array((R, C), ACC)
+        pk = cuda.local.array((KK, 4), uint32)
+        for i in range(R):
+            m[i] = NEG_INF
+            l[i] = ZERO
+            for j in range(CO):
+                acc[i, j] = ZERO
+        if t < nblk:
+            pp.stream_k(smem, 0, col0, nk, kv, tid)
+            commit()
+            # tile 0: S_0 alone
+            nt, nsub, nbase, ncol0 = next_tile(kv_index, mrow, mask_maxk, k_per_blk, nblk, t, sub, base, row0,
+                                               nq, nk, offset)
+            pp.visible()
+            cuda.syncthreads()                                            # Q, K_0 complete
+            if nt < nblk:
+                pp.stream_k(smem, 1, ncol0, nk, kv, tid)
+            pp.stream_v(smem, 0, col0, nk, kv, tid)
+            commit()
+            pend_s = pp.s_issue(smem, 0, tid)
+            pp.wait0()
+            pp.s_finish(s, pend_s)
+            scale_and_mask(s, sl2, needs_mask(row0, col0, nq, nk, offset), tid, row0, col0, nq, nk, offset)
+            update(s, m, l, alpha, sl2)                                   # acc is zero: no rescale
+            pp.pack(s, pk)
+            t, sub, base, col0 = nt, nsub, nbase, ncol0
+            buf = 1
+            while t < nblk:
+                nt, nsub, nbase, ncol0 = next_tile(kv_index, mrow, mask_maxk, k_per_blk, nblk, t, sub, base,
+                                                   row0, nq, nk, offset)
+                pp.visible()
+                cuda.syncthreads()                       # K_j, V_j-1 complete; K_j-1, V_j-2 free
+                if nt < nblk:
+                    pp.stream_k(smem, 1 - buf, ncol0, nk, kv, tid)
+                pp.stream_v(smem, buf, col0, nk, kv, tid)
+                commit()
+                pend_s = pp.s_issue(smem, buf, tid)                       # S_j = Q K_j^T
+                pend_o = pp.pv_issue(smem, pk, 1 - buf, acc, False)       # O += P_j-1 V_j-1
+                pp.wait1()
+                pp.s_finish(s, pend_s)
+                scale_and_mask(s, sl2, needs_mask(row0, col0, nq, nk, offset), tid, row0, col0, nq, nk,
+                               offset)
+                moved = update(s, m, l, alpha, sl2)                       # while P_j-1 V_j-1 runs
+                pp.wait0()
+                pp.o_finish(acc, pend_o)
+                rescale(acc, alpha, moved)
+                pp.pack(s, pk)
+                t, sub, base, col0 = nt, nsub, nbase, ncol0
+                buf = 1 - buf
+            pp.visible()
+            cuda.syncthreads()                                            # V_last complete
+            pend_o = pp.pv_issue(smem, pk, 1 - buf, acc, True)
+            pp.wait0()
+            pp.o_finish(acc, pend_o)
+        else:
+            pp.visible()                                                  # Q's copy, unused
+        epilogue(m, l, acc, sl2, o, lse, b, h, row0, nq, o_st, lse_st, tid)
 
     return Launchable(flash_fwd, ops.threads, ops.smem_bytes, ops.min_blocks, ops.min_regs)
 

@@ -118,7 +118,20 @@ TileOps = namedtuple("TileOps", [
     "mm_nt",           # (smem, afrag, a_slot, stage, b_slot, c, tid): c += A[a_slot] B[b_slot]^T
     "mm_pv",           # (smem, p, stage, b_slot, acc, tid, lead_sync): acc += P B[b_slot]
     "dq",              # DqOps of a dK/dV kernel that computes dQ itself (tensor cores), else None
+    "pipe",            # AsyncOps: asynchronous products the forward overlaps with the softmax, else None
+], defaults=(None,))
+AsyncOps = namedtuple("AsyncOps", [
+    "steps",           # k16 steps of P V (rows of the packed-P array)
+    "stream_k", "stream_v",   # (smem, buf, t0, n_other, operands, tid): K or V tile t0.. into buffer buf
+    "visible",         # (): this thread's copies landed and visible to the products (then a barrier)
+    "s_issue",         # (smem, buf) -> pending S = Q K[buf]^T (fences first, commits)
+    "pv_issue",        # (smem, pk, buf, acc, fence) -> pending acc + P V[buf] (commits)
+    "wait1", "wait0",  # all but the newest / all issued products complete
+    "s_finish", "o_finish",   # (c, pending): the completed product into the fragment array c
+    "pack",            # (p, pk): probabilities p (score fragment) -> 16-bit A registers pk[steps, 4]
 ])
+AsyncOps.__doc__ = """Products issued asynchronously (wgmma), so that the forward can compute the softmax of one
+tile while the tensor cores multiply the next (forward.py's pipelined body, wgmma_tiles.py)."""
 DqOps = namedtuple("DqOps", [
     "frag",            # Fragment of the thread's dQ partial (rows: query rows of the tile; out_cols)
     "stage",           # (smem, ds, tid): the thread's dS^T score fragment -> shared memory

@@ -63,7 +63,7 @@ def _group_reducer(group, op):
     return reduce
 
 
-Softmax = namedtuple("Softmax", "scale_and_mask online_update finalize row_sum")
+Softmax = namedtuple("Softmax", "scale_and_mask online_update finalize row_sum update rescale")
 
 
 @lru_cache(maxsize=None)
@@ -101,65 +101,101 @@ def make_softmax(frag, dtype_name, exp2, visible_cols, positive_scale=True, lazy
             fill_invisible(s, NEG_INF, tid, this0, other0, nq, nk, offset)
         return
 
-    @inline_device
-    def online_update_eager(s, m, l, acc, scale_log2):
-        """Scores s -> probabilities P = exp2(c s - c m_new) in place; m, l and acc rescaled. m is kept in
-        the units of s (raw scores if positive_scale, else log2-domain scores)."""
-        sc = scale_log2 if positive_scale else ONE
-        for i in range(R):
-            mx = NEG_INF
-            for j in range(C):
-                mx = fmax_nan_ignoring(mx, s[i, j])
-            m_new = fmax_nan_ignoring(m[i], row_max(mx))
-            # A row that has seen only -inf keeps m = -inf; subtracting 0 instead of -inf keeps its
-            # probabilities exp2(-inf) = 0 rather than exp2(-inf + inf) = NaN.
-            m_use = m_new * sc if m_new != NEG_INF else ZERO
-            alpha = exp2(m[i] * sc - m_use)
-            m[i] = m_new
-            rs = ZERO
-            for j in range(C):
-                p = exp2(s[i, j] * sc - m_use)
-                s[i, j] = p
-                rs += p
-            l[i] = l[i] * alpha + rs
-            for d in range(CO):
-                acc[i, d] *= alpha
-        return
-
-    @inline_device
-    def online_update_lazy(s, m, l, acc, scale_log2):
-        """As online_update_eager, but m (with l and acc) moves only when the row's max outgrew it by more
-        than TAU_LOG2, and a warp where no row moved skips the rescale (module docstring)."""
-        sc = scale_log2 if positive_scale else ONE
-        m_new = cuda.local.array(R, ACC)
-        moves = False
-        for i in range(R):
-            mx = NEG_INF
-            for j in range(C):
-                mx = fmax_nan_ignoring(mx, s[i, j])
-            m_new[i] = fmax_nan_ignoring(m[i], row_max(mx))
-            # the first finite max moves m from -inf (inf > TAU); a row of only -inf never moves
-            moves = moves or (m_new[i] > m[i] and (m_new[i] - m[i]) * sc > TAU)
-        if ptx.vote_any(moves):
+    def make_updates(fused):
+        """The eager and lazy updates. fused: rescale acc inside (online_update); else leave the factors
+        in alpha for `rescale` (update: the products overlapped with the softmax are still running)."""
+        @inline_device
+        def eager(s, m, l, alpha, acc, scale_log2):
+            """Scores s -> probabilities P = exp2(c s - c m_new) in place; m, l and acc rescaled (or the
+            factors in alpha). m is kept in the units of s (raw scores if positive_scale, else log2-domain
+            scores). Returns True: every row may have moved."""
+            sc = scale_log2 if positive_scale else ONE
             for i in range(R):
-                alpha = ONE
-                if m_new[i] > m[i] and (m_new[i] - m[i]) * sc > TAU:
-                    alpha = exp2((m[i] - m_new[i]) * sc)
-                    m[i] = m_new[i]
-                l[i] *= alpha
-                for d in range(CO):
-                    acc[i, d] *= alpha
-        for i in range(R):
-            m_use = m[i] * sc if m[i] != NEG_INF else ZERO      # as in online_update_eager
-            rs = ZERO
-            for j in range(C):
-                p = exp2(s[i, j] * sc - m_use)
-                s[i, j] = p
-                rs += p
-            l[i] += rs
+                mx = NEG_INF
+                for j in range(C):
+                    mx = fmax_nan_ignoring(mx, s[i, j])
+                m_new = fmax_nan_ignoring(m[i], row_max(mx))
+                # A row that has seen only -inf keeps m = -inf; subtracting 0 instead of -inf keeps its
+                # probabilities exp2(-inf) = 0 rather than exp2(-inf + inf) = NaN.
+                m_use = m_new * sc if m_new != NEG_INF else ZERO
+                a = exp2(m[i] * sc - m_use)
+                m[i] = m_new
+                rs = ZERO
+                for j in range(C):
+                    p = exp2(s[i, j] * sc - m_use)
+                    s[i, j] = p
+                    rs += p
+                l[i] = l[i] * a + rs
+                if fused:
+                    for d in range(CO):
+                        acc[i, d] *= a
+                else:
+                    alpha[i] = a
+            return True
+
+        @inline_device
+        def lazy(s, m, l, alpha, acc, scale_log2):
+            """As eager, but m (with l and acc) moves only when the row's max outgrew it by more than
+            TAU_LOG2, and a warp where no row moved skips the rescale (module docstring); returns whether
+            any row of the warp moved."""
+            sc = scale_log2 if positive_scale else ONE
+            m_new = cuda.local.array(R, ACC)
+            moves = False
+            for i in range(R):
+                mx = NEG_INF
+                for j in range(C):
+                    mx = fmax_nan_ignoring(mx, s[i, j])
+                m_new[i] = fmax_nan_ignoring(m[i], row_max(mx))
+                # the first finite max moves m from -inf (inf > TAU); a row of only -inf never moves
+                moves = moves or (m_new[i] > m[i] and (m_new[i] - m[i]) * sc > TAU)
+            any_moved = ptx.vote_any(moves)
+            if any_moved:
+                for i in range(R):
+                    a = ONE
+                    if m_new[i] > m[i] and (m_new[i] - m[i]) * sc > TAU:
+                        a = exp2((m[i] - m_new[i]) * sc)
+                        m[i] = m_new[i]
+                    l[i] *= a
+                    if fused:
+                        for d in range(CO):
+                            acc[i, d] *= a
+                    else:
+                        alpha[i] = a
+            for i in range(R):
+                m_use = m[i] * sc if m[i] != NEG_INF else ZERO      # as in eager
+                rs = ZERO
+                for j in range(C):
+                    p = exp2(s[i, j] * sc - m_use)
+                    s[i, j] = p
+                    rs += p
+                l[i] += rs
+            return any_moved
+
+        return lazy if (CO >= LAZY_RESCALE_COLS if lazy_default is None else lazy_default) else eager
+
+    lazy_default = lazy
+    fused_update, split_update = make_updates(True), make_updates(False)
+
+    @inline_device
+    def online_update(s, m, l, acc, scale_log2):
+        """s -> P in place; m, l and acc rescaled."""
+        fused_update(s, m, l, acc, acc, scale_log2)
         return
 
-    online_update = online_update_lazy if (CO >= LAZY_RESCALE_COLS if lazy is None else lazy) else online_update_eager
+    @inline_device
+    def update(s, m, l, alpha, scale_log2):
+        """s -> P in place; m, l updated, the accumulators' factors in alpha; returns whether any row of the
+        warp moved (`rescale` applies them)."""
+        return split_update(s, m, l, alpha, alpha, scale_log2)
+
+    @inline_device
+    def rescale(acc, alpha, moved):
+        """acc[i, :] *= alpha[i] after `update`, skipped when no row of the warp moved."""
+        if moved:
+            for i in range(R):
+                for d in range(CO):
+                    acc[i, d] *= alpha[i]
+        return
 
     @inline_device
     def finalize(m, l, inv, lse, scale_log2):
@@ -175,4 +211,4 @@ def make_softmax(frag, dtype_name, exp2, visible_cols, positive_scale=True, lazy
                 lse[i] = NEG_INF
         return
 
-    return Softmax(scale_and_mask, online_update, finalize, row_sum)
+    return Softmax(scale_and_mask, online_update, finalize, row_sum, update, rescale)

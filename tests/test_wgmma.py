@@ -1,0 +1,155 @@
+"""The warpgroup path (backend="wgmma": Hopper wgmma, float16 / bfloat16) against the float64 reference.
+
+Its forward kernel runs on wgmma; its backward runs the mma.sync kernels (configs.backward_path). The
+tolerance is test_tensor_cores': at most twice the error of PyTorch's own attention in the same dtype, plus
+1e-5. Under the simulator the tiles are 64 x 32 with one warpgroup (hopper.py's wgmma twin reads the
+swizzled shared-memory image through the descriptors), so the lengths here give ragged query and key tiles;
+head dims 16, 32, 48 and 64 take the 32-, 64-, 32- and 128-byte swizzles. Outputs are NaN-poisoned.
+"""
+import numpy as np
+import pytest
+
+import numba_flash as nf
+from numba_flash import BlockMask
+from conftest import (SIMULATOR, as64, assert_bitwise_equal, assert_lse_close, block_sizes, copy,
+                      gpu_capability, make_qkv_arrays, poison, random_array, rel_err)
+from test_tensor_cores import FW, assert_within_budget, torch_lowp
+
+pytestmark = pytest.mark.skipif(not SIMULATOR and gpu_capability() != (9, 0),
+                                reason=f"wgmma is an sm_90a instruction; this GPU is cc {gpu_capability()}")
+
+
+def run_wgmma(q, k, v, dtype, **kw):
+    B, Nq, H, d = q.shape
+    out, lse = poison((B, Nq, H, d), dtype, FW), poison((B, H, Nq), "float32", FW)
+    nf.flash_attn_forward(q, k, v, out=out, lse=lse, backend="wgmma", **kw)
+    return out, lse
+
+
+def check_forward(q, k, v, dtype, **kw):
+    out, lse = run_wgmma(q, k, v, dtype, **kw)
+    mask = kw.pop("block_mask", None)
+    dense = None if mask is None else mask.to_dense()
+    ref_out, ref_lse = nf.attention_reference(q, k, v, mask=dense, **kw)
+    dout = np.zeros(as64(q).shape)
+    theirs = torch_lowp(q, k, v, dout, dtype, mask=dense, **kw)[0]
+    assert_lse_close(lse, ref_lse, dtype)
+    assert_within_budget("out", out, ref_out, theirs)
+    return out, lse
+
+
+@pytest.mark.parametrize("dtype,causal,Nq,Nk,d", [
+    ("float16", False, 96, 80, 32), ("bfloat16", True, 70, 100, 64), ("float16", True, 100, 40, 16),
+    ("bfloat16", False, 65, 33, 48)])
+def test_wgmma_forward_within_twice_torch_error_ragged_unequal_seqlens_and_swizzles(rng, dtype, causal, Nq,
+                                                                                   Nk, d):
+    q, k, v = make_qkv_arrays(rng, 1, Nq, Nk, 1, d, dtype, FW)
+    out, lse = check_forward(q, k, v, dtype, causal=causal)
+    if causal and Nq > Nk:                 # bottom-right: rows r < Nq - Nk see no key
+        assert (as64(out)[:, :Nq - Nk] == 0).all() and np.isneginf(as64(lse)[:, :, :Nq - Nk]).all()
+
+
+@pytest.mark.parametrize("layout", ["qkvpacked", "unaligned"])
+def test_wgmma_strided_and_unaligned_views_match_contiguous_copies(rng, layout):
+    """A packed view is bitwise its contiguous copy; rows starting 2 elements into their buffer are not
+    16-byte aligned and take ordinary loads into the same swizzled image."""
+    if layout == "unaligned":
+        bufs = [random_array(rng, (1, 70, 2, 32 + 8), "float16", FW) for _ in range(3)]
+        q, k, v = (b[..., 2:34] for b in bufs)
+    else:
+        q, k, v = make_qkv_arrays(rng, 1, 70, 70, 2, 32, "float16", FW, layout)
+    a = run_wgmma(q, k, v, "float16", causal=True, softmax_scale=-0.4)
+    b = run_wgmma(copy(q), copy(k), copy(v), "float16", causal=True, softmax_scale=-0.4)
+    assert_bitwise_equal(a[0], b[0], "out")
+    assert_bitwise_equal(a[1], b[1], "lse")
+    ref, _ = nf.attention_reference(q, k, v, causal=True, softmax_scale=-0.4)
+    assert rel_err(a[0], ref) < 2e-3
+
+
+def test_wgmma_block_sparse_and_nan_row(rng):
+    b1, b2 = block_sizes(32, "float16", "wgmma")
+    nq, nk = 2 * b1 + 3, 2 * b2
+    mask = BlockMask.random(0.5, nq, nk, (b1, b2), nheads=1, seed=int(rng.integers(1 << 31)))
+    q, k, v = make_qkv_arrays(rng, 1, nq, nk, 1, 32, "float16", FW)
+    check_forward(q, k, v, "float16", block_mask=mask)
+    q[0, 7, 0, 3] = float("nan")
+    out, lse = run_wgmma(q, k, v, "float16")
+    o = as64(out)
+    assert np.isnan(o[0, 7]).all() and np.isnan(as64(lse)[0, 0, 7])
+    rows = np.arange(nq) != 7
+    assert np.isfinite(o[0, rows]).all()
+
+
+def test_wgmma_backend_trains_through_autograd_with_the_mma_backward(rng):
+    """backend="wgmma" through flash_attn_func: the forward on wgmma, gradients from the mma.sync kernels,
+    the same gradients as backend="mma" up to the forward's rounding (out differs in its last bits)."""
+    import torch
+    q, k, v = make_qkv_arrays(rng, 1, 64, 64, 1, 16, "bfloat16", "torch")
+    dout = random_array(rng, (1, 64, 1, 16), "bfloat16", "torch")
+    leaves = [x.detach().clone().requires_grad_(True) for x in (q, k, v)]
+    out = nf.flash_attn_func(*leaves, causal=True, backend="wgmma")
+    out.backward(dout)
+    ref = nf.attention_reference_backward(dout, q, k, v, causal=True)
+    theirs = torch_lowp(q, k, v, dout, "bfloat16", causal=True)
+    assert_within_budget("out", out.detach(), nf.attention_reference(q, k, v, causal=True)[0], theirs[0])
+    for name, x, r, th in zip(("dq", "dk", "dv"), leaves, ref, theirs[1:]):
+        assert x.grad is not None and torch.isfinite(x.grad).all()
+        assert_within_budget(name, x.grad, r, th)
+
+
+def test_wgmma_backend_is_validated():
+    from numba_flash.kernels import configs
+    assert configs.resolve_backend("wgmma", "float16", (9, 0)) == "wgmma"
+    assert configs.resolve_backend("wgmma", "bfloat16", None) == "wgmma"
+    with pytest.raises(ValueError, match="backend='wgmma'.*9.0.*8.9"):
+        configs.resolve_backend("wgmma", "float16", (8, 9))
+    with pytest.raises(ValueError, match="backend='wgmma'.*10.0"):
+        configs.resolve_backend("wgmma", "float16", (10, 0))
+    with pytest.raises(ValueError, match="backend='wgmma'.*float32"):
+        configs.resolve_backend("wgmma", "float32", (9, 0))
+    assert configs.backward_plan("wgmma", 64, "float16", False, True).path == "mma"
+
+
+def test_auto_takes_wgmma_on_cc90_for_its_head_dims_and_falls_back_for_narrow_mask_blocks(rng, monkeypatch):
+    from numba_flash import api
+    from numba_flash.kernels import configs
+    for cap, d, want in [((9, 0), 128, "wgmma"), ((9, 0), 96, "wgmma"), ((9, 0), 64, "mma"),
+                         ((9, 0), 256, "mma"), ((8, 0), 128, "mma"), ((10, 0), 128, "mma"), (None, 128, "mma")]:
+        assert configs.resolve_backend("auto", "float16", cap, d) == want, (cap, d)
+    assert configs.resolve_backend("auto", "float32", (9, 0), 128) == "simt"
+    q, k, v = make_qkv_arrays(rng, 1, 64, 64, 1, 96, "float16", FW)
+    p = api.check_qkv(q, k, v)
+    monkeypatch.setattr(api, "capability_of", lambda p: (9, 0))
+    assert api.path_of(p, None) == "wgmma"
+    br, bc = configs.mask_tile("wgmma", 96)
+    assert api.path_of(p, None, BlockMask.dense(64, 64, (br, bc))) == "wgmma"
+    narrow = BlockMask.dense(64, 64, (16, 16))                # finer than the wgmma tiles
+    assert api.path_of(p, None, narrow) == "mma"
+    assert api.path_of(p, "wgmma", narrow) == "wgmma"        # asked for: validate_block_mask says why not
+
+
+# --------------------------------------------------------------------------------------------------
+# GPU: real sizes
+# --------------------------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("d", [32, 64, 96, 128, 256])
+def test_gpu_wgmma_large_within_twice_torch_error(rng, d, dtype, causal):
+    q, k, v = make_qkv_arrays(rng, 2, 1000, 777, 2, d, dtype, "torch")
+    check_forward(q, k, v, dtype, causal=causal)
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_gpu_wgmma_block_sparse_strides_and_unaligned(rng):
+    b1, b2 = block_sizes(64, "float16", "wgmma")
+    nq, nk = 3 * b1 + 5, 2 * b2 + 77
+    mask = BlockMask.random(0.5, nq, nk, (b1, b2), nheads=3, seed=int(rng.integers(1 << 31)))
+    q, k, v = make_qkv_arrays(rng, 2, nq, nk, 3, 64, "bfloat16", "torch", "kvpacked")
+    check_forward(q, k, v, "bfloat16", block_mask=mask)
+    bufs = [random_array(rng, (1, 1500, 2, 128 + 8), "float16", "torch") for _ in range(3)]
+    q, k, v = (b[..., 2:130] for b in bufs)
+    check_forward(q, k, v, "float16", causal=True)
