@@ -200,27 +200,20 @@ def resolve_backend(backend, dtype_name, capability, headdim=None):
     if backend not in BACKENDS:
         raise ValueError(f"{source}: backend must be one of {BACKENDS}")
     mma_ok = capability is None or capability >= (8, 0)
-    wgmma_ok = capability is None or tuple(capability) == (9, 0)
+    sm90 = capability is not None and tuple(capability) == (9, 0)
     if backend == "auto":
         if dtype_name not in MMA_DTYPES or not mma_ok:
             return "simt"
-        if capability is not None and tuple(capability) == (9, 0) and headdim in WGMMA_AUTO_HEADDIMS:
-            return "wgmma"
-        return "mma"
-    if backend == "mma":
-        if dtype_name not in MMA_DTYPES:
-            raise ValueError(f"{source} computes in float16/bfloat16 on tensor cores; the inputs are "
-                             f"{dtype_name} (use backend='simt' or 'auto')")
-        if not mma_ok:
-            raise ValueError(f"{source} needs compute capability >= 8.0 (mma.sync); this GPU has "
-                             f"{capability[0]}.{capability[1]}")
-    if backend == "wgmma":
-        if dtype_name not in MMA_DTYPES:
-            raise ValueError(f"{source} computes in float16/bfloat16 on tensor cores; the inputs are "
-                             f"{dtype_name} (use backend='simt' or 'auto')")
-        if not wgmma_ok:
-            raise ValueError(f"{source} needs compute capability 9.0 (wgmma is an sm_90a instruction); "
-                             f"this GPU has {capability[0]}.{capability[1]} (use backend='mma')")
+        return "wgmma" if sm90 and headdim in WGMMA_AUTO_HEADDIMS else "mma"
+    if backend in ("mma", "wgmma") and dtype_name not in MMA_DTYPES:
+        raise ValueError(f"{source} computes in float16/bfloat16 on tensor cores; the inputs are "
+                         f"{dtype_name} (use backend='simt' or 'auto')")
+    if backend == "mma" and not mma_ok:
+        raise ValueError(f"{source} needs compute capability >= 8.0 (mma.sync); this GPU has "
+                         f"{capability[0]}.{capability[1]}")
+    if backend == "wgmma" and not (sm90 or capability is None):
+        raise ValueError(f"{source} needs compute capability 9.0 (wgmma is an sm_90a instruction); "
+                         f"this GPU has {capability[0]}.{capability[1]} (use backend='mma')")
     return backend
 
 

@@ -32,6 +32,72 @@ from .launch import inline_device
 CP_ASYNC_HALVES = 8      # one cp.async moves 16 bytes = 8 halves
 
 
+def make_tile_copy(rows, dp, headdim, aligned, nthreads, chunk_word, row_words=None):
+    """copy(smem, off, g, base, row0, nrows, stride, tid): a rows x dp tile of 16-bit elements into shared
+    memory <- rows row0.. of g (head dim contiguous), zeros past nrows rows and past the head dim.
+    chunk_word(smem, off, r, ch) is the layout: the shared-memory word where 16-byte chunk ch of row r of
+    the tile at `off` starts (its 8 elements are contiguous there). `aligned`: every source row starts
+    16-byte aligned, so chunks move by cp.async (committed by the caller); otherwise by ordinary loads and
+    16-bit shared stores into the same layout. row_words: where a row starts a fixed number of words after
+    the previous one and its chunks follow each other (padded rows), that number, so stepping down rows is
+    one add. Used by the mma.sync
+    (padded rows) and wgmma (swizzled) paths."""
+    cpr = dp // CP_ASYNC_HALVES            # 16-byte chunks per row
+    zero_bits = np.uint16(0)
+    if aligned and nthreads % cpr == 0:
+        # each thread keeps one chunk column and steps down the rows, so one pass costs two adds and a
+        # compare
+        rstep = nthreads // cpr
+        passes = -(-rows // rstep)
+
+        @inline_device
+        def copy(smem, off, g, base, row0, nrows, stride, tid):
+            r = tid // cpr
+            ch = tid % cpr
+            col_ok = ch * CP_ASYNC_HALVES < headdim
+            src = base + (row0 + r) * stride + ch * CP_ASYNC_HALVES
+            dst = chunk_word(smem, off, r, ch)
+            for s in range(passes):
+                if rows % rstep == 0 or r + s * rstep < rows:
+                    ok = col_ok and r + s * rstep < nrows
+                    if row_words is not None:
+                        dst_s = dst + s * rstep * row_words
+                    else:
+                        dst_s = chunk_word(smem, off, r + s * rstep, ch)
+                    ptx.cp_async16(smem, dst_s, g, src + s * rstep * stride if ok else base, ok)
+            return
+    elif aligned:
+        @inline_device
+        def copy(smem, off, g, base, row0, nrows, stride, tid):
+            for s in range(-(-rows * cpr // nthreads)):
+                ci = tid + s * nthreads
+                if (rows * cpr) % nthreads == 0 or ci < rows * cpr:
+                    r = ci // cpr
+                    ch = ci - r * cpr
+                    ok = r < nrows and ch * CP_ASYNC_HALVES < headdim
+                    src = base + (row0 + r) * stride + ch * CP_ASYNC_HALVES if ok else base
+                    ptx.cp_async16(smem, chunk_word(smem, off, r, ch), g, src, ok)
+            return
+    else:
+        @inline_device
+        def copy(smem, off, g, base, row0, nrows, stride, tid):
+            for s in range(-(-rows * dp // nthreads)):
+                e = tid + s * nthreads
+                if (rows * dp) % nthreads == 0 or e < rows * dp:
+                    r = e // dp
+                    c = e - r * dp
+                    if row_words is not None:       # a row's chunks are contiguous
+                        h = 2 * chunk_word(smem, off, r, 0) + c
+                    else:
+                        h = 2 * chunk_word(smem, off, r, c // CP_ASYNC_HALVES) + c % CP_ASYNC_HALVES
+                    if r < nrows and c < headdim:
+                        ptx.st_shared_b16(smem, h, g[base + (row0 + r) * stride + c])
+                    else:   # zero bits (a float16 constant would make NVVM reject the IR)
+                        ptx.st_shared_b16(smem, h, zero_bits)
+            return
+    return copy
+
+
 @lru_cache(maxsize=None)
 def make_mma_n16(mma):
     """mma_n16(c, i, j, a, m, b0, b1, b2, b3): c[i:i+2, j:j+4] += A B for one m16 x k16 A fragment
@@ -66,7 +132,6 @@ def make_tc_ops(role, tiles, headdim, dtype_name, aligned, fused_dq=False, vecto
     NT = BN // 8                           # n8 tiles of a score row
     DT = DP // 8                           # n8 tiles of an output row
     LDW = (DP + 8) // 2                    # row stride in 32-bit words (16-byte pad, see above)
-    CPR = DP // CP_ASYNC_HALVES            # 16-byte chunks per row
     NA = 1 if role == "fwd" else 2
     AREG = tiles.a_regs
     OFF_B = NA * BM * LDW                  # words; streamed: [stage][slot] tiles of BN x LDW
@@ -79,58 +144,13 @@ def make_tc_ops(role, tiles, headdim, dtype_name, aligned, fused_dq=False, vecto
     mma = ptx.mma_f16 if dtype_name == "float16" else ptx.mma_bf16
     mma_n16 = make_mma_n16(mma)
     pack = ptx.pack_f16x2 if dtype_name == "float16" else ptx.pack_bf16x2
-    ZERO_BITS = np.uint16(0)
+
+    @inline_device
+    def padded_chunk(smem, off, r, ch):
+        return off + r * LDW + ch * 4
 
     def make_copy(rows):
-        """copy(smem, off, g, base, row0, nrows, stride, tid): the rows x DP tile at smem word `off` <-
-        rows row0.. of g (head dim contiguous), zeros past nrows rows and past the head dim."""
-        if aligned and NTHREADS % CPR == 0:
-            # 16-byte cp.async; each thread keeps one chunk column and steps down the rows, so one pass
-            # costs two adds and a compare.
-            RSTEP = NTHREADS // CPR
-            PASSES = -(-rows // RSTEP)
-
-            @inline_device
-            def copy(smem, off, g, base, row0, nrows, stride, tid):
-                r = tid // CPR
-                ch = tid % CPR
-                col_ok = ch * CP_ASYNC_HALVES < headdim
-                src = base + (row0 + r) * stride + ch * CP_ASYNC_HALVES
-                dst = off + r * LDW + ch * 4
-                for s in range(PASSES):
-                    if rows % RSTEP == 0 or r + s * RSTEP < rows:
-                        ok = col_ok and r + s * RSTEP < nrows
-                        ptx.cp_async16(smem, dst + s * RSTEP * LDW, g, src + s * RSTEP * stride if ok else base,
-                                       ok)
-                return
-        elif aligned:
-            @inline_device
-            def copy(smem, off, g, base, row0, nrows, stride, tid):
-                for s in range(-(-rows * CPR // NTHREADS)):
-                    ci = tid + s * NTHREADS
-                    if (rows * CPR) % NTHREADS == 0 or ci < rows * CPR:
-                        r = ci // CPR
-                        ch = ci - r * CPR
-                        ok = r < nrows and ch * CP_ASYNC_HALVES < headdim
-                        src = base + (row0 + r) * stride + ch * CP_ASYNC_HALVES if ok else base
-                        ptx.cp_async16(smem, off + r * LDW + ch * 4, g, src, ok)
-                return
-        else:
-            @inline_device
-            def copy(smem, off, g, base, row0, nrows, stride, tid):
-                """Rows not 16-byte aligned: ordinary loads and 16-bit shared stores, same layout."""
-                for s in range(-(-rows * DP // NTHREADS)):
-                    e = tid + s * NTHREADS
-                    if (rows * DP) % NTHREADS == 0 or e < rows * DP:
-                        r = e // DP
-                        c = e - r * DP
-                        h = 2 * (off + r * LDW) + c
-                        if r < nrows and c < headdim:
-                            ptx.st_shared_b16(smem, h, g[base + (row0 + r) * stride + c])
-                        else:   # zero bits (a float16 constant would make NVVM reject the IR)
-                            ptx.st_shared_b16(smem, h, ZERO_BITS)
-                return
-        return copy
+        return make_tile_copy(rows, DP, headdim, aligned, NTHREADS, padded_chunk, LDW)
 
     copy_a, copy_b = make_copy(BM), make_copy(BN)
 

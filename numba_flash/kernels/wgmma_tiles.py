@@ -16,24 +16,23 @@ intrinsics and their simulator twins):
 - S = Q K^T: per k16 step of the head dim one m64nBNk16 wgmma with both operands from shared memory.
   O += P V: P is packed to 16 bits in registers (the accumulator layout of S is the A-register layout of
   the next product, as on mma.sync) and each k16 step of the keys is one m64nDk16 wgmma with A from
-  registers. Each product is committed and waited for before the softmax reads its accumulators, so to the
-  body the products are synchronous, like mma.sync's.
-- K/V tiles stream through two stages by 16-byte cp.async (pipeline.py), written straight into the
-  swizzled image; a `fence.proxy.async` after each wait makes those (generic-proxy) writes visible to the
-  wgmma reads (async proxy) before the barrier.
+  registers. The products are asynchronous (`AsyncOps`): forward.py's pipelined body issues S_j with
+  P_{j-1} V_{j-1} and runs the softmax of S_j while the latter is still on the tensor cores.
+- K and V tiles stream into two buffers each by 16-byte cp.async (tc_tiles.make_tile_copy), written
+  straight into the swizzled image; a `fence.proxy.async` after each wait makes those (generic-proxy)
+  writes visible to the wgmma reads (async proxy) before the barrier.
 
 The backward stays on mma.sync (tc_tiles.py) for now: a "wgmma" plan's backward kernels are "mma" plans.
 """
 from functools import lru_cache
 
-import numpy as np
-from numba import cuda, uint32
+from numba import uint32
 
 from . import hopper, ptx
 from .fragments import AsyncOps, TileOps, mma_fragment
 from .launch import inline_device
+from .tc_tiles import make_tile_copy
 
-CP_ASYNC_HALVES = 8
 ALIGN = 1024               # bytes: a 128B-swizzle atom (8 rows x 128 bytes)
 
 
@@ -41,15 +40,6 @@ def swizzle_width(padded_headdim):
     """Bytes per row of one column block: the widest swizzle (128, 64, 32) dividing a row of the head dim."""
     row = 2 * padded_headdim
     return next(s for s in (128, 64, 32) if row % s == 0)
-
-
-def smem_image_offset(r, c, rows, sw):
-    """Byte offset of 16-bit element (r, c) of a rows x DP tile in the swizzled image (module docstring),
-    from a 1024-byte-aligned start. Host-side statement of the layout the kernels write (tests use it)."""
-    e = sw // 2
-    lin = (c // e) * rows * sw + r * sw + (c % e) * 2
-    mask = {128: 7, 64: 3, 32: 1}[sw]
-    return lin ^ (((lin >> 7) & mask) << 4)
 
 
 @lru_cache(maxsize=None)
@@ -66,9 +56,9 @@ def _acc_io(nacc):
 
 
 @lru_cache(maxsize=None)
-def make_wgmma_ops(role, tiles, headdim, dtype_name, aligned, pipelined=True):
-    """TileOps of the warpgroup path for the forward kernel (role "fwd"); pipelined: with the asynchronous
-    products (`pipe`) the forward overlaps a tile's softmax with the next tile's products."""
+def make_wgmma_ops(role, tiles, headdim, dtype_name, aligned):
+    """TileOps of the warpgroup path for the forward kernel (role "fwd"): its products are asynchronous
+    (`pipe`, forward.py's pipelined body); the synchronous fields (mm_nt, mm_pv, stream, ...) are None."""
     assert role == "fwd", role
     assert dtype_name in ("float16", "bfloat16")
     BM, BN, W = tiles.br, tiles.bc, tiles.warps
@@ -85,22 +75,20 @@ def make_wgmma_ops(role, tiles, headdim, dtype_name, aligned, pipelined=True):
     KK = BN // 16                          # k16 steps of P V over the keys
     NT, DT = BN // 8, DP // 8
     NACC_S, NACC_O = BN // 2, DP // 2
-    CPR = DP // CP_ASYNC_HALVES            # 16-byte chunks per row
     CPB = SW // 16                         # chunks per row of one column block
     Q_BYTES = BM * DP * 2
     T_BYTES = BN * DP * 2                  # one streamed tile (K or V)
-    OFF_B = Q_BYTES                        # streamed: [stage][slot] tiles, bytes from the aligned start
+    OFF_B = Q_BYTES                        # streamed: [buffer][K, V] tiles, bytes from the aligned start
     SMEM = ALIGN + Q_BYTES + 4 * T_BYTES
     if dtype_name == "float16":
         wg_ss, wg_rs, pack = hopper.wgmma_f16, hopper.wgmma_f16_rs, ptx.pack_f16x2
     else:
         wg_ss, wg_rs, pack = hopper.wgmma_bf16, hopper.wgmma_bf16_rs, ptx.pack_bf16x2
-    to_s, from_s = _acc_io(NACC_S)
+    _, from_s = _acc_io(NACC_S)
     to_o, from_o = _acc_io(NACC_O)
     N_S = BN                               # a literal of wgmma_acc_zeros (a bound name, see hopper.py)
-    ZERO_BITS = np.uint16(0)
     L_Q = BM * SW                          # bytes of one column block of Q
-    L_T = BN * SW                          # ... of a streamed tile: V's LBO (next SWE output columns)
+    L_T = BN * SW                          # ... of a streamed tile: V's LBO (the next SW/2 output columns)
     LBO_K = 16                             # K-major swizzled: LBO unused ("assumed 1")
 
     @inline_device
@@ -109,59 +97,12 @@ def make_wgmma_ops(role, tiles, headdim, dtype_name, aligned, pipelined=True):
         return (ALIGN - hopper.shared_address(smem) % ALIGN) % ALIGN
 
     def make_copy(rows):
-        """copy(smem, off, g, base, row0, nrows, stride, tid): the rows x DP tile at aligned byte `off`
-        <- rows row0.. of g, zeros past nrows rows and past the head dim, in the swizzled image."""
-        if aligned and NTHREADS % CPR == 0:
-            RSTEP = NTHREADS // CPR
-            PASSES = -(-rows // RSTEP)
-
-            @inline_device
-            def copy(smem, off, g, base, row0, nrows, stride, tid):
-                r = tid // CPR
-                ch = tid % CPR
-                col_ok = ch * CP_ASYNC_HALVES < headdim
-                start = base_bytes(smem) + off + (ch // CPB) * rows * SW
-                src = base + (row0 + r) * stride + ch * CP_ASYNC_HALVES
-                for s in range(PASSES):
-                    rr = r + s * RSTEP
-                    if rows % RSTEP == 0 or rr < rows:
-                        ok = col_ok and rr < nrows
-                        dst = start + rr * SW + (((ch % CPB) ^ ((rr * SW >> 7) & XMASK)) << 4)
-                        ptx.cp_async16(smem, dst // 4, g, src + s * RSTEP * stride if ok else base, ok)
-                return
-        elif aligned:
-            @inline_device
-            def copy(smem, off, g, base, row0, nrows, stride, tid):
-                b0 = base_bytes(smem) + off
-                for s in range(-(-rows * CPR // NTHREADS)):
-                    ci = tid + s * NTHREADS
-                    if (rows * CPR) % NTHREADS == 0 or ci < rows * CPR:
-                        r = ci // CPR
-                        ch = ci - r * CPR
-                        ok = r < nrows and ch * CP_ASYNC_HALVES < headdim
-                        dst = b0 + (ch // CPB) * rows * SW + r * SW + (((ch % CPB) ^ ((r * SW >> 7) & XMASK)) << 4)
-                        src = base + (row0 + r) * stride + ch * CP_ASYNC_HALVES if ok else base
-                        ptx.cp_async16(smem, dst // 4, g, src, ok)
-                return
-        else:
-            @inline_device
-            def copy(smem, off, g, base, row0, nrows, stride, tid):
-                """Rows not 16-byte aligned: ordinary loads and 16-bit shared stores, same image."""
-                b0 = base_bytes(smem) + off
-                for s in range(-(-rows * DP // NTHREADS)):
-                    e = tid + s * NTHREADS
-                    if (rows * DP) % NTHREADS == 0 or e < rows * DP:
-                        r = e // DP
-                        c = e - r * DP
-                        ch = c // CP_ASYNC_HALVES
-                        byte = (b0 + (ch // CPB) * rows * SW + r * SW + (((ch % CPB) ^ ((r * SW >> 7) & XMASK)) << 4)
-                                + (c % CP_ASYNC_HALVES) * 2)
-                        if r < nrows and c < headdim:
-                            ptx.st_shared_b16(smem, byte // 2, g[base + (row0 + r) * stride + c])
-                        else:
-                            ptx.st_shared_b16(smem, byte // 2, ZERO_BITS)
-                return
-        return copy
+        """The rows x DP tile at aligned byte `off` in the swizzled image (module docstring)."""
+        @inline_device
+        def swizzled_chunk(smem, off, r, ch):
+            return (base_bytes(smem) + off + (ch // CPB) * rows * SW + r * SW
+                    + (((ch % CPB) ^ ((r * SW >> 7) & XMASK)) << 4)) // 4
+        return make_tile_copy(rows, DP, headdim, aligned, NTHREADS, swizzled_chunk)
 
     copy_a, copy_b = make_copy(BM), make_copy(BN)
 
@@ -176,63 +117,7 @@ def make_wgmma_ops(role, tiles, headdim, dtype_name, aligned, pipelined=True):
         ptx.cp_async_wait_all()
         hopper.fence_proxy_async_shared()
 
-    @inline_device
-    def resident_ready(smem, afrag, tid):
-        ptx.cp_async_wait_group(1)      # Q; the first K/V tile may still fly
-        hopper.fence_proxy_async_shared()
-        cuda.syncthreads()
-        return
-
-    @inline_device
-    def stream(smem, stage, t0, n_other, operands, tid):
-        g0, b0, s0, g1, b1, s1 = operands
-        off = OFF_B + 2 * stage * T_BYTES
-        copy_b(smem, off, g0, b0, t0, n_other - t0, s0, tid)
-        copy_b(smem, off + T_BYTES, g1, b1, t0, n_other - t0, s1, tid)
-        return
-
-    @inline_device
-    def mm_nt(smem, afrag, a_slot, stage, b_slot, c, tid):
-        """c[2, 2NT] += Q K^T for this warpgroup's 64 rows, K = streamed tile b_slot of `stage`."""
-        base = base_bytes(smem)
-        qoff = base + (tid // 128) * 64 * SW
-        koff = base + OFF_B + (2 * stage + b_slot) * T_BYTES
-        acc = hopper.wgmma_fence_operand(to_s(c))
-        hopper.wgmma_fence()
-        for ks in range(KS):
-            kb = (ks * 32 // SW) * L_Q + (ks * 32) % SW
-            da = hopper.make_smem_desc(smem, qoff + kb, LBO_K, SBO, SWMODE)
-            db = hopper.make_smem_desc(smem, koff + (ks * 32 // SW) * L_T + (ks * 32) % SW, LBO_K, SBO, SWMODE)
-            acc = wg_ss(da, db, acc, 1, 0, 0)
-        hopper.wgmma_commit_group()
-        hopper.wgmma_wait_group(0)
-        from_s(c, hopper.wgmma_fence_operand(acc))
-        return
-
-    @inline_device
-    def mm_pv(smem, p, stage, b_slot, o, tid, lead_sync):
-        """o[2, 2DT] += P V: P = p[2, 2NT] packed to 16 bits as the A registers, V = streamed tile b_slot
-        read N-major (trans-b) through the K-major image."""
-        voff = base_bytes(smem) + OFF_B + (2 * stage + b_slot) * T_BYTES
-        a = cuda.local.array((KK, 4), uint32)
-        for kk in range(KK):
-            j = 4 * kk
-            a[kk, 0] = pack(p[0, j], p[0, j + 1])               # row g,   keys 16kk + 2t, +1
-            a[kk, 1] = pack(p[1, j], p[1, j + 1])               # row g+8
-            a[kk, 2] = pack(p[0, j + 2], p[0, j + 3])           # row g,   keys 16kk + 8 + 2t, +1
-            a[kk, 3] = pack(p[1, j + 2], p[1, j + 3])           # row g+8
-        acc = hopper.wgmma_fence_operand(to_o(o))
-        hopper.wgmma_fence()
-        for kk in range(KK):
-            db = hopper.make_smem_desc(smem, voff + kk * 16 * SW, L_T, SBO, SWMODE)
-            acc = wg_rs(a[kk, 0], a[kk, 1], a[kk, 2], a[kk, 3], db, acc, 1, 1)
-        hopper.wgmma_commit_group()
-        hopper.wgmma_wait_group(0)
-        from_o(o, hopper.wgmma_fence_operand(acc))
-        return
-
-    # --- the asynchronous form (forward.py's pipelined body): K and V of one buffer index hold different
-    # tiles (K_j+1 is copied while V_j-1 is still read) ---
+    # K and V of one buffer index hold different tiles (K_j+1 is copied while V_j-1 is still read)
 
     @inline_device
     def stream_k(smem, buf, t0, n_other, operands, tid):
@@ -308,6 +193,5 @@ def make_wgmma_ops(role, tiles, headdim, dtype_name, aligned, pipelined=True):
     return TileOps(
         path="wgmma", stages=2, threads=NTHREADS, smem_bytes=SMEM, min_blocks=tiles.min_blocks,
         min_regs=min_regs, frag=mma_fragment(1, NT, DT), a_shape=(1,), a_dtype=uint32, exp2=ptx.ex2,
-        load_resident=load_resident, resident_ready=resident_ready, stream=stream,
-        commit=ptx.cp_async_commit, wait_all=copies_visible, vec=None, mm_nt=mm_nt, mm_pv=mm_pv, dq=None,
-        pipe=pipe if pipelined else None)
+        load_resident=load_resident, resident_ready=None, stream=None, commit=ptx.cp_async_commit,
+        wait_all=copies_visible, vec=None, mm_nt=None, mm_pv=None, dq=None, pipe=pipe)
