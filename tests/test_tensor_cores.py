@@ -51,20 +51,20 @@ def assert_within_budget(name, ours, ref, theirs):
                                       f"+ 1e-5")
 
 
-def run_mma(q, k, v, dout, dtype, deterministic=True, **kw):
-    """Forward + backward on the tensor-core path into NaN-poisoned outputs."""
+def run_mma(q, k, v, dout, dtype, deterministic=True, backend="mma", **kw):
+    """Forward + backward on a tensor-core path into NaN-poisoned outputs."""
     B, Nq, H, d = q.shape
     Nk = k.shape[1]
     out, lse = poison((B, Nq, H, d), dtype, FW), poison((B, H, Nq), "float32", FW)
-    nf.flash_attn_forward(q, k, v, out=out, lse=lse, backend="mma", **kw)
+    nf.flash_attn_forward(q, k, v, out=out, lse=lse, backend=backend, **kw)
     grads = [poison((B, n, H, d), dtype, FW) for n in (Nq, Nk, Nk)]
-    nf.flash_attn_backward(dout, q, k, v, out, lse, dq=grads[0], dk=grads[1], dv=grads[2], backend="mma",
+    nf.flash_attn_backward(dout, q, k, v, out, lse, dq=grads[0], dk=grads[1], dv=grads[2], backend=backend,
                            deterministic=deterministic, **kw)
     return out, lse, grads
 
 
-def check_all(q, k, v, dout, dtype, deterministic=True, **kw):
-    out, lse, grads = run_mma(q, k, v, dout, dtype, deterministic, **kw)
+def check_all(q, k, v, dout, dtype, deterministic=True, backend="mma", **kw):
+    out, lse, grads = run_mma(q, k, v, dout, dtype, deterministic, backend, **kw)
     ref_out, ref_lse = nf.attention_reference(q, k, v, **kw)
     ref_grads = nf.attention_reference_backward(dout, q, k, v, **kw)
     theirs = torch_lowp(q, k, v, dout, dtype, **kw)

@@ -1,10 +1,12 @@
 """The warpgroup path (backend="wgmma": Hopper wgmma, float16 / bfloat16) against the float64 reference.
 
-Its forward kernel runs on wgmma; its backward runs the mma.sync kernels (configs.backward_path). The
-tolerance is test_tensor_cores': at most twice the error of PyTorch's own attention in the same dtype, plus
-1e-5. Under the simulator the tiles are 64 x 32 with one warpgroup (hopper.py's wgmma twin reads the
-swizzled shared-memory image through the descriptors), so the lengths here give ragged query and key tiles;
-head dims 16, 32, 48 and 64 take the 32-, 64-, 32- and 128-byte swizzles. Outputs are NaN-poisoned.
+Its forward and backward kernels run on wgmma (past head dim 128 the backward runs the mma.sync kernels,
+configs.backward_path). The tolerance is test_tensor_cores': at most twice the error of PyTorch's own
+attention in the same dtype, plus 1e-5. Under the simulator every kernel has one warpgroup (64 resident
+rows: queries, or keys in dK/dV) and 32 streamed rows (hopper.py's wgmma twin reads the swizzled
+shared-memory image through the descriptors), so the lengths here give ragged query and key tiles; head
+dims 16, 32, 48 and 64 take the 32-, 64-, 32- and 128-byte swizzles. Outputs and gradients are
+NaN-poisoned.
 """
 import numpy as np
 import pytest
@@ -13,7 +15,7 @@ import numba_flash as nf
 from numba_flash import BlockMask
 from conftest import (SIMULATOR, as64, assert_bitwise_equal, assert_lse_close, block_sizes, copy,
                       gpu_capability, make_qkv_arrays, poison, random_array, rel_err)
-from test_tensor_cores import FW, assert_within_budget, torch_lowp
+from test_tensor_cores import FW, assert_within_budget, check_all, run_mma, torch_lowp
 
 pytestmark = pytest.mark.skipif(not SIMULATOR and gpu_capability() != (9, 0),
                                 reason=f"wgmma is an sm_90a instruction; this GPU is cc {gpu_capability()}")
@@ -26,44 +28,55 @@ def run_wgmma(q, k, v, dtype, **kw):
     return out, lse
 
 
-def check_forward(q, k, v, dtype, **kw):
-    out, lse = run_wgmma(q, k, v, dtype, **kw)
-    mask = kw.pop("block_mask", None)
-    dense = None if mask is None else mask.to_dense()
-    ref_out, ref_lse = nf.attention_reference(q, k, v, mask=dense, **kw)
-    dout = np.zeros(as64(q).shape)
-    theirs = torch_lowp(q, k, v, dout, dtype, mask=dense, **kw)[0]
+def check_sparse(q, k, v, dout, dtype, mask):
+    """Forward and backward with a block mask against the references with its dense mask."""
+    out, lse, grads = run_mma(q, k, v, dout, dtype, backend="wgmma", block_mask=mask)
+    dense = mask.to_dense()
+    ref_out, ref_lse = nf.attention_reference(q, k, v, mask=dense)
+    ref_grads = nf.attention_reference_backward(dout, q, k, v, mask=dense)
+    theirs = torch_lowp(q, k, v, dout, dtype, mask=dense)
     assert_lse_close(lse, ref_lse, dtype)
-    assert_within_budget("out", out, ref_out, theirs)
-    return out, lse
+    for name, ours, ref, th in zip(("out", "dq", "dk", "dv"), (out, *grads), (ref_out, *ref_grads), theirs):
+        assert_within_budget(name, ours, ref, th)
 
 
 @pytest.mark.parametrize("dtype,causal,Nq,Nk,d", [
     ("float16", False, 96, 80, 32), ("bfloat16", True, 70, 100, 64), ("float16", True, 100, 40, 16),
     ("bfloat16", False, 65, 33, 48)])
-def test_wgmma_forward_within_twice_torch_error_ragged_unequal_seqlens_and_swizzles(rng, dtype, causal, Nq,
-                                                                                   Nk, d):
+def test_wgmma_forward_backward_within_twice_torch_error_ragged_unequal_seqlens_and_swizzles(rng, dtype, causal,
+                                                                                            Nq, Nk, d):
     q, k, v = make_qkv_arrays(rng, 1, Nq, Nk, 1, d, dtype, FW)
-    out, lse = check_forward(q, k, v, dtype, causal=causal)
+    dout = random_array(rng, (1, Nq, 1, d), dtype, FW)
+    out, lse, (dq, dk, dv) = check_all(q, k, v, dout, dtype, backend="wgmma", causal=causal)
     if causal and Nq > Nk:                 # bottom-right: rows r < Nq - Nk see no key
         assert (as64(out)[:, :Nq - Nk] == 0).all() and np.isneginf(as64(lse)[:, :, :Nq - Nk]).all()
+        assert (as64(dq)[:, :Nq - Nk] == 0).all()
 
 
 @pytest.mark.parametrize("layout", ["qkvpacked", "unaligned"])
-def test_wgmma_strided_and_unaligned_views_match_contiguous_copies(rng, layout):
-    """A packed view is bitwise its contiguous copy; rows starting 2 elements into their buffer are not
-    16-byte aligned and take ordinary loads into the same swizzled image."""
+def test_wgmma_strided_and_unaligned_views_match_contiguous_copies_bitwise_and_deterministically(rng, layout):
+    """A packed view gives bitwise its contiguous copy's outputs and gradients; rows starting 2 elements
+    into their buffer are not 16-byte aligned and take ordinary loads into the same swizzled image. The
+    backward (one writer per dQ element) is bitwise reproducible."""
     if layout == "unaligned":
-        bufs = [random_array(rng, (1, 70, 2, 32 + 8), "float16", FW) for _ in range(3)]
-        q, k, v = (b[..., 2:34] for b in bufs)
+        bufs = [random_array(rng, (1, 70, 2, 32 + 8), "float16", FW) for _ in range(4)]
+        q, k, v, dout = (b[..., 2:34] for b in bufs)
     else:
         q, k, v = make_qkv_arrays(rng, 1, 70, 70, 2, 32, "float16", FW, layout)
-    a = run_wgmma(q, k, v, "float16", causal=True, softmax_scale=-0.4)
-    b = run_wgmma(copy(q), copy(k), copy(v), "float16", causal=True, softmax_scale=-0.4)
-    assert_bitwise_equal(a[0], b[0], "out")
-    assert_bitwise_equal(a[1], b[1], "lse")
+        dout = random_array(rng, (1, 70, 2, 32), "float16", FW)
+    kw = dict(causal=True, softmax_scale=-0.4, backend="wgmma")
+    a = run_mma(q, k, v, dout, "float16", **kw)
+    b = run_mma(copy(q), copy(k), copy(v), copy(dout), "float16", **kw)
+    c = run_mma(q, k, v, dout, "float16", **kw)
+    for x, y, z, name in zip((a[0], a[1], *a[2]), (b[0], b[1], *b[2]), (c[0], c[1], *c[2]),
+                             ("out", "lse", "dq", "dk", "dv")):
+        assert_bitwise_equal(x, y, name)
+        assert_bitwise_equal(x, z, name)
     ref, _ = nf.attention_reference(q, k, v, causal=True, softmax_scale=-0.4)
     assert rel_err(a[0], ref) < 2e-3
+    ref_grads = nf.attention_reference_backward(dout, q, k, v, causal=True, softmax_scale=-0.4)
+    for name, x, r in zip(("dq", "dk", "dv"), a[2], ref_grads):
+        assert rel_err(x, r) < 4e-3, name
 
 
 def test_wgmma_block_sparse_and_nan_row(rng):
@@ -71,7 +84,8 @@ def test_wgmma_block_sparse_and_nan_row(rng):
     nq, nk = 2 * b1 + 3, 2 * b2
     mask = BlockMask.random(0.5, nq, nk, (b1, b2), nheads=1, seed=int(rng.integers(1 << 31)))
     q, k, v = make_qkv_arrays(rng, 1, nq, nk, 1, 32, "float16", FW)
-    check_forward(q, k, v, "float16", block_mask=mask)
+    dout = random_array(rng, (1, nq, 1, 32), "float16", FW)
+    check_sparse(q, k, v, dout, "float16", mask)
     q[0, 7, 0, 3] = float("nan")
     out, lse = run_wgmma(q, k, v, "float16")
     o = as64(out)
@@ -80,9 +94,8 @@ def test_wgmma_block_sparse_and_nan_row(rng):
     assert np.isfinite(o[0, rows]).all()
 
 
-def test_wgmma_backend_trains_through_autograd_with_the_mma_backward(rng):
-    """backend="wgmma" through flash_attn_func: the forward on wgmma, gradients from the mma.sync kernels,
-    the same gradients as backend="mma" up to the forward's rounding (out differs in its last bits)."""
+def test_wgmma_backend_trains_through_autograd(rng):
+    """backend="wgmma" through flash_attn_func: forward and backward on wgmma."""
     import torch
     q, k, v = make_qkv_arrays(rng, 1, 64, 64, 1, 16, "bfloat16", "torch")
     dout = random_array(rng, (1, 64, 1, 16), "bfloat16", "torch")
@@ -107,7 +120,8 @@ def test_wgmma_backend_is_validated():
         configs.resolve_backend("wgmma", "float16", (10, 0))
     with pytest.raises(ValueError, match="backend='wgmma'.*float32"):
         configs.resolve_backend("wgmma", "float32", (9, 0))
-    assert configs.backward_plan("wgmma", 64, "float16", False, True).path == "mma"
+    assert configs.backward_plan("wgmma", 128, "float16", False, True).path == "wgmma"
+    assert configs.backward_plan("wgmma", 160, "float16", False, True).path == "mma"   # dK, dV too wide
 
 
 def test_auto_takes_wgmma_on_cc90_for_its_head_dims_and_falls_back_for_narrow_mask_blocks(rng, monkeypatch):
@@ -139,7 +153,8 @@ def test_auto_takes_wgmma_on_cc90_for_its_head_dims_and_falls_back_for_narrow_ma
 @pytest.mark.parametrize("d", [32, 64, 96, 128, 256])
 def test_gpu_wgmma_large_within_twice_torch_error(rng, d, dtype, causal):
     q, k, v = make_qkv_arrays(rng, 2, 1000, 777, 2, d, dtype, "torch")
-    check_forward(q, k, v, dtype, causal=causal)
+    dout = random_array(rng, (2, 1000, 2, d), dtype, "torch")
+    check_all(q, k, v, dout, dtype, backend="wgmma", causal=causal)
 
 
 @pytest.mark.gpu
@@ -149,7 +164,8 @@ def test_gpu_wgmma_block_sparse_strides_and_unaligned(rng):
     nq, nk = 3 * b1 + 5, 2 * b2 + 77
     mask = BlockMask.random(0.5, nq, nk, (b1, b2), nheads=3, seed=int(rng.integers(1 << 31)))
     q, k, v = make_qkv_arrays(rng, 2, nq, nk, 3, 64, "bfloat16", "torch", "kvpacked")
-    check_forward(q, k, v, "bfloat16", block_mask=mask)
-    bufs = [random_array(rng, (1, 1500, 2, 128 + 8), "float16", "torch") for _ in range(3)]
-    q, k, v = (b[..., 2:130] for b in bufs)
-    check_forward(q, k, v, "float16", causal=True)
+    dout = random_array(rng, (2, nq, 3, 64), "bfloat16", "torch")
+    check_sparse(q, k, v, dout, "bfloat16", mask)
+    bufs = [random_array(rng, (1, 1500, 2, 128 + 8), "float16", "torch") for _ in range(4)]
+    q, k, v, dout = (b[..., 2:130] for b in bufs)
+    check_all(q, k, v, dout, "float16", backend="wgmma", causal=True)

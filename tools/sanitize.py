@@ -42,7 +42,7 @@ CASES = [
          dq="atomic"),
     dict(path="mma", d=256, dtype="float16", causal=True, nq=150, nk=200, aligned=True, sparse=False,
          dq="atomic"),
-    # warpgroup MMA (Hopper): its forward; the backward runs the mma kernels. Each head-dim class's tiles,
+    # warpgroup MMA (Hopper): forward and backward (d = 256: the mma backward). Each head-dim class's tiles,
     # aligned and not, causal, and a mask of 128 x 128 blocks (the wgmma tiles are 128 x 128 at d <= 128)
     dict(path="wgmma", d=64, dtype="float16", causal=True, nq=200, nk=333, aligned=True, sparse=False),
     dict(path="wgmma", d=128, dtype="bfloat16", causal=False, nq=300, nk=150, aligned=False, sparse=False),

@@ -7,8 +7,8 @@ what tools/ read.
 Paths:
   "simt"  fp32 (float64 for float64) arithmetic on CUDA cores; every dtype, every GPU, the simulator.
   "mma"   tensor cores through mma.sync m16n8k16 (sm_80+), float16 and bfloat16 only.
-  "wgmma" Hopper warpgroup MMA (sm_90a: compute capability 9.0), float16 and bfloat16: the forward
-          (wgmma_tiles.py); its backward runs the "mma" kernels (`backward_path`).
+  "wgmma" Hopper warpgroup MMA (sm_90a: compute capability 9.0), float16 and bfloat16 (wgmma_tiles.py);
+          past head dim 128 its backward runs the "mma" kernels (`backward_path`).
 `backend="auto"` (the default, or NUMBA_FLASH_BACKEND) takes "mma" for float16/bfloat16 on compute
 capability >= 8.0 (and under the simulator, so CI runs it), "wgmma" instead on a cc 9.0 GPU for the head
 dims where it measured faster (WGMMA_AUTO_HEADDIMS), and "simt" otherwise.
@@ -93,7 +93,8 @@ def vector_elems(path):
 _SIM = {"simt": dict(fwd=SimtTiles(16, 16, 4, 4), dkdv=SimtTiles(16, 16, 4, 4), dq=SimtTiles(16, 16, 4, 4)),
         "mma": dict(fwd=MmaTiles(32, 16, 2), dkdv=MmaTiles(16, 32, 2), dq=MmaTiles(32, 16, 2)),
         # a warpgroup (4 warps, 64 query rows) is the smallest wgmma block
-        "wgmma": dict(fwd=MmaTiles(64, 32, 4, a_regs=False))}
+        "wgmma": dict(fwd=MmaTiles(64, 32, 4, a_regs=False), dkdv=MmaTiles(32, 64, 4, a_regs=False),
+                      dq=MmaTiles(64, 32, 4, a_regs=False))}
 
 
 def _simt_tiles(role, headdim):
@@ -148,12 +149,23 @@ _ENV = {"fwd": ("NUMBA_FLASH_FWD_TILES",), "dkdv": ("NUMBA_FLASH_DKDV_TILES", "N
 
 
 def _wgmma_tiles(role, headdim):
-    # The warpgroup forward (wgmma_tiles.py): one warpgroup per 64 query rows, Q, K, V in shared memory;
-    # a thread holds Bc/2 score and d/2 output floats.
-    assert role == "fwd", role
-    if headdim <= 128:
-        return MmaTiles(128, 128, 8, a_regs=False)
-    return MmaTiles(128, 64, 8, a_regs=False)
+    # The warpgroup kernels (wgmma_tiles.py): one warpgroup per 64 rows of the resident tile (queries;
+    # keys in dK/dV), every operand in shared memory. Forward: a thread holds Bc/2 score and d/2 output
+    # floats. Backward: two score fragments of (streamed rows)/2 floats and d/2 (dQ) or d (dK and dV)
+    # accumulator floats.
+    if role == "fwd":
+        if headdim <= 128:
+            return MmaTiles(128, 128, 8, a_regs=False)
+        return MmaTiles(128, 64, 8, a_regs=False)
+    # H200, fp16, N=4096 backward, synchronous products (tools/tune.py, 2026-12-02; mma.sync 199 / 195
+    # TFLOP/s): d=64 dK/dV over 128 keys with 128-query tiles 244 (64-query 227, 32-query 190), dQ of 64
+    # queries over 128 keys, one warpgroup 243 (128 x 64, two warpgroups 226); d=128 dK/dV 64 x 128 keys
+    # 297 (32 x 128 267), dQ 128 x 128 307 (128 x 64 297, 64 x 64 288).
+    if role == "dkdv":
+        return MmaTiles(128 if headdim <= 64 else 64, 128, 8, a_regs=False)
+    if headdim <= 64:
+        return MmaTiles(64, 128, 4, a_regs=False)
+    return MmaTiles(128, 128, 8, a_regs=False)
 
 
 def _override(path, role):
@@ -217,9 +229,15 @@ def resolve_backend(backend, dtype_name, capability, headdim=None):
     return backend
 
 
-def backward_path(path):
-    """The path of the backward kernels for a `path` call: the warpgroup path has a forward only so far."""
-    return "mma" if path == "wgmma" else path
+# The largest head dim of the warpgroup backward: past it dK and dV (d/2 floats each per thread with 64
+# keys per warpgroup) do not fit in registers, and the mma.sync backward runs instead.
+WGMMA_BWD_MAX_HEADDIM = 128
+
+
+def backward_path(path, headdim):
+    """The path of the backward kernels for a `path` call (the same, but "mma" for a "wgmma" call whose
+    head dim is past WGMMA_BWD_MAX_HEADDIM)."""
+    return "mma" if path == "wgmma" and headdim > WGMMA_BWD_MAX_HEADDIM else path
 
 
 def forward_plan(path, headdim, dtype_name, causal, aligned, positive_scale=True):
@@ -243,7 +261,7 @@ def backward_plan(path, headdim, dtype_name, causal, aligned, deterministic=True
                   block_k=None):
     """capability: (major, minor) of the device, None under the simulator; block_k: a block mask's key
     block size (None: dense)."""
-    path = backward_path(path)
+    path = backward_path(path, headdim)
     mode = dq_mode(path, deterministic)
     if mode == "kernel":
         return Plan(path, headdim, dtype_name, bool(causal), bool(aligned), dkdv=tiles(path, "dkdv", headdim),
@@ -255,5 +273,5 @@ def backward_plan(path, headdim, dtype_name, causal, aligned, deterministic=True
 
 def mask_tile(path, headdim):
     """The (Br, Bc) a block mask's block size must be a multiple of, for both passes of `path`."""
-    ts = [tiles(path, "fwd", headdim)] + [tiles(backward_path(path), role, headdim) for role in ("dkdv", "dq")]
+    ts = [tiles(path, "fwd", headdim)] + [tiles(backward_path(path, headdim), role, headdim) for role in ("dkdv", "dq")]
     return (math.lcm(*(t.br for t in ts)), math.lcm(*(t.bc for t in ts)))

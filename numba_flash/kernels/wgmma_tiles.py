@@ -26,7 +26,7 @@ The backward stays on mma.sync (tc_tiles.py) for now: a "wgmma" plan's backward 
 """
 from functools import lru_cache
 
-from numba import uint32
+from numba import cuda, uint32
 
 from . import hopper, ptx
 from .fragments import AsyncOps, TileOps, mma_fragment
@@ -40,6 +40,26 @@ def swizzle_width(padded_headdim):
     """Bytes per row of one column block: the widest swizzle (128, 64, 32) dividing a row of the head dim."""
     row = 2 * padded_headdim
     return next(s for s in (128, 64, 32) if row % s == 0)
+
+
+@inline_device
+def base_bytes(smem):
+    """Bytes from smem[0] to the first 1024-byte-aligned shared address."""
+    return (ALIGN - hopper.shared_address(smem) % ALIGN) % ALIGN
+
+
+def make_swizzled_copy(rows, dp, headdim, aligned, nthreads):
+    """copy(smem, off, g, base, row0, nrows, stride, tid) (tc_tiles.make_tile_copy): the rows x dp tile
+    at byte `off` past the aligned start, in the swizzled K-major image (module docstring)."""
+    sw = swizzle_width(dp)
+    cpb = sw // 16                         # chunks per row of one column block
+    xmask = {128: 7, 64: 3, 32: 1}[sw]
+
+    @inline_device
+    def swizzled_chunk(smem, off, r, ch):
+        return (base_bytes(smem) + off + (ch // cpb) * rows * sw + r * sw
+                + (((ch % cpb) ^ ((r * sw >> 7) & xmask)) << 4)) // 4
+    return make_tile_copy(rows, dp, headdim, aligned, nthreads, swizzled_chunk)
 
 
 @lru_cache(maxsize=None)
@@ -57,9 +77,11 @@ def _acc_io(nacc):
 
 @lru_cache(maxsize=None)
 def make_wgmma_ops(role, tiles, headdim, dtype_name, aligned):
-    """TileOps of the warpgroup path for the forward kernel (role "fwd"): its products are asynchronous
-    (`pipe`, forward.py's pipelined body); the synchronous fields (mm_nt, mm_pv, stream, ...) are None."""
-    assert role == "fwd", role
+    """TileOps of the warpgroup path for kernel `role`. The forward's ("fwd") products are asynchronous
+    (`pipe`, forward.py's pipelined body; the synchronous fields mm_nt, mm_pv, stream, ... are None); the
+    backward's ("dkdv", "dq": make_wgmma_bwd_ops) are synchronous, for backward.py's bodies."""
+    if role != "fwd":
+        return make_wgmma_bwd_ops(role, tiles, headdim, dtype_name, aligned)
     assert dtype_name in ("float16", "bfloat16")
     BM, BN, W = tiles.br, tiles.bc, tiles.warps
     assert W % 4 == 0 and BM == 16 * W, ("a warp owns 16 rows, a warpgroup 64", tiles)
@@ -69,13 +91,11 @@ def make_wgmma_ops(role, tiles, headdim, dtype_name, aligned):
     assert DP <= 256, headdim
     SW = swizzle_width(DP)
     SWMODE = {128: hopper.SWIZZLE_128B, 64: hopper.SWIZZLE_64B, 32: hopper.SWIZZLE_32B}[SW]
-    XMASK = {128: 7, 64: 3, 32: 1}[SW]
     SBO = 8 * SW                           # next 8 rows (one atom)
     KS = DP // 16
     KK = BN // 16                          # k16 steps of P V over the keys
     NT, DT = BN // 8, DP // 8
     NACC_S, NACC_O = BN // 2, DP // 2
-    CPB = SW // 16                         # chunks per row of one column block
     Q_BYTES = BM * DP * 2
     T_BYTES = BN * DP * 2                  # one streamed tile (K or V)
     OFF_B = Q_BYTES                        # streamed: [buffer][K, V] tiles, bytes from the aligned start
@@ -91,20 +111,7 @@ def make_wgmma_ops(role, tiles, headdim, dtype_name, aligned):
     L_T = BN * SW                          # ... of a streamed tile: V's LBO (the next SW/2 output columns)
     LBO_K = 16                             # K-major swizzled: LBO unused ("assumed 1")
 
-    @inline_device
-    def base_bytes(smem):
-        """Bytes from smem[0] to the first 1024-byte-aligned shared address."""
-        return (ALIGN - hopper.shared_address(smem) % ALIGN) % ALIGN
-
-    def make_copy(rows):
-        """The rows x DP tile at aligned byte `off` in the swizzled image (module docstring)."""
-        @inline_device
-        def swizzled_chunk(smem, off, r, ch):
-            return (base_bytes(smem) + off + (ch // CPB) * rows * SW + r * SW
-                    + (((ch % CPB) ^ ((r * SW >> 7) & XMASK)) << 4)) // 4
-        return make_tile_copy(rows, DP, headdim, aligned, NTHREADS, swizzled_chunk)
-
-    copy_a, copy_b = make_copy(BM), make_copy(BN)
+    copy_a, copy_b = (make_swizzled_copy(rows, DP, headdim, aligned, NTHREADS) for rows in (BM, BN))
 
     @inline_device
     def load_resident(smem, afrag, slot, g, base, row0, nrows, stride, tid):
@@ -195,3 +202,140 @@ def make_wgmma_ops(role, tiles, headdim, dtype_name, aligned):
         min_regs=min_regs, frag=mma_fragment(1, NT, DT), a_shape=(1,), a_dtype=uint32, exp2=ptx.ex2,
         load_resident=load_resident, resident_ready=None, stream=None, commit=ptx.cp_async_commit,
         wait_all=copies_visible, vec=None, mm_nt=None, mm_pv=None, dq=None, pipe=pipe)
+
+
+@lru_cache(maxsize=None)
+def make_wgmma_bwd_ops(role, tiles, headdim, dtype_name, aligned):
+    """TileOps of the warpgroup path for the backward kernels (role "dkdv" or "dq"), for backward.py's
+    bodies, with synchronous products (each issues its wgmmas and waits for them).
+
+    The block's resident tile is its BM rows (keys for dK/dV, queries for dQ), warpgroup g owning rows
+    64g..64g+63; both resident operands (K and V; Q and dO) and both streamed ones (Q and dO; K and V),
+    double-buffered, are swizzled K-major images as in the forward. mm_nt (S^T = K Q^T, dP^T = V dO^T;
+    S = Q K^T, dP = dO V^T) is one m64nBNk16 SS wgmma per k16 step of the head dim; mm_pv (dV += P^T dO,
+    dK += dS^T Q; dQ += dS K) packs the score fragment into A registers and reads the streamed tile
+    through an MN-major descriptor, one m64nDk16 RS wgmma per k16 step of BN: nothing is transposed or
+    staged. The dK/dV kernel's lse and D vectors stream by 4-byte cp.async beside the tiles."""
+    assert role in ("dkdv", "dq"), role
+    assert dtype_name in ("float16", "bfloat16")
+    BM, BN = (tiles.bc, tiles.br) if role == "dkdv" else (tiles.br, tiles.bc)
+    W = tiles.warps
+    assert W % 4 == 0 and BM == 16 * W, ("a warp owns 16 rows, a warpgroup 64", role, tiles)
+    assert BN % 16 == 0 and BN <= 256, tiles
+    NTHREADS = 32 * W
+    DP = tiles.padded_headdim(headdim)
+    assert DP <= 256, headdim
+    SW = swizzle_width(DP)
+    SWMODE = {128: hopper.SWIZZLE_128B, 64: hopper.SWIZZLE_64B, 32: hopper.SWIZZLE_32B}[SW]
+    SBO = 8 * SW
+    KS = DP // 16                          # k16 steps of mm_nt over the head dim
+    KK = BN // 16                          # k16 steps of mm_pv over the streamed rows
+    NT, DT = BN // 8, DP // 8
+    A_BYTES = BM * DP * 2                  # one resident tile
+    T_BYTES = BN * DP * 2                  # one streamed tile
+    OFF_B = 2 * A_BYTES                    # streamed: [stage][slot] tiles, bytes from the aligned start
+    OFF_VEC = OFF_B + 4 * T_BYTES          # dK/dV: [stage][lse, D] vectors of BN float32
+    SMEM = ALIGN + OFF_VEC + (2 * 2 * BN * 4 if role == "dkdv" else 0)
+    L_A, L_T = BM * SW, BN * SW            # bytes of one column block of a resident / streamed tile
+    LBO_K = 16                             # K-major swizzled: LBO unused
+    if dtype_name == "float16":
+        wg_ss, wg_rs, pack = hopper.wgmma_f16, hopper.wgmma_f16_rs, ptx.pack_f16x2
+    else:
+        wg_ss, wg_rs, pack = hopper.wgmma_bf16, hopper.wgmma_bf16_rs, ptx.pack_bf16x2
+    to_s, from_s = _acc_io(BN // 2)
+    to_o, from_o = _acc_io(DP // 2)
+    copy_a, copy_b = (make_swizzled_copy(rows, DP, headdim, aligned, NTHREADS) for rows in (BM, BN))
+
+    @inline_device
+    def load_resident(smem, afrag, slot, g, base, row0, nrows, stride, tid):
+        copy_a(smem, slot * A_BYTES, g, base, row0, nrows, stride, tid)
+        ptx.cp_async_commit()
+
+    @inline_device
+    def resident_ready(smem, afrag, tid):
+        ptx.cp_async_wait_group(1)      # the resident copies; the first streamed tile may still fly
+        hopper.fence_proxy_async_shared()
+        cuda.syncthreads()
+        return
+
+    @inline_device
+    def copies_visible():
+        ptx.cp_async_wait_all()
+        hopper.fence_proxy_async_shared()
+
+    if role == "dkdv":
+        @inline_device
+        def stream(smem, stage, t0, n_other, operands, tid):
+            g0, b0, s0, g1, b1, s1, v0, vb0, v1, vb1 = operands
+            off = OFF_B + 2 * stage * T_BYTES
+            copy_b(smem, off, g0, b0, t0, n_other - t0, s0, tid)
+            copy_b(smem, off + T_BYTES, g1, b1, t0, n_other - t0, s1, tid)
+            voff = (base_bytes(smem) + OFF_VEC) // 4 + 2 * stage * BN
+            for s in range(-(-BN // NTHREADS)):
+                r = tid + s * NTHREADS
+                if r < BN:
+                    ok = r < n_other - t0
+                    ptx.cp_async4(smem, voff + r, v0, vb0 + t0 + r if ok else vb0, ok)
+                    ptx.cp_async4(smem, voff + BN + r, v1, vb1 + t0 + r if ok else vb1, ok)
+            return
+    else:
+        @inline_device
+        def stream(smem, stage, t0, n_other, operands, tid):
+            g0, b0, s0, g1, b1, s1 = operands
+            off = OFF_B + 2 * stage * T_BYTES
+            copy_b(smem, off, g0, b0, t0, n_other - t0, s0, tid)
+            copy_b(smem, off + T_BYTES, g1, b1, t0, n_other - t0, s1, tid)
+            return
+
+    @inline_device
+    def vec(smem, stage, which, idx):
+        return ptx.ld1(smem, (base_bytes(smem) + OFF_VEC) // 4 + (2 * stage + which) * BN + idx)
+
+    @inline_device
+    def mm_nt(smem, afrag, a_slot, stage, b_slot, c, tid):
+        """c[2, BN/4] += A[a_slot] B^T for this warpgroup's 64 rows, B = streamed tile b_slot."""
+        base = base_bytes(smem)
+        aoff = base + a_slot * A_BYTES + (tid // 128) * 64 * SW
+        boff = base + OFF_B + (2 * stage + b_slot) * T_BYTES
+        acc = hopper.wgmma_fence_operand(to_s(c))
+        hopper.wgmma_fence()
+        for ks in range(KS):
+            da = hopper.make_smem_desc(smem, aoff + (ks * 32 // SW) * L_A + (ks * 32) % SW, LBO_K, SBO, SWMODE)
+            db = hopper.make_smem_desc(smem, boff + (ks * 32 // SW) * L_T + (ks * 32) % SW, LBO_K, SBO, SWMODE)
+            acc = wg_ss(da, db, acc, 1, 0, 0)
+        hopper.wgmma_commit_group()
+        hopper.wgmma_wait_group(0)
+        from_s(c, hopper.wgmma_fence_operand(acc))
+        return
+
+    @inline_device
+    def mm_pv(smem, p, stage, b_slot, acc, tid, lead_sync):
+        """acc[2, DP/4] += P B with P = p (this thread's score fragment, packed to 16 bits here) and B =
+        streamed tile b_slot (BN rows x DP) through an MN-major descriptor."""
+        boff = base_bytes(smem) + OFF_B + (2 * stage + b_slot) * T_BYTES
+        pk = cuda.local.array((KK, 4), uint32)
+        for kk in range(KK):
+            j = 4 * kk
+            pk[kk, 0] = pack(p[0, j], p[0, j + 1])
+            pk[kk, 1] = pack(p[1, j], p[1, j + 1])
+            pk[kk, 2] = pack(p[0, j + 2], p[0, j + 3])
+            pk[kk, 3] = pack(p[1, j + 2], p[1, j + 3])
+        a = hopper.wgmma_fence_operand(to_o(acc))
+        hopper.wgmma_fence()
+        for kk in range(KK):
+            db = hopper.make_smem_desc(smem, boff + kk * 16 * SW, L_T, SBO, SWMODE)
+            a = wg_rs(pk[kk, 0], pk[kk, 1], pk[kk, 2], pk[kk, 3], db, a, 1, 1)
+        hopper.wgmma_commit_group()
+        hopper.wgmma_wait_group(0)
+        from_o(acc, hopper.wgmma_fence_operand(a))
+        return
+
+    # Registers: the output accumulators (two in dK/dV) of DP/2 floats, two score fragments of BN/2,
+    # BN/4 words of packed P; the rest is addresses and the walk.
+    nout = 2 if role == "dkdv" else 1
+    min_regs = min(255, max(128, nout * DP // 2 + BN + BN // 4 + 48))
+    return TileOps(
+        path="wgmma", stages=2, threads=NTHREADS, smem_bytes=SMEM, min_blocks=tiles.min_blocks,
+        min_regs=min_regs, frag=mma_fragment(1, NT, DT), a_shape=(1,), a_dtype=uint32, exp2=ptx.ex2,
+        load_resident=load_resident, resident_ready=resident_ready, stream=stream,
+        commit=ptx.cp_async_commit, wait_all=copies_visible, vec=vec, mm_nt=mm_nt, mm_pv=mm_pv, dq=None)
