@@ -254,7 +254,9 @@ def wgmma_kernel(dtype, n, trans_a, trans_b, k, a_words, b_words, a_regs=False, 
             db = hopper.make_smem_desc(sb, pb * 4 + startsB[j], P[3], P[4], P[5])
             if REGS:
                 r = (t * KSTEPS + j) * 4
-                acc = mma(Afrag[r], Afrag[r + 1], Afrag[r + 2], Afrag[r + 3], db, acc, scale, TB)
+                # through the A-register pin (an identity the kernels use before their fence)
+                a0, a1, a2, a3 = hopper.wgmma_fence_a(Afrag[r], Afrag[r + 1], Afrag[r + 2], Afrag[r + 3])
+                acc = mma(a0, a1, a2, a3, db, acc, scale, TB)
             else:
                 da = hopper.make_smem_desc(sa, pa * 4 + wg * A_BYTES + startsA[j], P[0], P[1], P[2])
                 acc = mma(da, db, acc, scale, TA, TB)
@@ -774,7 +776,8 @@ _CODEGEN = textwrap.dedent('''
         acc = H.wgmma_f16(da, db, acc, 1, 0, 0)
         acc = H.wgmma_f16(da + 2, db + 2, acc, 1, 1, 1)
         acc = H.wgmma_bf16(da, db, acc, 1, 0, 1)
-        acc = H.wgmma_f16_rs(A32[t * 4], A32[t * 4 + 1], A32[t * 4 + 2], A32[t * 4 + 3], db, acc, 1, 1)
+        a0, a1, a2, a3 = H.wgmma_fence_a(A32[t * 4], A32[t * 4 + 1], A32[t * 4 + 2], A32[t * 4 + 3])
+        acc = H.wgmma_f16_rs(a0, a1, a2, a3, db, acc, 1, 1)
         acc = H.wgmma_bf16_rs(A32[t * 4], A32[t * 4 + 1], A32[t * 4 + 2], A32[t * 4 + 3], db, acc, 1, 0)
         H.wgmma_commit_group()
         z = H.wgmma_acc_zeros(N256)

@@ -19,6 +19,11 @@
 S^T is computed as K Q^T directly, so nothing is transposed: the score fragments of P^T and dS^T are the
 A operands of the next products (in registers on tensor cores, through shared memory on SIMT).
 
+Paths whose products are asynchronous (TileOps.pipe: wgmma) issue the two score-shaped products of a tile
+pair together and compute P (P^T) while the second (dP, dP^T) is still running; in dK/dV, dV += P^T dO
+runs while dS^T is computed. All of a tile pair's products complete before the next tile's barrier, so
+the streamed buffers are never written while read.
+
 Launch contract (`launch`): the kernels in that order on one stream; grids (Tr or Tc, nheads, batch); D
 is a (batch, nheads, seqlen_q) scratch vector of the lse's dtype and the dQ accumulator a (batch,
 seqlen_q, nheads, DP) float32 scratch, both allocated through `alloc`.
@@ -89,6 +94,14 @@ def make_dq_convert_kernel(headdim, padded, dtype_name, threads=256):
     return Launchable(bwd_dq_convert, threads, 0)
 
 
+def _async(ops):
+    """(whether the path's products are asynchronous, its AsyncBwdOps fields or Nones): a body takes the
+    asynchronous branches only where the path has them (the constant condition prunes the others)."""
+    if ops.pipe is None:
+        return False, (None,) * 6
+    return True, tuple(ops.pipe)
+
+
 def _shared(plan, role, over_keys):
     """What both backward bodies take from the plan: the path's ops, its tiles, walk, masking, pipeline,
     epilogue."""
@@ -120,6 +133,7 @@ def make_dkdv_kernel(plan):
     else:
         stage_ds = mm_dq = add_dq = None
         DQ_R, DQ_C = 1, 1
+    ASYNC, (nt_issue, pv_issue, wait1, wait0, s_finish, o_finish) = _async(ops)
 
     @kernel(ops.threads, ops.smem_bytes, ops.min_blocks, ops.min_regs)
     def flash_bwd_dkdv(q, k, v, do, lse, dvec, dk, dv, nq, nk, q_st, k_st, v_st, do_st, dk_st, dv_st,
@@ -160,11 +174,17 @@ def make_dkdv_kernel(plan):
             nt, nsub, nbase, nrow0 = next_tile(q_index, mcol, mask_maxq, q_per_blk, nblk, t, sub, base, col0,
                                                nq, nk, offset)
             acquire(smem, stage, row0, nt < nblk, nrow0, nq, qdo, tid)
-            for i in range(R):
-                for j in range(C):
-                    st[i, j] = ZERO
-                    dpt[i, j] = ZERO
-            mm_nt(smem, kvf, 0, stage, 0, st, tid)                       # S^T = K Q^T
+            if ASYNC:
+                pend_s = nt_issue(smem, 0, stage, 0, tid)                # S^T = K Q^T
+                pend_dp = nt_issue(smem, 1, stage, 1, tid)               # dP^T = V dO^T, while P^T is made
+                wait1()
+                s_finish(st, pend_s)
+            else:
+                for i in range(R):
+                    for j in range(C):
+                        st[i, j] = ZERO
+                        dpt[i, j] = ZERO
+                mm_nt(smem, kvf, 0, stage, 0, st, tid)                   # S^T = K Q^T
             # The columns are queries: their lse (log2 domain; +inf for rows that saw no key, so their
             # P is 0) and D come from the streamed vectors, read where used.
             for j in range(C):
@@ -174,8 +194,13 @@ def make_dkdv_kernel(plan):
                     st[i, j] = exp2(st[i, j] * sl2 - lse2)
             if needs_mask(row0, col0, nq, nk, offset):
                 fill_invisible(st, ZERO, tid, col0, row0, nq, nk, offset)
-            mm_pv(smem, st, stage, 1, dv_acc, tid, False)                # dV += P^T dO
-            mm_nt(smem, kvf, 1, stage, 1, dpt, tid)                      # dP^T = V dO^T
+            if ASYNC:
+                pend_dv = pv_issue(smem, st, stage, 1, dv_acc, tid)      # dV += P^T dO, while dS^T is made
+                wait1()
+                s_finish(dpt, pend_dp)
+            else:
+                mm_pv(smem, st, stage, 1, dv_acc, tid, False)            # dV += P^T dO
+                mm_nt(smem, kvf, 1, stage, 1, dpt, tid)                  # dP^T = V dO^T
             for j in range(C):
                 dd = vec(smem, stage, 1, col_of(tid, j))
                 for i in range(R):
@@ -188,7 +213,13 @@ def make_dkdv_kernel(plan):
                         dqf[i, j] = ZERO
                 mm_dq(smem, dqf, tid)                                    # dQ_i (partial) = dS K_j
                 add_dq(dqf, dq_acc, acc_base, row0, nq - row0, acc_st[1], tid)
-            mm_pv(smem, dpt, stage, 0, dk_acc, tid, True)                # dK += dS^T Q
+            if ASYNC:
+                pend_dk = pv_issue(smem, dpt, stage, 0, dk_acc, tid)     # dK += dS^T Q
+                wait0()
+                o_finish(dv_acc, pend_dv)
+                o_finish(dk_acc, pend_dk)
+            else:
+                mm_pv(smem, dpt, stage, 0, dk_acc, tid, True)            # dK += dS^T Q
             t, sub, base, row0, stage = nt, nsub, nbase, nrow0, 1 - stage
 
         sc = cuda.local.array(R, ACC)
@@ -214,6 +245,7 @@ def make_dq_kernel(plan):
     load_res, resident_ready, mm_nt, mm_pv = ops.load_resident, ops.resident_ready, ops.mm_nt, ops.mm_pv
     exp2 = ops.exp2
     A_SHAPE, A_DT = ops.a_shape, ops.a_dtype
+    ASYNC, (nt_issue, pv_issue, wait1, wait0, s_finish, o_finish) = _async(ops)
 
     @kernel(ops.threads, ops.smem_bytes, ops.min_blocks, ops.min_regs)
     def flash_bwd_dq(q, k, v, do, lse, dvec, dq, nq, nk, q_st, k_st, v_st, do_st, dq_st, lse_st, scale,
@@ -257,21 +289,35 @@ def make_dq_kernel(plan):
             nt, nsub, nbase, ncol0 = next_tile(kv_index, mrow, mask_maxk, k_per_blk, nblk, t, sub, base, row0,
                                                nq, nk, offset)
             acquire(smem, stage, col0, nt < nblk, ncol0, nk, kv, tid)
-            for i in range(R):
-                for j in range(C):
-                    s[i, j] = ZERO
-                    dp[i, j] = ZERO
-            mm_nt(smem, qf, 0, stage, 0, s, tid)                         # S = Q K^T
-            mm_nt(smem, qf, 1, stage, 1, dp, tid)                        # dP = dO V^T
+            if ASYNC:
+                pend_s = nt_issue(smem, 0, stage, 0, tid)                # S = Q K^T
+                pend_dp = nt_issue(smem, 1, stage, 1, tid)               # dP = dO V^T, while P is made
+                wait1()
+                s_finish(s, pend_s)
+            else:
+                for i in range(R):
+                    for j in range(C):
+                        s[i, j] = ZERO
+                        dp[i, j] = ZERO
+                mm_nt(smem, qf, 0, stage, 0, s, tid)                     # S = Q K^T
+                mm_nt(smem, qf, 1, stage, 1, dp, tid)                    # dP = dO V^T
             for i in range(R):
                 for j in range(C):
                     s[i, j] = exp2(s[i, j] * sl2 - lse2[i])              # P
             if needs_mask(row0, col0, nq, nk, offset):
                 fill_invisible(s, ZERO, tid, row0, col0, nq, nk, offset)
+            if ASYNC:
+                wait0()
+                s_finish(dp, pend_dp)
             for i in range(R):
                 for j in range(C):
                     s[i, j] = s[i, j] * (dp[i, j] - dd[i])               # dS
-            mm_pv(smem, s, stage, 0, dq_acc, tid, False)                 # dQ += dS K
+            if ASYNC:
+                pend_dq = pv_issue(smem, s, stage, 0, dq_acc, tid)       # dQ += dS K
+                wait0()
+                o_finish(dq_acc, pend_dq)
+            else:
+                mm_pv(smem, s, stage, 0, dq_acc, tid, False)             # dQ += dS K
             t, sub, base, col0, stage = nt, nsub, nbase, ncol0, 1 - stage
 
         sc = cuda.local.array(R, ACC)

@@ -118,7 +118,7 @@ TileOps = namedtuple("TileOps", [
     "mm_nt",           # (smem, afrag, a_slot, stage, b_slot, c, tid): c += A[a_slot] B[b_slot]^T
     "mm_pv",           # (smem, p, stage, b_slot, acc, tid, lead_sync): acc += P B[b_slot]
     "dq",              # DqOps of a dK/dV kernel that computes dQ itself (tensor cores), else None
-    "pipe",            # AsyncOps: asynchronous products the forward overlaps with the softmax, else None
+    "pipe",            # asynchronous products, else None: AsyncOps (forward), AsyncBwdOps (backward)
 ], defaults=(None,))
 AsyncOps = namedtuple("AsyncOps", [
     "steps",           # k16 steps of P V (rows of the packed-P array)
@@ -132,6 +132,14 @@ AsyncOps = namedtuple("AsyncOps", [
 ])
 AsyncOps.__doc__ = """Products issued asynchronously (wgmma), so that the forward can compute the softmax of one
 tile while the tensor cores multiply the next (forward.py's pipelined body, wgmma_tiles.py)."""
+AsyncBwdOps = namedtuple("AsyncBwdOps", [
+    "nt_issue",        # (smem, a_slot, stage, b_slot, tid) -> pending A[a_slot] B[b_slot]^T (from zero)
+    "pv_issue",        # (smem, p, stage, b_slot, acc, tid) -> pending acc + P B[b_slot] (fences, commits)
+    "wait1", "wait0",  # all but the newest / all issued products complete
+    "s_finish", "o_finish",   # (c, pending): the completed product into the fragment array c
+])
+AsyncBwdOps.__doc__ = """The backward's asynchronous products (wgmma): backward.py's bodies issue a product, do the
+elementwise work of the previous one, then wait (wgmma_tiles.make_wgmma_bwd_ops)."""
 DqOps = namedtuple("DqOps", [
     "frag",            # Fragment of the thread's dQ partial (rows: query rows of the tile; out_cols)
     "stage",           # (smem, ds, tid): the thread's dS^T score fragment -> shared memory

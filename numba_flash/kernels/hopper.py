@@ -20,6 +20,7 @@ warpgroup through `simwarp.exchange_group`.
     wgmma_acc_zeros(n), wgmma_acc_load(arr, start, n), wgmma_acc_store(arr, start, acc)
                                                      the N/2 float32 accumulators of an m64nNk16 wgmma
     wgmma_fence_operand(acc)                         -> acc, pinned (see "Ordering" below)
+    wgmma_fence_a(a0, a1, a2, a3)                    -> (a0, a1, a2, a3): u32 A registers, pinned likewise
     wgmma_fence(), wgmma_commit_group(), wgmma_wait_group(n)
     fence_proxy_async_shared()                       generic-proxy shared stores -> visible to wgmma / bulk copy
     setmaxnreg_inc(n), setmaxnreg_dec(n)             warpgroup register reallocation (see below)
@@ -77,7 +78,11 @@ stores needs fence_proxy_async_shared() (then a barrier) before a wgmma or bulk 
 nothing of the asynchrony: the accumulators are ordinary values to it, and arithmetic on them may legally be
 scheduled above the (volatile) wait. Pass them through wgmma_fence_operand() after the wait (and before the
 fence, where they were just written), as CUTLASS does: that ties every later use to an asm ordered after the
-wait. (NVVM was not seen hoisting such uses in small kernels; the pin makes it a guarantee.)
+wait. (NVVM was not seen hoisting such uses in small kernels; the pin makes it a guarantee.) The same holds
+the other way for A registers computed just before a product (16-bit P packed from a score fragment):
+LLVM sinks each conversion to its wgmma, past the fence, and ptxas then fences every wgmma of the
+product separately (a WARPGROUP.ARRIVE before each, seen in the SASS); wgmma_fence_a() before the fence
+keeps them all ahead of it.
 The simulator completes each wgmma at once but checks the protocol: a wgmma with no wgmma_fence() since the
 thread's last wait (stricter than the ISA, which asks for it only after a register access), and any read of
 accumulators whose group has not been waited for, raise.
@@ -508,6 +513,9 @@ if SIMULATOR:
     def wgmma_fence_operand(acc):
         return acc
 
+    def wgmma_fence_a(a0, a1, a2, a3):
+        return (_np.uint32(a0), _np.uint32(a1), _np.uint32(a2), _np.uint32(a3))
+
     def wgmma_acc_zeros(n):
         _check_acc_n(n, "wgmma_acc_zeros")
         return (_np.float32(0),) * (n // 2)
@@ -835,6 +843,20 @@ else:
             return context.make_tuple(builder, signature.return_type, _unpack(builder, out, nacc))
 
         return acc(acc), codegen
+
+    @_intrinsic
+    def wgmma_fence_a(typingctx, a0, a1, a2, a3):
+        if not all(isinstance(x, _types.Integer) and x.bitwidth == 32 for x in (a0, a1, a2, a3)):
+            return None
+
+        def codegen(context, builder, signature, args):
+            # the same empty volatile asm for A registers: values computed before it, uses after it
+            ins = [context.cast(builder, x, t, _types.uint32) for x, t in zip(args, signature.args)]
+            out = _asm(builder, _ir.LiteralStructType([_I32] * 4), [_I32] * 4, "", "=r,=r,=r,=r,0,1,2,3", ins,
+                       side_effect=True)
+            return context.make_tuple(builder, signature.return_type, _unpack(builder, out, 4))
+
+        return _types.UniTuple(_types.uint32, 4)(a0, a1, a2, a3), codegen
 
     @_intrinsic
     def wgmma_acc_zeros(typingctx, n):

@@ -29,7 +29,7 @@ from functools import lru_cache
 from numba import cuda, uint32
 
 from . import hopper, ptx
-from .fragments import AsyncOps, TileOps, mma_fragment
+from .fragments import AsyncBwdOps, AsyncOps, TileOps, mma_fragment
 from .launch import inline_device
 from .tc_tiles import make_tile_copy
 
@@ -78,8 +78,8 @@ def _acc_io(nacc):
 @lru_cache(maxsize=None)
 def make_wgmma_ops(role, tiles, headdim, dtype_name, aligned):
     """TileOps of the warpgroup path for kernel `role`. The forward's ("fwd") products are asynchronous
-    (`pipe`, forward.py's pipelined body; the synchronous fields mm_nt, mm_pv, stream, ... are None); the
-    backward's ("dkdv", "dq": make_wgmma_bwd_ops) are synchronous, for backward.py's bodies."""
+    (`pipe`, forward.py's pipelined body; the synchronous fields mm_nt, mm_pv, stream, ... are None); so
+    are the backward's ("dkdv", "dq": make_wgmma_bwd_ops)."""
     if role != "fwd":
         return make_wgmma_bwd_ops(role, tiles, headdim, dtype_name, aligned)
     assert dtype_name in ("float16", "bfloat16")
@@ -207,15 +207,17 @@ def make_wgmma_ops(role, tiles, headdim, dtype_name, aligned):
 @lru_cache(maxsize=None)
 def make_wgmma_bwd_ops(role, tiles, headdim, dtype_name, aligned):
     """TileOps of the warpgroup path for the backward kernels (role "dkdv" or "dq"), for backward.py's
-    bodies, with synchronous products (each issues its wgmmas and waits for them).
+    bodies; the products are asynchronous (`pipe`: AsyncBwdOps), so a body overlaps the elementwise
+    work of one product with the next product (backward.py).
 
     The block's resident tile is its BM rows (keys for dK/dV, queries for dQ), warpgroup g owning rows
     64g..64g+63; both resident operands (K and V; Q and dO) and both streamed ones (Q and dO; K and V),
-    double-buffered, are swizzled K-major images as in the forward. mm_nt (S^T = K Q^T, dP^T = V dO^T;
-    S = Q K^T, dP = dO V^T) is one m64nBNk16 SS wgmma per k16 step of the head dim; mm_pv (dV += P^T dO,
-    dK += dS^T Q; dQ += dS K) packs the score fragment into A registers and reads the streamed tile
-    through an MN-major descriptor, one m64nDk16 RS wgmma per k16 step of BN: nothing is transposed or
-    staged. The dK/dV kernel's lse and D vectors stream by 4-byte cp.async beside the tiles."""
+    double-buffered, are swizzled K-major images as in the forward. A product of two tiles (S^T = K Q^T,
+    dP^T = V dO^T; S = Q K^T, dP = dO V^T: `nt_issue`) is one m64nBNk16 SS wgmma per k16 step of the head
+    dim; the products into an accumulator (dV += P^T dO, dK += dS^T Q; dQ += dS K: `pv_issue`) pack the
+    score fragment into A registers and read the streamed tile through an MN-major descriptor, one
+    m64nDk16 RS wgmma per k16 step of BN: nothing is transposed or staged. The dK/dV kernel's lse and D
+    vectors stream by 4-byte cp.async beside the tiles."""
     assert role in ("dkdv", "dq"), role
     assert dtype_name in ("float16", "bfloat16")
     BM, BN = (tiles.bc, tiles.br) if role == "dkdv" else (tiles.br, tiles.bc)
@@ -228,8 +230,8 @@ def make_wgmma_bwd_ops(role, tiles, headdim, dtype_name, aligned):
     SW = swizzle_width(DP)
     SWMODE = {128: hopper.SWIZZLE_128B, 64: hopper.SWIZZLE_64B, 32: hopper.SWIZZLE_32B}[SW]
     SBO = 8 * SW
-    KS = DP // 16                          # k16 steps of mm_nt over the head dim
-    KK = BN // 16                          # k16 steps of mm_pv over the streamed rows
+    KS = DP // 16                          # k16 steps of nt_issue over the head dim
+    KK = BN // 16                          # k16 steps of pv_issue over the streamed rows
     NT, DT = BN // 8, DP // 8
     A_BYTES = BM * DP * 2                  # one resident tile
     T_BYTES = BN * DP * 2                  # one streamed tile
@@ -242,8 +244,9 @@ def make_wgmma_bwd_ops(role, tiles, headdim, dtype_name, aligned):
         wg_ss, wg_rs, pack = hopper.wgmma_f16, hopper.wgmma_f16_rs, ptx.pack_f16x2
     else:
         wg_ss, wg_rs, pack = hopper.wgmma_bf16, hopper.wgmma_bf16_rs, ptx.pack_bf16x2
-    to_s, from_s = _acc_io(BN // 2)
+    _, from_s = _acc_io(BN // 2)
     to_o, from_o = _acc_io(DP // 2)
+    N_S = BN                               # a literal of wgmma_acc_zeros (a bound name, see hopper.py)
     copy_a, copy_b = (make_swizzled_copy(rows, DP, headdim, aligned, NTHREADS) for rows in (BM, BN))
 
     @inline_device
@@ -292,43 +295,55 @@ def make_wgmma_bwd_ops(role, tiles, headdim, dtype_name, aligned):
         return ptx.ld1(smem, (base_bytes(smem) + OFF_VEC) // 4 + (2 * stage + which) * BN + idx)
 
     @inline_device
-    def mm_nt(smem, afrag, a_slot, stage, b_slot, c, tid):
-        """c[2, BN/4] += A[a_slot] B^T for this warpgroup's 64 rows, B = streamed tile b_slot."""
+    def nt_issue(smem, a_slot, stage, b_slot, tid):
+        """Pending A[a_slot] B^T for this warpgroup's 64 rows (B = streamed tile b_slot), from zero."""
         base = base_bytes(smem)
         aoff = base + a_slot * A_BYTES + (tid // 128) * 64 * SW
         boff = base + OFF_B + (2 * stage + b_slot) * T_BYTES
-        acc = hopper.wgmma_fence_operand(to_s(c))
+        acc = hopper.wgmma_acc_zeros(N_S)
         hopper.wgmma_fence()
         for ks in range(KS):
             da = hopper.make_smem_desc(smem, aoff + (ks * 32 // SW) * L_A + (ks * 32) % SW, LBO_K, SBO, SWMODE)
             db = hopper.make_smem_desc(smem, boff + (ks * 32 // SW) * L_T + (ks * 32) % SW, LBO_K, SBO, SWMODE)
-            acc = wg_ss(da, db, acc, 1, 0, 0)
+            acc = wg_ss(da, db, acc, 0 if ks == 0 else 1, 0, 0)
         hopper.wgmma_commit_group()
-        hopper.wgmma_wait_group(0)
-        from_s(c, hopper.wgmma_fence_operand(acc))
-        return
+        return acc
 
     @inline_device
-    def mm_pv(smem, p, stage, b_slot, acc, tid, lead_sync):
-        """acc[2, DP/4] += P B with P = p (this thread's score fragment, packed to 16 bits here) and B =
+    def pv_issue(smem, p, stage, b_slot, o, tid):
+        """Pending o + P B with P = p (this thread's score fragment, packed to 16 bits here) and B =
         streamed tile b_slot (BN rows x DP) through an MN-major descriptor."""
         boff = base_bytes(smem) + OFF_B + (2 * stage + b_slot) * T_BYTES
         pk = cuda.local.array((KK, 4), uint32)
         for kk in range(KK):
             j = 4 * kk
-            pk[kk, 0] = pack(p[0, j], p[0, j + 1])
-            pk[kk, 1] = pack(p[1, j], p[1, j + 1])
-            pk[kk, 2] = pack(p[0, j + 2], p[0, j + 3])
-            pk[kk, 3] = pack(p[1, j + 2], p[1, j + 3])
-        a = hopper.wgmma_fence_operand(to_o(acc))
+            # pinned, so every conversion precedes the fence and the product is fenced once (hopper.py)
+            pk[kk, 0], pk[kk, 1], pk[kk, 2], pk[kk, 3] = hopper.wgmma_fence_a(
+                pack(p[0, j], p[0, j + 1]), pack(p[1, j], p[1, j + 1]),
+                pack(p[0, j + 2], p[0, j + 3]), pack(p[1, j + 2], p[1, j + 3]))
+        a = hopper.wgmma_fence_operand(to_o(o))
         hopper.wgmma_fence()
         for kk in range(KK):
             db = hopper.make_smem_desc(smem, boff + kk * 16 * SW, L_T, SBO, SWMODE)
             a = wg_rs(pk[kk, 0], pk[kk, 1], pk[kk, 2], pk[kk, 3], db, a, 1, 1)
         hopper.wgmma_commit_group()
+        return a
+
+    @inline_device
+    def wait1():
+        hopper.wgmma_wait_group(1)
+
+    @inline_device
+    def wait0():
         hopper.wgmma_wait_group(0)
-        from_o(acc, hopper.wgmma_fence_operand(a))
-        return
+
+    @inline_device
+    def s_finish(c, acc):
+        from_s(c, hopper.wgmma_fence_operand(acc))
+
+    @inline_device
+    def o_finish(c, acc):
+        from_o(c, hopper.wgmma_fence_operand(acc))
 
     # Registers: the output accumulators (two in dK/dV) of DP/2 floats, two score fragments of BN/2,
     # BN/4 words of packed P; the rest is addresses and the walk.
@@ -338,4 +353,6 @@ def make_wgmma_bwd_ops(role, tiles, headdim, dtype_name, aligned):
         path="wgmma", stages=2, threads=NTHREADS, smem_bytes=SMEM, min_blocks=tiles.min_blocks,
         min_regs=min_regs, frag=mma_fragment(1, NT, DT), a_shape=(1,), a_dtype=uint32, exp2=ptx.ex2,
         load_resident=load_resident, resident_ready=resident_ready, stream=stream,
-        commit=ptx.cp_async_commit, wait_all=copies_visible, vec=vec, mm_nt=mm_nt, mm_pv=mm_pv, dq=None)
+        commit=ptx.cp_async_commit, wait_all=copies_visible, vec=vec, mm_nt=None, mm_pv=None, dq=None,
+        pipe=AsyncBwdOps(nt_issue=nt_issue, pv_issue=pv_issue, wait1=wait1, wait0=wait0, s_finish=s_finish,
+                         o_finish=o_finish))
