@@ -167,12 +167,12 @@ def capability_of(p):
     return cap
 
 
-def path_of(p, backend, block_mask=None):
-    """The kernel path for problem p: configs.resolve_backend with the device's compute capability. Where
-    only the default (not an explicit backend) chose "wgmma" and the block mask's blocks are not multiples
-    of its tiles, "mma" (whose tiles are smaller) runs instead."""
+def path_of(p, backend, block_mask=None, pass_="fwd"):
+    """The kernel path for problem p's pass ("fwd" or "bwd"): configs.resolve_backend with the device's
+    compute capability. Where only the default (not an explicit backend) chose "wgmma" and the block
+    mask's blocks are not multiples of its tiles, "mma" (whose tiles are smaller) runs instead."""
     cap = capability_of(p)
-    path = configs.resolve_backend(backend, p.dtype, cap, p.headdim)
+    path = configs.resolve_backend(backend, p.dtype, cap, p.headdim, pass_)
     if path == "wgmma" and block_mask is not None and configs.resolve_backend(backend, p.dtype, cap) != "wgmma":
         br, bc = configs.mask_tile("wgmma", p.headdim)
         bq, bk = block_mask.block_size
@@ -333,7 +333,7 @@ def flash_attn_backward(dout, q, k, v, out, lse, *, softmax_scale=None, causal=F
     p = check_qkv(q, k, v)
     scale = check_scale(softmax_scale, p.headdim)
     offset = causal_offset(causal, causal_align, p.seqlen_q, p.seqlen_k)
-    path = path_of(p, backend, block_mask)
+    path = path_of(p, backend, block_mask, "bwd")
     validate_block_mask(block_mask, p, path)
     B, Nq, Nk, H, d = p.batch, p.seqlen_q, p.seqlen_k, p.nheads, p.headdim
     _check_out("dout", dout, p, (B, Nq, H, d), p.dtype)

@@ -1,5 +1,6 @@
 """The two user-facing calls, shaped like flash-attn's and torch's."""
 from . import api, interop
+from .kernels import configs
 
 
 def flash_attn_func(q, k, v, softmax_scale=None, causal=False, return_lse=False, block_mask=None,
@@ -85,11 +86,13 @@ def _attention(q, k, v, softmax_scale, causal, top_left, return_lse, block_mask,
         p = api.check_qkv(q, k, v)
         scale = api.check_scale(softmax_scale, p.headdim)
         api.causal_offset(causal, align, p.seqlen_q, p.seqlen_k)
-        path = api.path_of(p, backend, block_mask)
-        api.validate_block_mask(block_mask, p, path)
+        # each pass resolves its own path from the same choice ("auto" may pick wgmma for one of them)
+        choice = configs.backend_choice(backend)[0]
+        for pass_ in configs.PASSES:
+            api.validate_block_mask(block_mask, p, api.path_of(p, choice, block_mask, pass_))
         deterministic = api.check_bool("deterministic", deterministic)
         out, lse = autograd.attention(q, k, v, scale, causal, top_left,
-                                      *autograd.mask_tensors(block_mask, q.device), path, deterministic)
+                                      *autograd.mask_tensors(block_mask, q.device), choice, deterministic)
     else:
         out, lse = api.flash_attn_forward(q, k, v, softmax_scale=softmax_scale, causal=causal,
                                           causal_align=align, block_mask=block_mask, backend=backend)

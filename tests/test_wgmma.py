@@ -124,13 +124,17 @@ def test_wgmma_backend_is_validated():
     assert configs.backward_plan("wgmma", 160, "float16", False, True).path == "mma"   # dK, dV too wide
 
 
-def test_auto_takes_wgmma_on_cc90_for_its_head_dims_and_falls_back_for_narrow_mask_blocks(rng, monkeypatch):
+def test_auto_takes_wgmma_on_cc90_per_pass_for_its_head_dims_and_falls_back_for_narrow_mask_blocks(rng, monkeypatch):
     from numba_flash import api
     from numba_flash.kernels import configs
     for cap, d, want in [((9, 0), 128, "wgmma"), ((9, 0), 96, "wgmma"), ((9, 0), 64, "mma"),
                          ((9, 0), 256, "mma"), ((8, 0), 128, "mma"), ((10, 0), 128, "mma"), (None, 128, "mma")]:
         assert configs.resolve_backend("auto", "float16", cap, d) == want, (cap, d)
     assert configs.resolve_backend("auto", "float32", (9, 0), 128) == "simt"
+    # the backward's own choice: wgmma from d=64 (faster than mma.sync there, unlike the forward)
+    for cap, d, want in [((9, 0), 64, "wgmma"), ((9, 0), 128, "wgmma"), ((9, 0), 32, "mma"), ((9, 0), 256, "mma"),
+                         ((8, 0), 64, "mma"), (None, 64, "mma")]:
+        assert configs.resolve_backend("auto", "bfloat16", cap, d, "bwd") == want, (cap, d)
     q, k, v = make_qkv_arrays(rng, 1, 64, 64, 1, 96, "float16", FW)
     p = api.check_qkv(q, k, v)
     monkeypatch.setattr(api, "capability_of", lambda p: (9, 0))
@@ -139,6 +143,8 @@ def test_auto_takes_wgmma_on_cc90_for_its_head_dims_and_falls_back_for_narrow_ma
     assert api.path_of(p, None, BlockMask.dense(64, 64, (br, bc))) == "wgmma"
     narrow = BlockMask.dense(64, 64, (16, 16))                # finer than the wgmma tiles
     assert api.path_of(p, None, narrow) == "mma"
+    assert api.path_of(p, None, narrow, "bwd") == "mma"
+    assert api.path_of(p, "auto", None, "bwd") == "wgmma"
     assert api.path_of(p, "wgmma", narrow) == "wgmma"        # asked for: validate_block_mask says why not
 
 

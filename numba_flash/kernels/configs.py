@@ -11,7 +11,8 @@ Paths:
           past head dim 128 its backward runs the "mma" kernels (`backward_path`).
 `backend="auto"` (the default, or NUMBA_FLASH_BACKEND) takes "mma" for float16/bfloat16 on compute
 capability >= 8.0 (and under the simulator, so CI runs it), "wgmma" instead on a cc 9.0 GPU for the head
-dims where it measured faster (WGMMA_AUTO_HEADDIMS), and "simt" otherwise.
+dims where it measured faster, chosen per pass (WGMMA_AUTO_HEADDIMS for the forward,
+WGMMA_BWD_AUTO_HEADDIMS for the backward), and "simt" otherwise.
 
 SIMT tiles: a kernel runs TY x TX threads; each owns a TM x TN micro-tile of a score tile (TM = rows/TY,
 TN = cols/TX) and a TM x DPT micro-tile of an output tile (DPT = padded head dim / TX).
@@ -198,12 +199,15 @@ def tiles(path, role, headdim, block_k=None):
 # (H200, fp16, N=4096, 2026-12-02: d=128 381 against 307 TFLOP/s, causal 328 against 267; at d=64 312
 # against 291 but causal 244 against 261, so d <= 64 stays on mma.sync).
 WGMMA_AUTO_HEADDIMS = range(65, 129)
+# ... and whose backward (the measured d=64 and d=128, and the dims between): H200, fp16, N=4096 backward
+# 2026-12-02, d=64 ~1.2x and d=128 ~1.5x the mma.sync kernels (docs/PERFORMANCE.md).
+WGMMA_BWD_AUTO_HEADDIMS = range(64, 129)
+PASSES = ("fwd", "bwd")
 
 
-def resolve_backend(backend, dtype_name, capability, headdim=None):
-    """The path for `backend` ("auto", "simt", "mma", "wgmma"; None reads NUMBA_FLASH_BACKEND) and an input
-    dtype on a device of compute `capability` ((major, minor); None under the simulator). headdim: the
-    problem's, for "auto" on a cc 9.0 GPU (WGMMA_AUTO_HEADDIMS); None: never wgmma by default."""
+def backend_choice(backend):
+    """(choice, source): `backend`, or NUMBA_FLASH_BACKEND where it is None ("auto" if unset), validated;
+    source names where it came from, for error messages."""
     if backend is None:
         backend = os.environ.get(BACKEND_ENV, "auto").strip() or "auto"
         source = f"{BACKEND_ENV}={backend!r}"
@@ -211,12 +215,23 @@ def resolve_backend(backend, dtype_name, capability, headdim=None):
         source = f"backend={backend!r}"
     if backend not in BACKENDS:
         raise ValueError(f"{source}: backend must be one of {BACKENDS}")
+    return backend, source
+
+
+def resolve_backend(backend, dtype_name, capability, headdim=None, pass_="fwd"):
+    """The path for `backend` ("auto", "simt", "mma", "wgmma"; None reads NUMBA_FLASH_BACKEND) and an input
+    dtype on a device of compute `capability` ((major, minor); None under the simulator). headdim: the
+    problem's, for "auto" on a cc 9.0 GPU (WGMMA_AUTO_HEADDIMS for the forward pass, pass_="fwd",
+    WGMMA_BWD_AUTO_HEADDIMS for the backward, "bwd"); None: never wgmma by default."""
+    assert pass_ in PASSES, pass_
+    backend, source = backend_choice(backend)
     mma_ok = capability is None or capability >= (8, 0)
     sm90 = capability is not None and tuple(capability) == (9, 0)
     if backend == "auto":
         if dtype_name not in MMA_DTYPES or not mma_ok:
             return "simt"
-        return "wgmma" if sm90 and headdim in WGMMA_AUTO_HEADDIMS else "mma"
+        auto_dims = WGMMA_AUTO_HEADDIMS if pass_ == "fwd" else WGMMA_BWD_AUTO_HEADDIMS
+        return "wgmma" if sm90 and headdim in auto_dims else "mma"
     if backend in ("mma", "wgmma") and dtype_name not in MMA_DTYPES:
         raise ValueError(f"{source} computes in float16/bfloat16 on tensor cores; the inputs are "
                          f"{dtype_name} (use backend='simt' or 'auto')")
