@@ -272,10 +272,13 @@ def flash_attn_forward(q, k, v, *, softmax_scale=None, causal=False, causal_alig
         block_mask: optional `BlockMask`; only its nonzero blocks are computed.
         out: optional preallocated (batch, seqlen_q, nheads, headdim) output, input dtype.
         lse: optional preallocated C-contiguous (batch, nheads, seqlen_q) float32 (float64 for float64 inputs).
-        backend: "auto" (default; None reads NUMBA_FLASH_BACKEND), "simt" or "mma". "auto" runs float16 /
-            bfloat16 on tensor cores (mma.sync, compute capability >= 8.0) and everything else on the
-            SIMT kernels (fp32 arithmetic; float64 in float64); "mma" insists on tensor cores (float16 /
-            bfloat16 only), "simt" on CUDA cores.
+        backend: "auto" (default; None reads NUMBA_FLASH_BACKEND), "simt", "mma" or "wgmma". "auto" runs
+            float16 / bfloat16 on tensor cores (mma.sync, compute capability >= 8.0; on a cc 9.0 GPU
+            Hopper's wgmma instead where it measured faster: the forward for 64 < headdim <= 128, the
+            backward for 64 <= headdim <= 128) and everything else on the SIMT kernels (fp32
+            arithmetic; float64 in float64); "mma" insists on mma.sync tensor cores (float16 / bfloat16
+            only), "wgmma" on warpgroup MMA (cc 9.0 only; the backward past headdim 128 on mma.sync),
+            "simt" on CUDA cores.
 
     Returns:
         (out, lse), arrays of the inputs' framework. lse is the natural-log log-sum-exp of each row's scaled
@@ -328,7 +331,8 @@ def flash_attn_backward(dout, q, k, v, out, lse, *, softmax_scale=None, causal=F
         kernel writes every dQ element once (it recomputes S and dP, 7 tile products per tile pair
         instead of 5). False: on tensor cores the dK/dV kernel adds its share of dQ into a float32
         accumulator with unordered atomics, as flash-attn does: 5 products, faster, and the last bits
-        of dq vary from run to run. SIMT kernels are deterministic either way.
+        of dq vary from run to run. The mma.sync path only: the SIMT and wgmma kernels are
+        deterministic either way (on Hopper the deterministic wgmma backward is the faster one).
     """
     p = check_qkv(q, k, v)
     scale = check_scale(softmax_scale, p.headdim)

@@ -19,11 +19,12 @@ def flash_attn_func(q, k, v, softmax_scale=None, causal=False, return_lse=False,
         return_lse: also return the log-sum-exp.
         block_mask: optional `numba_flash.BlockMask`; only its nonzero blocks are computed (and combined
             with `causal` if both are given).
-        backend: "auto" (default; None reads NUMBA_FLASH_BACKEND), "simt" or "mma": which kernels run
-            (see `flash_attn_forward`). "auto" puts float16/bfloat16 on tensor cores.
+        backend: "auto" (default; None reads NUMBA_FLASH_BACKEND), "simt", "mma" or "wgmma": which
+            kernels run (see `flash_attn_forward`). "auto" puts float16/bfloat16 on tensor cores, and
+            chooses the forward's and the backward's kernels separately.
         deterministic: the backward pass gives bitwise the same gradients for the same inputs (default).
-            False lets the tensor-core backward add dQ with unordered atomics, as flash-attn does
-            (`flash_attn_backward`).
+            False lets the mma.sync backward add dQ with unordered atomics, as flash-attn does
+            (`flash_attn_backward`; the wgmma backward is deterministic either way).
 
     Returns:
         out (batch, seqlen_q, nheads, headdim) in the input dtype, and if return_lse, lse (batch, nheads,

@@ -7,8 +7,8 @@ what tools/ read.
 Paths:
   "simt"  fp32 (float64 for float64) arithmetic on CUDA cores; every dtype, every GPU, the simulator.
   "mma"   tensor cores through mma.sync m16n8k16 (sm_80+), float16 and bfloat16 only.
-  "wgmma" Hopper warpgroup MMA (sm_90a: compute capability 9.0), float16 and bfloat16 (wgmma_tiles.py);
-          past head dim 128 its backward runs the "mma" kernels (`backward_path`).
+  "wgmma" Hopper warpgroup MMA (sm_90a: compute capability 9.0), float16 and bfloat16 (wgmma_tiles.py),
+          forward and backward; past head dim 128 its backward runs the "mma" kernels (`backward_path`).
 `backend="auto"` (the default, or NUMBA_FLASH_BACKEND) takes "mma" for float16/bfloat16 on compute
 capability >= 8.0 (and under the simulator, so CI runs it), "wgmma" instead on a cc 9.0 GPU for the head
 dims where it measured faster, chosen per pass (WGMMA_AUTO_HEADDIMS for the forward,
@@ -23,7 +23,7 @@ dO or K, V) in registers as A fragments instead of re-reading them from shared m
 How the backward computes dQ (`Plan.dq_mode`, backward.py):
   "kernel"   a separate dQ kernel recomputes S and dP (7 tile products per pair instead of 5); every
              dQ element has one writer, so gradients are bitwise reproducible. The default
-             (`deterministic=True`), and the only mode of the SIMT path.
+             (`deterministic=True`), and the only mode of the SIMT and wgmma paths.
   "atomic"   tensor cores with `deterministic=False`: the dK/dV kernel adds its dS K_j into a float32
              dQ accumulator with unordered reductions (5 products, flash-attn's scheme).
 NUMBA_FLASH_DQ_MODE overrides the choice for tensor-core plans (tuning runs).

@@ -1,4 +1,4 @@
-"""Warpgroup tensor-core path (Hopper `wgmma.mma_async`, sm_90a): the forward kernel's TileOps.
+"""Warpgroup tensor-core path (Hopper `wgmma.mma_async`, sm_90a): the TileOps of the forward and backward kernels.
 
 The forward body of forward.py, unchanged, on warpgroup MMA instead of mma.sync (hopper.py has the
 intrinsics and their simulator twins):
@@ -22,7 +22,9 @@ intrinsics and their simulator twins):
   straight into the swizzled image; a `fence.proxy.async` after each wait makes those (generic-proxy)
   writes visible to the wgmma reads (async proxy) before the barrier.
 
-The backward stays on mma.sync (tc_tiles.py) for now: a "wgmma" plan's backward kernels are "mma" plans.
+The backward kernels of backward.py (dK/dV over key tiles, dQ over query tiles) run on the same layout with
+the resident tile's rows (keys, or queries) as the wgmma M dimension: make_wgmma_bwd_ops. Past head dim
+128 a "wgmma" plan's backward kernels are "mma" plans (configs.backward_path).
 """
 from functools import lru_cache
 
