@@ -148,6 +148,29 @@ def test_auto_takes_wgmma_on_cc90_per_pass_for_its_head_dims_and_falls_back_for_
     assert api.path_of(p, "wgmma", narrow) == "wgmma"        # asked for: validate_block_mask says why not
 
 
+def test_flash_attn_func_resolves_auto_per_pass(rng, monkeypatch):
+    """On a cc 9.0 GPU (faked here) auto runs d=64's forward on mma.sync and its backward on wgmma:
+    flash_attn_func hands autograd the choice, not the forward's path, and the gradients are right."""
+    import torch
+    from numba_flash import api
+    from numba_flash.kernels import backward, forward
+    monkeypatch.setattr(api, "capability_of", lambda p: (9, 0))
+    paths = []
+    for mod in (forward, backward):
+        real = mod.launch
+        monkeypatch.setattr(mod, "launch", lambda plan, *a, _real=real: (paths.append(plan.path), _real(plan, *a)))
+    q, k, v = make_qkv_arrays(rng, 1, 40, 40, 1, 64, "float16", "torch")
+    dout = random_array(rng, (1, 40, 1, 64), "float16", "torch")
+    leaves = [x.detach().clone().requires_grad_(True) for x in (q, k, v)]
+    nf.flash_attn_func(*leaves, causal=True).backward(dout)
+    assert paths == ["mma", "wgmma"]
+    ref = nf.attention_reference_backward(dout, q, k, v, causal=True)
+    theirs = torch_lowp(q, k, v, dout, "float16", causal=True)
+    for name, x, r, th in zip(("dq", "dk", "dv"), leaves, ref, theirs[1:]):
+        assert torch.isfinite(x.grad).all()
+        assert_within_budget(name, x.grad, r, th)
+
+
 # --------------------------------------------------------------------------------------------------
 # GPU: real sizes
 # --------------------------------------------------------------------------------------------------
