@@ -77,6 +77,107 @@ def _acc_io(nacc):
     return inline_device(ns["to_acc"]), inline_device(ns["from_acc"])
 
 
+@inline_device
+def copies_visible():
+    """After this thread's copies landed: make them visible to wgmma (async proxy); then a barrier."""
+    ptx.cp_async_wait_all()
+    hopper.fence_proxy_async_shared()
+
+
+@inline_device
+def wait1():
+    """All but the newest committed wgmma group complete."""
+    hopper.wgmma_wait_group(1)
+
+
+@inline_device
+def wait0():
+    """Every committed wgmma group complete."""
+    hopper.wgmma_wait_group(0)
+
+
+SWIZZLE_MODES = {128: hopper.SWIZZLE_128B, 64: hopper.SWIZZLE_64B, 32: hopper.SWIZZLE_32B}
+
+
+@lru_cache(maxsize=None)
+def make_products(dtype_name, dp, rows_a, rows_b):
+    """The warpgroup products of every kernel of the path, on swizzled K-major tiles of dp columns (rows_a
+    rows for the resident operand, rows_b for a streamed one; byte offsets include the aligned start):
+
+    ss(smem, aoff, boff)            -> pending A Bᵀ (64 rows of A at aoff, the rows_b rows of B at boff),
+                                       from zero: dp/16 SS wgmmas m64n(rows_b)k16, fenced and committed
+    pack(p, pk), pack_pinned(p, pk) the score fragment p (64 x rows_b) -> 16-bit A registers pk[k16 step,
+                                    4]; pinned: through hopper.wgmma_fence_a, so every conversion precedes
+                                    the next fence (for a product issued right after the packing)
+    rs(smem, pk, boff, o, fence)    -> pending o + P B (P from pk, B the rows_b x dp tile at boff read
+                                       MN-major): rows_b/16 RS wgmmas m64n(dp)k16, committed; fence:
+                                       wgmma_fence first (registers were written since the last one)
+    s_finish(c, pending), o_finish(c, pending)   the completed product into the fragment array c
+    """
+    sw = swizzle_width(dp)
+    swmode = SWIZZLE_MODES[sw]
+    sbo = 8 * sw                           # next 8 rows (one atom)
+    ks_steps = dp // 16
+    kk_steps = rows_b // 16
+    l_a = rows_a * sw                      # bytes of one column block of the resident tile
+    l_b = rows_b * sw                      # ... of a streamed tile: its LBO when read MN-major
+    lbo_k = 16                             # K-major swizzled: LBO unused ("assumed 1")
+    n_s = rows_b                           # a literal of wgmma_acc_zeros (a bound name, see hopper.py)
+    if dtype_name == "float16":
+        wg_ss, wg_rs, cvt = hopper.wgmma_f16, hopper.wgmma_f16_rs, ptx.pack_f16x2
+    else:
+        wg_ss, wg_rs, cvt = hopper.wgmma_bf16, hopper.wgmma_bf16_rs, ptx.pack_bf16x2
+    _, from_s = _acc_io(rows_b // 2)
+    to_o, from_o = _acc_io(dp // 2)
+
+    @inline_device
+    def ss(smem, aoff, boff):
+        acc = hopper.wgmma_acc_zeros(n_s)
+        hopper.wgmma_fence()
+        for ks in range(ks_steps):
+            da = hopper.make_smem_desc(smem, aoff + (ks * 32 // sw) * l_a + (ks * 32) % sw, lbo_k, sbo, swmode)
+            db = hopper.make_smem_desc(smem, boff + (ks * 32 // sw) * l_b + (ks * 32) % sw, lbo_k, sbo, swmode)
+            acc = wg_ss(da, db, acc, 0 if ks == 0 else 1, 0, 0)     # scale_d = 0: the product starts at zero
+        hopper.wgmma_commit_group()
+        return acc
+
+    def make_pack(pin):
+        @inline_device
+        def pack(p, pk):
+            for kk in range(kk_steps):
+                j = 4 * kk
+                a0 = cvt(p[0, j], p[0, j + 1])               # row g,   columns 2t, 2t+1
+                a1 = cvt(p[1, j], p[1, j + 1])               # row g+8
+                a2 = cvt(p[0, j + 2], p[0, j + 3])           # row g,   columns 8+2t, 9+2t
+                a3 = cvt(p[1, j + 2], p[1, j + 3])           # row g+8
+                if pin:
+                    a0, a1, a2, a3 = hopper.wgmma_fence_a(a0, a1, a2, a3)
+                pk[kk, 0], pk[kk, 1], pk[kk, 2], pk[kk, 3] = a0, a1, a2, a3
+            return
+        return pack
+
+    @inline_device
+    def rs(smem, pk, boff, o, fence):
+        acc = hopper.wgmma_fence_operand(to_o(o))
+        if fence:
+            hopper.wgmma_fence()
+        for kk in range(kk_steps):
+            db = hopper.make_smem_desc(smem, boff + kk * 16 * sw, l_b, sbo, swmode)
+            acc = wg_rs(pk[kk, 0], pk[kk, 1], pk[kk, 2], pk[kk, 3], db, acc, 1, 1)
+        hopper.wgmma_commit_group()
+        return acc
+
+    @inline_device
+    def s_finish(c, acc):
+        from_s(c, hopper.wgmma_fence_operand(acc))
+
+    @inline_device
+    def o_finish(c, acc):
+        from_o(c, hopper.wgmma_fence_operand(acc))
+
+    return ss, make_pack(False), make_pack(True), rs, s_finish, o_finish
+
+
 @lru_cache(maxsize=None)
 def make_wgmma_ops(role, tiles, headdim, dtype_name, aligned):
     """TileOps of the warpgroup path for kernel `role`. The forward's ("fwd") products are asynchronous
@@ -92,9 +193,6 @@ def make_wgmma_ops(role, tiles, headdim, dtype_name, aligned):
     DP = tiles.padded_headdim(headdim)
     assert DP <= 256, headdim
     SW = swizzle_width(DP)
-    SWMODE = {128: hopper.SWIZZLE_128B, 64: hopper.SWIZZLE_64B, 32: hopper.SWIZZLE_32B}[SW]
-    SBO = 8 * SW                           # next 8 rows (one atom)
-    KS = DP // 16
     KK = BN // 16                          # k16 steps of P V over the keys
     NT, DT = BN // 8, DP // 8
     NACC_S, NACC_O = BN // 2, DP // 2
@@ -102,16 +200,7 @@ def make_wgmma_ops(role, tiles, headdim, dtype_name, aligned):
     T_BYTES = BN * DP * 2                  # one streamed tile (K or V)
     OFF_B = Q_BYTES                        # streamed: [buffer][K, V] tiles, bytes from the aligned start
     SMEM = ALIGN + Q_BYTES + 4 * T_BYTES
-    if dtype_name == "float16":
-        wg_ss, wg_rs, pack = hopper.wgmma_f16, hopper.wgmma_f16_rs, ptx.pack_f16x2
-    else:
-        wg_ss, wg_rs, pack = hopper.wgmma_bf16, hopper.wgmma_bf16_rs, ptx.pack_bf16x2
-    _, from_s = _acc_io(NACC_S)
-    to_o, from_o = _acc_io(NACC_O)
-    N_S = BN                               # a literal of wgmma_acc_zeros (a bound name, see hopper.py)
-    L_Q = BM * SW                          # bytes of one column block of Q
-    L_T = BN * SW                          # ... of a streamed tile: V's LBO (the next SW/2 output columns)
-    LBO_K = 16                             # K-major swizzled: LBO unused ("assumed 1")
+    ss, pack_p, _, rs, s_finish, o_finish = make_products(dtype_name, DP, BM, BN)
 
     copy_a, copy_b = (make_swizzled_copy(rows, DP, headdim, aligned, NTHREADS) for rows in (BM, BN))
 
@@ -119,12 +208,6 @@ def make_wgmma_ops(role, tiles, headdim, dtype_name, aligned):
     def load_resident(smem, afrag, slot, g, base, row0, nrows, stride, tid):
         copy_a(smem, 0, g, base, row0, nrows, stride, tid)
         ptx.cp_async_commit()
-
-    @inline_device
-    def copies_visible():
-        """After this thread's copies landed: make them visible to wgmma (async proxy); then a barrier."""
-        ptx.cp_async_wait_all()
-        hopper.fence_proxy_async_shared()
 
     # K and V of one buffer index hold different tiles (K_j+1 is copied while V_j-1 is still read)
 
@@ -143,54 +226,11 @@ def make_wgmma_ops(role, tiles, headdim, dtype_name, aligned):
     @inline_device
     def s_issue(smem, buf, tid):
         base = base_bytes(smem)
-        qoff = base + (tid // 128) * 64 * SW
-        koff = base + OFF_B + 2 * buf * T_BYTES
-        acc = hopper.wgmma_acc_zeros(N_S)
-        hopper.wgmma_fence()
-        for ks in range(KS):
-            da = hopper.make_smem_desc(smem, qoff + (ks * 32 // SW) * L_Q + (ks * 32) % SW, LBO_K, SBO, SWMODE)
-            db = hopper.make_smem_desc(smem, koff + (ks * 32 // SW) * L_T + (ks * 32) % SW, LBO_K, SBO, SWMODE)
-            acc = wg_ss(da, db, acc, 0 if ks == 0 else 1, 0, 0)     # scale_d = 0: S starts from zero
-        hopper.wgmma_commit_group()
-        return acc
-
-    @inline_device
-    def pack_p(p, pk):
-        for kk in range(KK):
-            j = 4 * kk
-            pk[kk, 0] = pack(p[0, j], p[0, j + 1])
-            pk[kk, 1] = pack(p[1, j], p[1, j + 1])
-            pk[kk, 2] = pack(p[0, j + 2], p[0, j + 3])
-            pk[kk, 3] = pack(p[1, j + 2], p[1, j + 3])
-        return
+        return ss(smem, base + (tid // 128) * 64 * SW, base + OFF_B + 2 * buf * T_BYTES)     # S = Q K^T
 
     @inline_device
     def pv_issue(smem, pk, buf, o, fence):
-        voff = base_bytes(smem) + OFF_B + (2 * buf + 1) * T_BYTES
-        acc = hopper.wgmma_fence_operand(to_o(o))
-        if fence:
-            hopper.wgmma_fence()
-        for kk in range(KK):
-            db = hopper.make_smem_desc(smem, voff + kk * 16 * SW, L_T, SBO, SWMODE)
-            acc = wg_rs(pk[kk, 0], pk[kk, 1], pk[kk, 2], pk[kk, 3], db, acc, 1, 1)
-        hopper.wgmma_commit_group()
-        return acc
-
-    @inline_device
-    def wait1():
-        hopper.wgmma_wait_group(1)
-
-    @inline_device
-    def wait0():
-        hopper.wgmma_wait_group(0)
-
-    @inline_device
-    def s_finish(c, acc):
-        from_s(c, hopper.wgmma_fence_operand(acc))
-
-    @inline_device
-    def o_finish(c, acc):
-        from_o(c, hopper.wgmma_fence_operand(acc))
+        return rs(smem, pk, base_bytes(smem) + OFF_B + (2 * buf + 1) * T_BYTES, o, fence)    # O += P V
 
     pipe = AsyncOps(steps=KK, stream_k=stream_k, stream_v=stream_v, visible=copies_visible, s_issue=s_issue,
                     pv_issue=pv_issue, wait1=wait1, wait0=wait0, s_finish=s_finish, o_finish=o_finish,
@@ -230,9 +270,6 @@ def make_wgmma_bwd_ops(role, tiles, headdim, dtype_name, aligned):
     DP = tiles.padded_headdim(headdim)
     assert DP <= 256, headdim
     SW = swizzle_width(DP)
-    SWMODE = {128: hopper.SWIZZLE_128B, 64: hopper.SWIZZLE_64B, 32: hopper.SWIZZLE_32B}[SW]
-    SBO = 8 * SW
-    KS = DP // 16                          # k16 steps of nt_issue over the head dim
     KK = BN // 16                          # k16 steps of pv_issue over the streamed rows
     NT, DT = BN // 8, DP // 8
     A_BYTES = BM * DP * 2                  # one resident tile
@@ -240,15 +277,7 @@ def make_wgmma_bwd_ops(role, tiles, headdim, dtype_name, aligned):
     OFF_B = 2 * A_BYTES                    # streamed: [stage][slot] tiles, bytes from the aligned start
     OFF_VEC = OFF_B + 4 * T_BYTES          # dK/dV: [stage][lse, D] vectors of BN float32
     SMEM = ALIGN + OFF_VEC + (2 * 2 * BN * 4 if role == "dkdv" else 0)
-    L_A, L_T = BM * SW, BN * SW            # bytes of one column block of a resident / streamed tile
-    LBO_K = 16                             # K-major swizzled: LBO unused
-    if dtype_name == "float16":
-        wg_ss, wg_rs, pack = hopper.wgmma_f16, hopper.wgmma_f16_rs, ptx.pack_f16x2
-    else:
-        wg_ss, wg_rs, pack = hopper.wgmma_bf16, hopper.wgmma_bf16_rs, ptx.pack_bf16x2
-    _, from_s = _acc_io(BN // 2)
-    to_o, from_o = _acc_io(DP // 2)
-    N_S = BN                               # a literal of wgmma_acc_zeros (a bound name, see hopper.py)
+    ss, _, pack_pinned, rs, s_finish, o_finish = make_products(dtype_name, DP, BM, BN)
     copy_a, copy_b = (make_swizzled_copy(rows, DP, headdim, aligned, NTHREADS) for rows in (BM, BN))
 
     @inline_device
@@ -262,11 +291,6 @@ def make_wgmma_bwd_ops(role, tiles, headdim, dtype_name, aligned):
         hopper.fence_proxy_async_shared()
         cuda.syncthreads()
         return
-
-    @inline_device
-    def copies_visible():
-        ptx.cp_async_wait_all()
-        hopper.fence_proxy_async_shared()
 
     if role == "dkdv":
         @inline_device
@@ -300,52 +324,16 @@ def make_wgmma_bwd_ops(role, tiles, headdim, dtype_name, aligned):
     def nt_issue(smem, a_slot, stage, b_slot, tid):
         """Pending A[a_slot] B^T for this warpgroup's 64 rows (B = streamed tile b_slot), from zero."""
         base = base_bytes(smem)
-        aoff = base + a_slot * A_BYTES + (tid // 128) * 64 * SW
-        boff = base + OFF_B + (2 * stage + b_slot) * T_BYTES
-        acc = hopper.wgmma_acc_zeros(N_S)
-        hopper.wgmma_fence()
-        for ks in range(KS):
-            da = hopper.make_smem_desc(smem, aoff + (ks * 32 // SW) * L_A + (ks * 32) % SW, LBO_K, SBO, SWMODE)
-            db = hopper.make_smem_desc(smem, boff + (ks * 32 // SW) * L_T + (ks * 32) % SW, LBO_K, SBO, SWMODE)
-            acc = wg_ss(da, db, acc, 0 if ks == 0 else 1, 0, 0)
-        hopper.wgmma_commit_group()
-        return acc
+        return ss(smem, base + a_slot * A_BYTES + (tid // 128) * 64 * SW,
+                  base + OFF_B + (2 * stage + b_slot) * T_BYTES)
 
     @inline_device
     def pv_issue(smem, p, stage, b_slot, o, tid):
-        """Pending o + P B with P = p (this thread's score fragment, packed to 16 bits here) and B =
-        streamed tile b_slot (BN rows x DP) through an MN-major descriptor."""
-        boff = base_bytes(smem) + OFF_B + (2 * stage + b_slot) * T_BYTES
+        """Pending o + P B with P = p (this thread's score fragment, packed to 16 bits here: pinned, since
+        the product follows at once) and B = streamed tile b_slot (BN rows x DP) read MN-major."""
         pk = cuda.local.array((KK, 4), uint32)
-        for kk in range(KK):
-            j = 4 * kk
-            # pinned, so every conversion precedes the fence and the product is fenced once (hopper.py)
-            pk[kk, 0], pk[kk, 1], pk[kk, 2], pk[kk, 3] = hopper.wgmma_fence_a(
-                pack(p[0, j], p[0, j + 1]), pack(p[1, j], p[1, j + 1]),
-                pack(p[0, j + 2], p[0, j + 3]), pack(p[1, j + 2], p[1, j + 3]))
-        a = hopper.wgmma_fence_operand(to_o(o))
-        hopper.wgmma_fence()
-        for kk in range(KK):
-            db = hopper.make_smem_desc(smem, boff + kk * 16 * SW, L_T, SBO, SWMODE)
-            a = wg_rs(pk[kk, 0], pk[kk, 1], pk[kk, 2], pk[kk, 3], db, a, 1, 1)
-        hopper.wgmma_commit_group()
-        return a
-
-    @inline_device
-    def wait1():
-        hopper.wgmma_wait_group(1)
-
-    @inline_device
-    def wait0():
-        hopper.wgmma_wait_group(0)
-
-    @inline_device
-    def s_finish(c, acc):
-        from_s(c, hopper.wgmma_fence_operand(acc))
-
-    @inline_device
-    def o_finish(c, acc):
-        from_o(c, hopper.wgmma_fence_operand(acc))
+        pack_pinned(p, pk)
+        return rs(smem, pk, base_bytes(smem) + OFF_B + (2 * stage + b_slot) * T_BYTES, o, True)
 
     # Registers: the output accumulators (two in dK/dV) of DP/2 floats, two score fragments of BN/2,
     # BN/4 words of packed P; the rest is addresses and the walk.
