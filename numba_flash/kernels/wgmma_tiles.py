@@ -102,7 +102,8 @@ SWIZZLE_MODES = {128: hopper.SWIZZLE_128B, 64: hopper.SWIZZLE_64B, 32: hopper.SW
 @lru_cache(maxsize=None)
 def make_products(dtype_name, dp, rows_a, rows_b):
     """The warpgroup products of every kernel of the path, on swizzled K-major tiles of dp columns (rows_a
-    rows for the resident operand, rows_b for a streamed one; byte offsets include the aligned start):
+    rows for the resident operand, rows_b for a streamed one; byte offsets include the aligned start).
+    Returns (ss, pack, pack_pinned, rs, s_finish, o_finish):
 
     ss(smem, aoff, boff)            -> pending A Bᵀ (64 rows of A at aoff, the rows_b rows of B at boff),
                                        from zero: dp/16 SS wgmmas m64n(rows_b)k16, fenced and committed
