@@ -98,6 +98,43 @@ def make_tile_copy(rows, dp, headdim, aligned, nthreads, chunk_word, row_words=N
     return copy
 
 
+def make_stream(role, copy_b, off_b, tile_size, bn, nthreads, vec_word):
+    """stream(smem, stage, t0, n_other, operands, tid), vec(smem, stage, which, idx): the streaming half of
+    a tensor-core path's TileOps (mma.sync and wgmma share it). Streamed tile `slot` of buffer `stage` is
+    copied by copy_b (make_tile_copy) to off_b + (2 * stage + slot) * tile_size, in copy_b's offset units.
+    A dK/dV kernel (role "dkdv") also streams its lse and D vectors (bn float32 each) by 4-byte cp.async
+    to shared word vec_word(smem) + (2 * stage + which) * bn, which `vec` reads back."""
+    if role == "dkdv":
+        @inline_device
+        def stream(smem, stage, t0, n_other, operands, tid):
+            g0, b0, s0, g1, b1, s1, v0, vb0, v1, vb1 = operands
+            off = off_b + 2 * stage * tile_size
+            copy_b(smem, off, g0, b0, t0, n_other - t0, s0, tid)
+            copy_b(smem, off + tile_size, g1, b1, t0, n_other - t0, s1, tid)
+            voff = vec_word(smem) + 2 * stage * bn
+            for s in range(-(-bn // nthreads)):
+                r = tid + s * nthreads
+                if r < bn:
+                    ok = r < n_other - t0
+                    ptx.cp_async4(smem, voff + r, v0, vb0 + t0 + r if ok else vb0, ok)
+                    ptx.cp_async4(smem, voff + bn + r, v1, vb1 + t0 + r if ok else vb1, ok)
+            return
+    else:
+        @inline_device
+        def stream(smem, stage, t0, n_other, operands, tid):
+            g0, b0, s0, g1, b1, s1 = operands
+            off = off_b + 2 * stage * tile_size
+            copy_b(smem, off, g0, b0, t0, n_other - t0, s0, tid)
+            copy_b(smem, off + tile_size, g1, b1, t0, n_other - t0, s1, tid)
+            return
+
+    @inline_device
+    def vec(smem, stage, which, idx):
+        return ptx.ld1(smem, vec_word(smem) + (2 * stage + which) * bn + idx)
+
+    return stream, vec
+
+
 @lru_cache(maxsize=None)
 def make_mma_n16(mma):
     """mma_n16(c, i, j, a, m, b0, b1, b2, b3): c[i:i+2, j:j+4] += A B for one m16 x k16 A fragment
@@ -179,33 +216,11 @@ def make_tc_ops(role, tiles, headdim, dtype_name, aligned, fused_dq=False, vecto
                          afrag[slot, mt, ks, 3]) = a_fragment(smem, slot, mt, ks, tid)
         return
 
-    if role == "dkdv":
-        @inline_device
-        def stream(smem, stage, t0, n_other, operands, tid):
-            g0, b0, s0, g1, b1, s1, v0, vb0, v1, vb1 = operands
-            off = OFF_B + 2 * stage * BN * LDW
-            copy_b(smem, off, g0, b0, t0, n_other - t0, s0, tid)
-            copy_b(smem, off + BN * LDW, g1, b1, t0, n_other - t0, s1, tid)
-            voff = OFF_VEC + 2 * stage * BN
-            for s in range(-(-BN // NTHREADS)):
-                r = tid + s * NTHREADS
-                if r < BN:
-                    ok = r < n_other - t0
-                    ptx.cp_async4(smem, voff + r, v0, vb0 + t0 + r if ok else vb0, ok)
-                    ptx.cp_async4(smem, voff + BN + r, v1, vb1 + t0 + r if ok else vb1, ok)
-            return
-    else:
-        @inline_device
-        def stream(smem, stage, t0, n_other, operands, tid):
-            g0, b0, s0, g1, b1, s1 = operands
-            off = OFF_B + 2 * stage * BN * LDW
-            copy_b(smem, off, g0, b0, t0, n_other - t0, s0, tid)
-            copy_b(smem, off + BN * LDW, g1, b1, t0, n_other - t0, s1, tid)
-            return
-
     @inline_device
-    def vec(smem, stage, which, idx):
-        return ptx.ld1(smem, OFF_VEC + (2 * stage + which) * BN + idx)
+    def vec_word(smem):
+        return OFF_VEC
+
+    stream, vec = make_stream(role, copy_b, OFF_B, BN * LDW, BN, NTHREADS, vec_word)
 
     @inline_device
     def mm_nt(smem, afrag, a_slot, stage, b_slot, c, tid):

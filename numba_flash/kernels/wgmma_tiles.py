@@ -33,7 +33,7 @@ from numba import cuda, uint32
 from . import hopper, ptx
 from .fragments import AsyncBwdOps, AsyncOps, TileOps, mma_fragment
 from .launch import inline_device
-from .tc_tiles import make_tile_copy
+from .tc_tiles import make_stream, make_tile_copy
 
 ALIGN = 1024               # bytes: a 128B-swizzle atom (8 rows x 128 bytes)
 
@@ -293,33 +293,11 @@ def make_wgmma_bwd_ops(role, tiles, headdim, dtype_name, aligned):
         cuda.syncthreads()
         return
 
-    if role == "dkdv":
-        @inline_device
-        def stream(smem, stage, t0, n_other, operands, tid):
-            g0, b0, s0, g1, b1, s1, v0, vb0, v1, vb1 = operands
-            off = OFF_B + 2 * stage * T_BYTES
-            copy_b(smem, off, g0, b0, t0, n_other - t0, s0, tid)
-            copy_b(smem, off + T_BYTES, g1, b1, t0, n_other - t0, s1, tid)
-            voff = (base_bytes(smem) + OFF_VEC) // 4 + 2 * stage * BN
-            for s in range(-(-BN // NTHREADS)):
-                r = tid + s * NTHREADS
-                if r < BN:
-                    ok = r < n_other - t0
-                    ptx.cp_async4(smem, voff + r, v0, vb0 + t0 + r if ok else vb0, ok)
-                    ptx.cp_async4(smem, voff + BN + r, v1, vb1 + t0 + r if ok else vb1, ok)
-            return
-    else:
-        @inline_device
-        def stream(smem, stage, t0, n_other, operands, tid):
-            g0, b0, s0, g1, b1, s1 = operands
-            off = OFF_B + 2 * stage * T_BYTES
-            copy_b(smem, off, g0, b0, t0, n_other - t0, s0, tid)
-            copy_b(smem, off + T_BYTES, g1, b1, t0, n_other - t0, s1, tid)
-            return
-
     @inline_device
-    def vec(smem, stage, which, idx):
-        return ptx.ld1(smem, (base_bytes(smem) + OFF_VEC) // 4 + (2 * stage + which) * BN + idx)
+    def vec_word(smem):
+        return (base_bytes(smem) + OFF_VEC) // 4
+
+    stream, vec = make_stream(role, copy_b, OFF_B, T_BYTES, BN, NTHREADS, vec_word)
 
     @inline_device
     def nt_issue(smem, a_slot, stage, b_slot, tid):
