@@ -45,8 +45,19 @@ def torch_lowp(q, k, v, dout, dtype, softmax_scale=None, causal=False, causal_al
     return [x.detach().to("cpu").double().numpy() for x in (out, qt.grad, kt.grad, vt.grad)]
 
 
+def _err(a, ref):
+    """rel_err, except against a reference that is exactly zero (dQ when every row sees one key: dP - D
+    cancels exactly in float64, while the kernels form dP and D = rowsum(dO * O) in float32 with different
+    summation orders): there the relative error is undefined and the RMS absolute error is judged, so the
+    float32 rounding noise does not grow with the number of elements."""
+    if np.isfinite(as64(ref)).all() and not np.any(as64(ref)):
+        a = as64(a)
+        return float(np.sqrt(np.mean(a * a))) if np.isfinite(a).all() else math.inf
+    return rel_err(a, ref)
+
+
 def assert_within_budget(name, ours, ref, theirs):
-    err, budget = rel_err(ours, ref), rel_err(theirs, ref)
+    err, budget = _err(ours, ref), _err(theirs, ref)
     assert err <= 2 * budget + 1e-5, (f"{name}: relative error {err:.3g} > 2 x PyTorch's own {budget:.3g} "
                                       f"+ 1e-5")
 
