@@ -172,6 +172,69 @@ def test_flash_attn_func_resolves_auto_per_pass(rng, monkeypatch):
 
 
 # --------------------------------------------------------------------------------------------------
+# The warp-specialised forward (tiles.ring > 0: a producer warpgroup and an mbarrier ring)
+# --------------------------------------------------------------------------------------------------
+
+def use_ring(monkeypatch, ring, d=32):
+    """Make the wgmma forward warp-specialised with a `ring`-stage ring (0: the default kernel): under the
+    simulator one consumer warpgroup (64 queries) and 32-key tiles, on a GPU the default tiles' shape with
+    two consumer warpgroups (tuning runs reach it the same way, through NUMBA_FLASH_FWD_TILES)."""
+    from numba_flash.kernels import configs
+    if SIMULATOR:
+        monkeypatch.setitem(configs._SIM["wgmma"], "fwd", configs.MmaTiles(64, 32, 4, a_regs=False, ring=ring))
+    else:
+        t = configs._wgmma_tiles("fwd", d)
+        monkeypatch.setenv("NUMBA_FLASH_FWD_TILES", f"{t.br},{t.bc},{t.warps},0,0,{ring}")
+
+
+def check_ring_matches_default_bitwise(monkeypatch, q, k, v, dtype, ring, **kw):
+    """The warp-specialised forward does the default kernel's arithmetic in its order: the same bits;
+    and within the error budget of the reference."""
+    d = q.shape[-1]
+    use_ring(monkeypatch, 0, d)
+    want = run_wgmma(q, k, v, dtype, **kw)
+    use_ring(monkeypatch, ring, d)
+    got = run_wgmma(q, k, v, dtype, **kw)
+    for name, x, y in zip(("out", "lse"), got, want):
+        assert_bitwise_equal(x, y, name)
+    mask = kw.get("block_mask")
+    ref_kw = {key: val for key, val in kw.items() if key != "block_mask"}
+    if mask is not None:
+        ref_kw["mask"] = mask.to_dense()
+    ref_out, ref_lse = nf.attention_reference(q, k, v, **ref_kw)
+    theirs = torch_lowp(q, k, v, random_array(np.random.default_rng(0), q.shape, dtype, FW), dtype, **ref_kw)
+    assert_lse_close(got[1], ref_lse, dtype)
+    assert_within_budget("out", got[0], ref_out, theirs[0])
+    return got
+
+
+@pytest.mark.parametrize("ring,dtype,causal,Nq,Nk,d", [
+    (2, "float16", False, 70, 100, 32), (3, "bfloat16", True, 100, 40, 16),
+    (2, "float16", True, 65, 130, 64), (3, "bfloat16", False, 33, 65, 48)])
+def test_wgmma_warp_specialised_forward_matches_default_bitwise_ragged_and_swizzles(rng, monkeypatch, ring, dtype,
+                                                                                 causal, Nq, Nk, d):
+    """Ragged query and key tiles, Nq != Nk, the four swizzles, rings deeper and shallower than the walk
+    (1 to 5 key tiles), and (causal, Nq > Nk) query tiles that see no key, where the producer copies Q
+    only and the consumers skip the loop."""
+    q, k, v = make_qkv_arrays(rng, 1, Nq, Nk, 1, d, dtype, FW)
+    out, lse = check_ring_matches_default_bitwise(monkeypatch, q, k, v, dtype, ring, causal=causal)
+    if causal and Nq > Nk:
+        assert (as64(out)[:, :Nq - Nk] == 0).all() and np.isneginf(as64(lse)[:, :, :Nq - Nk]).all()
+
+
+def test_wgmma_warp_specialised_forward_block_sparse_unaligned_and_negative_scale(rng, monkeypatch):
+    """A block mask (empty rows of blocks included), rows that are not 16-byte aligned (the producer's
+    ordinary loads into the swizzled image) and a negative scale, against the default kernel's bits."""
+    b1, b2 = block_sizes(32, "float16", "wgmma")
+    nq, nk = 2 * b1 + 3, 3 * b2
+    mask = BlockMask.random(0.4, nq, nk, (b1, b2), nheads=2, seed=int(rng.integers(1 << 31)))
+    q, k, v = make_qkv_arrays(rng, 1, nq, nk, 2, 32, "float16", FW, "kvpacked")
+    check_ring_matches_default_bitwise(monkeypatch, q, k, v, "float16", 2, block_mask=mask)
+    bufs = [random_array(rng, (1, 70, 1, 32 + 8), "bfloat16", FW) for _ in range(3)]
+    q, k, v = (b[..., 2:34] for b in bufs)
+    check_ring_matches_default_bitwise(monkeypatch, q, k, v, "bfloat16", 2, causal=True, softmax_scale=-0.3)
+
+
 # GPU: real sizes
 # --------------------------------------------------------------------------------------------------
 
@@ -198,3 +261,13 @@ def test_gpu_wgmma_block_sparse_strides_and_unaligned(rng):
     bufs = [random_array(rng, (1, 1500, 2, 128 + 8), "float16", "torch") for _ in range(4)]
     q, k, v, dout = (b[..., 2:130] for b in bufs)
     check_all(q, k, v, dout, "float16", backend="wgmma", causal=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.parametrize("ring", [2, 3])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("dtype,d", [("float16", 64), ("bfloat16", 128), ("float16", 128)])
+def test_gpu_wgmma_warp_specialised_forward_matches_default_bitwise(rng, monkeypatch, d, dtype, causal, ring):
+    q, k, v = make_qkv_arrays(rng, 2, 1000, 777, 2, d, dtype, "torch")
+    check_ring_matches_default_bitwise(monkeypatch, q, k, v, dtype, ring, causal=causal)

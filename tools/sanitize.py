@@ -11,7 +11,8 @@ The simulator cannot see a missing barrier or an out-of-bounds shared access; th
 every path, each head-dim class that has its own tiles (d <= 64, <= 128, > 128), float16 and bfloat16 on
 tensor cores, rows that are 16-byte aligned (cp.async) and rows that are not (plain loads), causal with
 seqlen_q != seqlen_k, a block-sparse mask, and both ways the tensor-core backward computes dQ (the
-separate "kernel" by default, and "atomic", fused into dK/dV; configs.DQ_MODES). Every result is checked
+separate "kernel" by default, and "atomic", fused into dK/dV; configs.DQ_MODES), and the
+warp-specialised wgmma forward (MmaTiles.ring: a producer warpgroup and mbarriers). Every result is checked
 against the float64 reference, so a configuration that silently did nothing fails here too. Exit status
 1 on a mismatch.
 """
@@ -49,6 +50,10 @@ CASES = [
     dict(path="wgmma", d=256, dtype="float16", causal=True, nq=150, nk=200, aligned=True, sparse=False),
     dict(path="wgmma", d=64, dtype="bfloat16", causal=False, nq=384, nk=320, aligned=True, sparse=True,
          block=(128, 128)),
+    # the warp-specialised wgmma forward (a producer warpgroup, an mbarrier ring of `ring` stages)
+    dict(path="wgmma", d=128, dtype="float16", causal=True, nq=333, nk=500, aligned=True, sparse=False, ring=2),
+    dict(path="wgmma", d=64, dtype="bfloat16", causal=False, nq=300, nk=700, aligned=False, sparse=True,
+         block=(128, 128), ring=3),
     # SIMT
     dict(path="simt", d=64, dtype="float32", causal=True, nq=200, nk=333, aligned=True, sparse=False),
     dict(path="simt", d=128, dtype="float16", causal=False, nq=300, nk=150, aligned=False, sparse=False),
@@ -66,6 +71,11 @@ def run(c):
         print(f"skip {c}: wgmma needs a cc 9.0 GPU", flush=True)
         return True
     os.environ["NUMBA_FLASH_DQ_MODE"] = c.get("dq", "")     # "": the default of the path
+    os.environ["NUMBA_FLASH_FWD_TILES"] = ""
+    if c.get("ring"):
+        from numba_flash.kernels import configs
+        t = configs.tiles(c["path"], "fwd", c["d"])
+        os.environ["NUMBA_FLASH_FWD_TILES"] = f"{t.br},{t.bc},{t.warps},0,0,{c['ring']}"
     g = torch.Generator(device="cuda").manual_seed(0)
     dt = getattr(torch, c["dtype"])
     pad = 0 if c["aligned"] else 2          # views 2 elements into their rows: no 16-byte alignment

@@ -62,6 +62,10 @@ class MmaTiles:
     warps: int
     a_regs: bool = True
     min_blocks: int = 0
+    # wgmma forward only. 0: the block's warps copy the streamed K, V tiles themselves into two buffers and
+    # meet at a block barrier per tile. n >= 2: warp-specialised: one more warpgroup (the producer) copies
+    # Q once and K, V into an n-stage ring guarded by mbarriers; the `warps` compute (forward.py).
+    ring: int = 0
 
     def padded_headdim(self, headdim):
         return -(-headdim // 16) * 16
@@ -171,7 +175,7 @@ def _wgmma_tiles(role, headdim):
 
 def _override(path, role):
     """Tile overrides for tuning runs only: NUMBA_FLASH_{FWD,DQ,DKDV,BWD}_TILES = "br,bc,ty,tx[,min_blocks]"
-    (simt) or "br,bc,warps,a_regs[,min_blocks]" (mma)."""
+    (simt) or "br,bc,warps,a_regs[,min_blocks[,ring]]" (mma, wgmma)."""
     for var in _ENV[role]:
         v = os.environ.get(var)
         if v:

@@ -18,13 +18,20 @@ V_{j-1} are issued together, the softmax of S_j (row max, P_j, the rescale facto
 cores still multiply P_{j-1} V_{j-1}, and O is rescaled once that product is complete. K_{j+1} and V_j
 are copied during tile j into the buffers K_{j-1} and V_{j-2} left, so one barrier per tile suffices.
 
+Warp-specialised (TileOps.ws: wgmma tiles with `ring` > 0, FlashAttention-3's structure): one more
+warpgroup, the producer, copies Q once and then K_j, V_j into stage j mod S of a ring of S buffers, and
+the computing warpgroups run the pipelined body above with mbarrier waits in place of its block
+barriers: a "full" mbarrier per buffer says its tile has landed, an "empty" one that every computing
+thread is done reading it. setmaxnreg moves registers from the producer to the consumers. The
+arithmetic, and so every output bit, is the pipelined body's.
+
 Launch contract (`launch`): grid (Tr, nheads, batch); arguments q, k, v, out, lse as flat arrays with
 (batch, seqlen, head) element strides, the sequence lengths, scale * log2(e), the causal offset, and the
 mask lists (api.TileLists.lists).
 """
 from functools import lru_cache
 
-from numba import cuda, uint32
+from numba import cuda, uint32, uint64
 
 from .convert import acc_constant, acc_type, storer
 from .fragments import make_store_rows, pair_packer
@@ -70,6 +77,9 @@ def make_forward_kernel(plan):
     sm = make_softmax(ops.frag, plan.dtype, ops.exp2, visible_cols, plan.positive_scale)
     scale_and_mask, online_update, update, rescale = sm.scale_and_mask, sm.online_update, sm.update, sm.rescale
     epilogue = _make_epilogue(plan, ops, sm.finalize)
+    if ops.ws is not None:
+        return _make_specialized(plan, ops, first_tile, next_tile, needs_mask, scale_and_mask, update, rescale,
+                                 epilogue)
     if ops.pipe is not None:
         return _make_pipelined(plan, ops, first_tile, next_tile, needs_mask, scale_and_mask, update, rescale,
                                epilogue)
@@ -213,6 +223,127 @@ def _make_pipelined(plan, ops, first_tile, next_tile, needs_mask, scale_and_mask
         else:
             pp.visible()                                                  # Q's copy, unused
         epilogue(m, l, acc, sl2, o, lse, b, h, row0, nq, o_st, lse_st, tid)
+
+    return Launchable(flash_fwd, ops.threads, ops.smem_bytes, ops.min_blocks, ops.min_regs)
+
+
+def _make_specialized(plan, ops, first_tile, next_tile, needs_mask, scale_and_mask, update, rescale,
+                      epilogue):
+    """The warp-specialised forward (module docstring; ops.ws: fragments.WsOps): threads 0..127 are the
+    producer warpgroup, which copies Q and then K_j, V_j into ring stage j mod S; the others compute
+    exactly as the pipelined body does, with mbarrier waits where it has block barriers. Same arguments,
+    walk, softmax and epilogue; the computing threads use their rank after the producer (ctid) wherever
+    the pipelined body uses tid.
+
+    Producer, tile j (stage s): wait until stage s is empty (the consumers finished tile j - S), copy K_j;
+    once V_{j-1} (Q, for j = 0) has landed, mark it full; copy V_j; once K_j has landed, mark it full.
+    So two tiles' copies are in flight and a tile is marked as soon as it is complete. Consumers, tile j:
+    wait for K_j and V_{j-1}, issue S_j with P_{j-1} V_{j-1}, run the softmax of S_j, and once P_{j-1}
+    V_{j-1} is complete mark stage j-1 empty. Neither side waits for a phase the other can only
+    complete after it: the producer's wait for stage s needs tile j - S released, which the consumers do
+    at tile j - S + 1, for which the producer has already marked K and the V before it."""
+    BR = plan.fwd.br
+    R, C, CO = ops.frag.rows, ops.frag.cols, ops.frag.out_cols
+    ACC = acc_type(plan.dtype)
+    NEG_INF, ZERO = acc_constant(plan.dtype, -float("inf")), acc_constant(plan.dtype, 0.0)
+    pp, ws = ops.pipe, ops.ws
+    KK, S, P, NB = pp.steps, ws.stages, ws.producers, ws.nbars
+    FULL_K, FULL_V, EMPTY = 1, 1 + S, 1 + 2 * S
+
+    @kernel(ops.threads, ops.smem_bytes, ops.min_blocks, ops.min_regs)
+    def flash_fwd(q, k, v, o, lse, nq, nk, q_st, k_st, v_st, o_st, lse_st, scale_log2, offset,
+                  kv_count, kv_index, mask_sh, mask_maxk, q_per_blk, k_per_blk):
+        smem = cuda.shared.array(0, ACC)
+        bars = cuda.shared.array(NB, uint64)
+        i_tile = cuda.blockIdx.x
+        h = cuda.blockIdx.y
+        b = cuda.blockIdx.z
+        tid = cuda.threadIdx.x
+        row0 = i_tile * BR
+        kv = (k, b * k_st[0] + h * k_st[2], k_st[1], v, b * v_st[0] + h * v_st[2], v_st[1])
+        if tid == 0:
+            ws.init(bars)
+        cuda.syncthreads()
+        mrow, nblk, t, sub, base, col0 = first_tile(kv_count, kv_index, h, i_tile, mask_sh, mask_maxk,
+                                                    q_per_blk, k_per_blk, row0, nq, nk, offset)
+        if tid < P:
+            # ---------------- producer ----------------
+            ws.reg_producer()
+            ws.load_q(smem, q, b * q_st[0] + h * q_st[2], row0, nq - row0, q_st[1], tid)
+            stage, phase = 0, 0
+            pstage = -1                                        # stage of the V to mark full; -1: Q
+            while t < nblk:
+                ws.wait(bars, EMPTY + stage, phase ^ 1)        # tile j - S released (at once for j < S)
+                ws.load_k(smem, stage, col0, nk, kv, tid)
+                ws.landed1()                                   # V_j-1 (or Q) landed
+                ws.arrive(bars, 0 if pstage < 0 else FULL_V + pstage)
+                ws.load_v(smem, stage, col0, nk, kv, tid)
+                ws.landed1()                                   # K_j landed
+                ws.arrive(bars, FULL_K + stage)
+                t, sub, base, col0 = next_tile(kv_index, mrow, mask_maxk, k_per_blk, nblk, t, sub, base, row0,
+                                               nq, nk, offset)
+                pstage = stage
+                stage += 1
+                if stage == S:
+                    stage, phase = 0, phase ^ 1
+            ws.landed0()                                       # the last V (or Q: no tiles)
+            ws.arrive(bars, 0 if pstage < 0 else FULL_V + pstage)
+        else:
+            # ---------------- consumers ----------------
+            ws.reg_consumer()
+            ctid = tid - P
+            sl2 = ACC(scale_log2)
+            m = cuda.local.array(R, ACC)
+            l = cuda.local.array(R, ACC)
+            alpha = cuda.local.array(R, ACC)
+            acc = cuda.local.array((R, CO), ACC)
+            s = cuda.local.array((R, C), ACC)
+            pk = cuda.local.array((KK, 4), uint32)
+            for i in range(R):
+                m[i] = NEG_INF
+                l[i] = ZERO
+                for j in range(CO):
+                    acc[i, j] = ZERO
+            if t < nblk:
+                ws.wait(bars, 0, 0)                                            # Q
+                ws.wait(bars, FULL_K, 0)                                       # K_0
+                pend_s = pp.s_issue(smem, 0, ctid)
+                pp.wait0()
+                pp.s_finish(s, pend_s)
+                scale_and_mask(s, sl2, needs_mask(row0, col0, nq, nk, offset), ctid, row0, col0, nq, nk,
+                               offset)
+                update(s, m, l, alpha, sl2)                                    # acc is zero: no rescale
+                pp.pack(s, pk)
+                t, sub, base, col0 = next_tile(kv_index, mrow, mask_maxk, k_per_blk, nblk, t, sub, base, row0,
+                                               nq, nk, offset)
+                pstage, pphase = 0, 0                                          # tile j - 1
+                stage, phase = 1, 0                                            # S >= 2
+                while t < nblk:
+                    ws.wait(bars, FULL_K + stage, phase)                       # K_j
+                    ws.wait(bars, FULL_V + pstage, pphase)                     # V_j-1
+                    pend_s = pp.s_issue(smem, stage, ctid)                     # S_j = Q K_j^T
+                    pend_o = pp.pv_issue(smem, pk, pstage, acc, False)         # O += P_j-1 V_j-1
+                    pp.wait1()
+                    pp.s_finish(s, pend_s)
+                    scale_and_mask(s, sl2, needs_mask(row0, col0, nq, nk, offset), ctid, row0, col0, nq, nk,
+                                   offset)
+                    moved = update(s, m, l, alpha, sl2)                        # while P_j-1 V_j-1 runs
+                    pp.wait0()
+                    ws.arrive(bars, EMPTY + pstage)                            # K_j-1, V_j-1 read
+                    pp.o_finish(acc, pend_o)
+                    rescale(acc, alpha, moved)
+                    pp.pack(s, pk)
+                    t, sub, base, col0 = next_tile(kv_index, mrow, mask_maxk, k_per_blk, nblk, t, sub, base,
+                                                   row0, nq, nk, offset)
+                    pstage, pphase = stage, phase
+                    stage += 1
+                    if stage == S:
+                        stage, phase = 0, phase ^ 1
+                ws.wait(bars, FULL_V + pstage, pphase)                         # V_last
+                pend_o = pp.pv_issue(smem, pk, pstage, acc, True)
+                pp.wait0()
+                pp.o_finish(acc, pend_o)
+            epilogue(m, l, acc, sl2, o, lse, b, h, row0, nq, o_st, lse_st, ctid)
 
     return Launchable(flash_fwd, ops.threads, ops.smem_bytes, ops.min_blocks, ops.min_regs)
 

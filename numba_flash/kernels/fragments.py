@@ -119,7 +119,8 @@ TileOps = namedtuple("TileOps", [
     "mm_pv",           # (smem, p, stage, b_slot, acc, tid, lead_sync): acc += P B[b_slot]
     "dq",              # DqOps of a dK/dV kernel that computes dQ itself (tensor cores), else None
     "pipe",            # asynchronous products, else None: AsyncOps (forward), AsyncBwdOps (backward)
-], defaults=(None,))
+    "ws",              # WsOps of a warp-specialised forward (a producer warpgroup streams), else None
+], defaults=(None, None))
 AsyncOps = namedtuple("AsyncOps", [
     "steps",           # k16 steps of P V (rows of the packed-P array)
     "stream_k", "stream_v",   # (smem, buf, t0, n_other, operands, tid): K or V tile t0.. into buffer buf
@@ -140,6 +141,24 @@ AsyncBwdOps = namedtuple("AsyncBwdOps", [
 ])
 AsyncBwdOps.__doc__ = """The backward's asynchronous products (wgmma): backward.py's bodies issue a product, do the
 elementwise work of the previous one, then wait (wgmma_tiles.make_wgmma_bwd_ops)."""
+WsOps = namedtuple("WsOps", [
+    "stages",          # depth of the K, V ring
+    "producers",       # threads of the producer warpgroup: threads 0 .. producers-1; the rest compute
+    "regs",            # (producer, consumer) registers per thread for setmaxnreg, or None (left as compiled)
+    "nbars",           # mbarriers (a uint64 shared array of this many): [Q, full K x stages, full V x
+                       # stages, empty x stages]
+    "init",            # (bars): one thread initialises them (then a block barrier)
+    "arrive", "wait",  # (bars, idx), (bars, idx, parity): mbarrier arrival, wait for a phase of that parity
+    "load_q",          # (smem, g, base, row0, nrows, stride, ptid): the producer copies Q (commits)
+    "load_k", "load_v",   # (smem, stage, t0, n_other, operands, ptid): a K or V tile into the ring (commits)
+    "landed1", "landed0",   # (): all but the newest / all of this producer thread's copies have landed and
+                            # are visible to the products (then it may arrive)
+    "reg_producer", "reg_consumer",   # (): setmaxnreg of the role (no-ops where regs is None)
+])
+WsOps.__doc__ = """A warp-specialised forward (forward.py, wgmma_tiles.make_wgmma_ops with tiles.ring): the producer
+warpgroup streams K and V into a ring of `stages` buffers, each buffer's "full" mbarriers completing when its
+tiles have landed and its "empty" one when every consumer thread is done reading it; consumers run the
+pipelined body's products (TileOps.pipe, buffer = ring stage) and never meet at a block barrier."""
 DqOps = namedtuple("DqOps", [
     "frag",            # Fragment of the thread's dQ partial (rows: query rows of the tile; out_cols)
     "stage",           # (smem, ds, tid): the thread's dS^T score fragment -> shared memory

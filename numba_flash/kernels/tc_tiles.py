@@ -32,7 +32,7 @@ from .launch import inline_device
 CP_ASYNC_HALVES = 8      # one cp.async moves 16 bytes = 8 halves
 
 
-def make_tile_copy(rows, dp, headdim, aligned, nthreads, chunk_word, row_words=None):
+def make_tile_copy(rows, dp, headdim, aligned, nthreads, chunk_word, row_words=None, pass_words=None):
     """copy(smem, off, g, base, row0, nrows, stride, tid): a rows x dp tile of 16-bit elements into shared
     memory <- rows row0.. of g (head dim contiguous), zeros past nrows rows and past the head dim.
     chunk_word(smem, off, r, ch) is the layout: the shared-memory word where 16-byte chunk ch of row r of
@@ -40,8 +40,10 @@ def make_tile_copy(rows, dp, headdim, aligned, nthreads, chunk_word, row_words=N
     16-byte aligned, so chunks move by cp.async (committed by the caller); otherwise by ordinary loads and
     16-bit shared stores into the same layout. row_words: where a row starts a fixed number of words after
     the previous one and its chunks follow each other (padded rows), that number, so stepping down rows is
-    one add. Used by the mma.sync
-    (padded rows) and wgmma (swizzled) paths."""
+    one add. pass_words: where only every (nthreads // chunks per row)-th row is that far from the one
+    before (a swizzle repeating down the rows), the words between them, so a thread's passes down the
+    tile are fixed offsets from its first chunk (one register instead of one per pass). Used by the
+    mma.sync (padded rows) and wgmma (swizzled) paths."""
     cpr = dp // CP_ASYNC_HALVES            # 16-byte chunks per row
     zero_bits = np.uint16(0)
     if aligned and nthreads % cpr == 0:
@@ -62,6 +64,8 @@ def make_tile_copy(rows, dp, headdim, aligned, nthreads, chunk_word, row_words=N
                     ok = col_ok and r + s * rstep < nrows
                     if row_words is not None:
                         dst_s = dst + s * rstep * row_words
+                    elif pass_words is not None:
+                        dst_s = dst + s * pass_words
                     else:
                         dst_s = chunk_word(smem, off, r + s * rstep, ch)
                     ptx.cp_async16(smem, dst_s, g, src + s * rstep * stride if ok else base, ok)

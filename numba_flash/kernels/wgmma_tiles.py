@@ -22,6 +22,12 @@ intrinsics and their simulator twins):
   straight into the swizzled image; a `fence.proxy.async` after each wait makes those (generic-proxy)
   writes visible to the wgmma reads (async proxy) before the barrier.
 
+- Warp-specialised forward (tiles.ring = S > 0; `_make_ws_ops`, forward.py's _make_specialized): a
+  producer warpgroup in front of the computing ones copies Q and streams K, V into an S-stage ring of the
+  same swizzled buffers, guarded by mbarriers instead of a block barrier per tile; setmaxnreg gives the
+  consumers 224 registers and the producer 56 (two consumer warpgroups). Chosen through the tiles
+  (NUMBA_FLASH_FWD_TILES="128,128,8,0,0,2"); not the default until it measures faster.
+
 The backward kernels of backward.py (dK/dV over key tiles, dQ over query tiles) run on the same layout with
 the resident tile's rows (keys, or queries) as the wgmma M dimension: make_wgmma_bwd_ops. Past head dim
 128 a "wgmma" plan's backward kernels are "mma" plans (configs.backward_path).
@@ -31,7 +37,7 @@ from functools import lru_cache
 from numba import cuda, uint32
 
 from . import hopper, ptx
-from .fragments import AsyncBwdOps, AsyncOps, TileOps, mma_fragment
+from .fragments import AsyncBwdOps, AsyncOps, TileOps, WsOps, mma_fragment
 from .launch import inline_device
 from .tc_tiles import make_stream, make_tile_copy
 
@@ -50,18 +56,25 @@ def base_bytes(smem):
     return (ALIGN - hopper.shared_address(smem) % ALIGN) % ALIGN
 
 
-def make_swizzled_copy(rows, dp, headdim, aligned, nthreads):
+def make_swizzled_copy(rows, dp, headdim, aligned, nthreads, fixed_passes=False):
     """copy(smem, off, g, base, row0, nrows, stride, tid) (tc_tiles.make_tile_copy): the rows x dp tile
-    at byte `off` past the aligned start, in the swizzled K-major image (module docstring)."""
+    at byte `off` past the aligned start, in the swizzled K-major image (module docstring). fixed_passes:
+    where a thread's rows are a whole number of swizzle periods apart, address its later chunks as fixed
+    offsets from its first (fewer registers: the producer warpgroup's copies)."""
     sw = swizzle_width(dp)
     cpb = sw // 16                         # chunks per row of one column block
     xmask = {128: 7, 64: 3, 32: 1}[sw]
+    cpr = dp // 8                          # 16-byte chunks per row
+    rstep = nthreads // cpr if nthreads % cpr == 0 else 0
+    pass_words = None
+    if fixed_passes and rstep and (rstep * sw) % 128 == 0 and (rstep * sw >> 7) % (xmask + 1) == 0:
+        pass_words = rstep * sw // 4       # the XOR pattern repeats: the same chunk, rstep rows down
 
     @inline_device
     def swizzled_chunk(smem, off, r, ch):
         return (base_bytes(smem) + off + (ch // cpb) * rows * sw + r * sw
                 + (((ch % cpb) ^ ((r * sw >> 7) & xmask)) << 4)) // 4
-    return make_tile_copy(rows, dp, headdim, aligned, nthreads, swizzled_chunk)
+    return make_tile_copy(rows, dp, headdim, aligned, nthreads, swizzled_chunk, pass_words=pass_words)
 
 
 @lru_cache(maxsize=None)
@@ -190,7 +203,9 @@ def make_wgmma_ops(role, tiles, headdim, dtype_name, aligned):
     BM, BN, W = tiles.br, tiles.bc, tiles.warps
     assert W % 4 == 0 and BM == 16 * W, ("a warp owns 16 rows, a warpgroup 64", tiles)
     assert BN % 16 == 0 and BN <= 256, tiles
-    NTHREADS = 32 * W
+    RING = tiles.ring
+    assert RING == 0 or RING >= 2, tiles
+    NTHREADS = 32 * W                      # computing threads (after the producer warpgroup, if any)
     DP = tiles.padded_headdim(headdim)
     assert DP <= 256, headdim
     SW = swizzle_width(DP)
@@ -200,7 +215,7 @@ def make_wgmma_ops(role, tiles, headdim, dtype_name, aligned):
     Q_BYTES = BM * DP * 2
     T_BYTES = BN * DP * 2                  # one streamed tile (K or V)
     OFF_B = Q_BYTES                        # streamed: [buffer][K, V] tiles, bytes from the aligned start
-    SMEM = ALIGN + Q_BYTES + 4 * T_BYTES
+    SMEM = ALIGN + Q_BYTES + 2 * max(2, RING) * T_BYTES
     ss, pack_p, _, rs, s_finish, o_finish = make_products(dtype_name, DP, BM, BN)
 
     copy_a, copy_b = (make_swizzled_copy(rows, DP, headdim, aligned, NTHREADS) for rows in (BM, BN))
@@ -240,11 +255,99 @@ def make_wgmma_ops(role, tiles, headdim, dtype_name, aligned):
     # Registers: BN/2 score and DP/2 output floats, BN/4 words of packed P; the rest is the softmax state
     # and addresses.
     min_regs = min(255, max(128, NACC_S + NACC_O + BN // 4 + 64))
+    ws, threads, min_blocks = None, NTHREADS, tiles.min_blocks
+    if RING:
+        ws = _make_ws_ops(RING, W // 4, BM, BN, DP, headdim, aligned, OFF_B, T_BYTES)
+        threads, min_blocks = NTHREADS + ws.producers, 1
     return TileOps(
-        path="wgmma", stages=2, threads=NTHREADS, smem_bytes=SMEM, min_blocks=tiles.min_blocks,
+        path="wgmma", stages=2, threads=threads, smem_bytes=SMEM, min_blocks=min_blocks,
         min_regs=min_regs, frag=mma_fragment(1, NT, DT), a_shape=(1,), a_dtype=uint32, exp2=ptx.ex2,
         load_resident=load_resident, resident_ready=None, stream=None, commit=ptx.cp_async_commit,
-        wait_all=copies_visible, vec=None, mm_nt=None, mm_pv=None, dq=None, pipe=pipe)
+        wait_all=copies_visible, vec=None, mm_nt=None, mm_pv=None, dq=None, pipe=pipe, ws=ws)
+
+
+# setmaxnreg of a warp-specialised block, by its number of computing warpgroups: the launch bounds
+# (384, 1) leave 168 registers per thread at entry; the producer gives most of its share to the two
+# consumers. ptxas sm_90a, fp16, causal or not (2026-12-02): at (56, 224) no spills at d=64 and 128 (the
+# consumers use up to 207 at d=128); at (40, 232) the producer spills 4 / 56 bytes, at (24, 240) 64 / 132.
+# One consumer warpgroup (256 threads) already has 255; other counts are left as compiled.
+WS_REGS = {2: (56, 224)}
+
+
+def _make_ws_ops(ring, consumers, bm, bn, dp, headdim, aligned, off_b, t_bytes):
+    """WsOps of the warp-specialised forward (fragments.WsOps; forward.py's _make_specialized): a producer
+    warpgroup of 128 threads copies by 16-byte cp.async (ordinary loads where rows are not 16-byte
+    aligned) into the same swizzled images, buffer `stage` of the ring being the pipelined body's buffer."""
+    P = hopper.WARPGROUP
+    NB = 1 + 3 * ring
+    FULL_K, FULL_V, EMPTY = 1, 1 + ring, 1 + 2 * ring
+    CONSUMER_THREADS = 128 * consumers
+    regs = WS_REGS.get(consumers)
+    P_REGS, C_REGS = regs if regs else (None, None)
+    copy_q, copy_t = (make_swizzled_copy(rows, dp, headdim, aligned, P, fixed_passes=True) for rows in (bm, bn))
+
+    @inline_device
+    def init(bars):
+        hopper.mbarrier_init(bars, 0, P)                     # Q: every producer thread's copies landed
+        for s in range(ring):
+            hopper.mbarrier_init(bars, FULL_K + s, P)
+            hopper.mbarrier_init(bars, FULL_V + s, P)
+            hopper.mbarrier_init(bars, EMPTY + s, CONSUMER_THREADS)   # every consumer thread done reading
+        hopper.fence_mbarrier_init()
+
+    @inline_device
+    def arrive(bars, idx):
+        hopper.mbarrier_arrive(bars, idx)
+
+    @inline_device
+    def wait(bars, idx, parity):
+        hopper.mbarrier_wait_parity(bars, idx, parity)
+
+    @inline_device
+    def load_q(smem, g, base, row0, nrows, stride, ptid):
+        copy_q(smem, 0, g, base, row0, nrows, stride, ptid)
+        ptx.cp_async_commit()
+
+    @inline_device
+    def load_k(smem, stage, t0, n_other, operands, ptid):
+        g0, b0, s0, g1, b1, s1 = operands
+        copy_t(smem, off_b + 2 * stage * t_bytes, g0, b0, t0, n_other - t0, s0, ptid)
+        ptx.cp_async_commit()
+
+    @inline_device
+    def load_v(smem, stage, t0, n_other, operands, ptid):
+        g0, b0, s0, g1, b1, s1 = operands
+        copy_t(smem, off_b + (2 * stage + 1) * t_bytes, g1, b1, t0, n_other - t0, s1, ptid)
+        ptx.cp_async_commit()
+
+    @inline_device
+    def landed1():
+        ptx.cp_async_wait_group(1)
+        hopper.fence_proxy_async_shared()
+
+    @inline_device
+    def landed0():
+        ptx.cp_async_wait_group(0)
+        hopper.fence_proxy_async_shared()
+
+    if regs:
+        @inline_device
+        def reg_producer():
+            hopper.setmaxnreg_dec(P_REGS)
+
+        @inline_device
+        def reg_consumer():
+            hopper.setmaxnreg_inc(C_REGS)
+    else:
+        @inline_device
+        def reg_producer():
+            return
+
+        reg_consumer = reg_producer
+
+    return WsOps(stages=ring, producers=P, regs=regs, nbars=NB, init=init, arrive=arrive, wait=wait,
+                 load_q=load_q, load_k=load_k, load_v=load_v, landed1=landed1, landed0=landed0,
+                 reg_producer=reg_producer, reg_consumer=reg_consumer)
 
 
 @lru_cache(maxsize=None)
@@ -263,6 +366,7 @@ def make_wgmma_bwd_ops(role, tiles, headdim, dtype_name, aligned):
     vectors stream by 4-byte cp.async beside the tiles."""
     assert role in ("dkdv", "dq"), role
     assert dtype_name in ("float16", "bfloat16")
+    assert tiles.ring == 0, ("a producer warpgroup is the forward's only", role, tiles)
     BM, BN = (tiles.bc, tiles.br) if role == "dkdv" else (tiles.br, tiles.bc)
     W = tiles.warps
     assert W % 4 == 0 and BM == 16 * W, ("a warp owns 16 rows, a warpgroup 64", role, tiles)
