@@ -822,6 +822,7 @@ _CODEGEN = textwrap.dedent('''
         ("bulk", th._bulk_kernel.py_func, (u32, types.int64[:, ::1], u32), None),
         ("pipeline", th._pipeline_kernel.py_func, (u32, u32, flags3), None),
         ("maxnreg", th._maxnreg_kernel.py_func, (f32, f32), (384, 1)),
+        ("pingpong", th._pingpong_kernel.py_func, (types.int32[::1],), None),
     ]
     # cc (9, 0, "a"): the architecture-specific target sm_90a that wgmma and setmaxnreg need (a cc 9.0
     # device gets it by default; compile_ptx without a device needs it spelled out)
@@ -856,6 +857,7 @@ _EXPECTED = {  # kernel: (PTX substrings, SASS substrings)
     "bulk": (["cp.async.bulk.shared::cluster.global"], ["UBLKCP"]),
     "pipeline": (["cp.async.bulk.shared::cluster.global"], ["UBLKCP"]),
     "maxnreg": (["setmaxnreg.dec.sync.aligned.u32 40;", "setmaxnreg.inc.sync.aligned.u32 232;"], ["USETMAXREG"]),
+    "pingpong": (["bar.sync", "bar.arrive"], ["BAR.SYNC", "BAR.ARV"]),
 }
 
 
@@ -914,3 +916,60 @@ def test_gpu_codegen_assembles_for_sm90a(tmp_path):
                 sass_checked = True
     if objdump and not sass_checked:
         pytest.skip("PTX checked and assembled; cuobjdump printed no SASS")
+
+
+# ------------------------------------------------------------------------------------------------------
+# named barriers (bar.sync / bar.arrive): the ping-pong of two groups of warps
+# ------------------------------------------------------------------------------------------------------
+
+PING_ROUNDS = 5
+
+
+@cuda.jit
+def _pingpong_kernel(log):
+    """Two groups (warps 0-1, warps 2-3) take turns: group g waits at barrier 1 + g (its own 64 threads
+    plus the other group's arrival), writes its turn, arrives at the other group's barrier. Group 1 lets
+    group 0 go first and skips its last arrival, so every barrier phase completes."""
+    turn = cuda.shared.array(1, np.int32)
+    t = cuda.threadIdx.x
+    g = t // 64
+    if t == 0:
+        turn[0] = 0
+    cuda.syncthreads()
+    if g == 1:
+        hopper.named_barrier_arrive(1, 128)
+    for r in range(PING_ROUNDS):
+        hopper.named_barrier_sync(1 + g, 128)
+        k = turn[0]
+        hopper.named_barrier_sync(3 + g, 64)        # every thread of the group has read the turn
+        if t % 64 == 0:
+            log[k] = g * 100 + r
+            turn[0] = k + 1
+        if g == 0 or r < PING_ROUNDS - 1:
+            hopper.named_barrier_arrive(2 - g, 128)
+
+
+def test_named_barriers_alternate_two_groups_strictly():
+    log = np.full(2 * PING_ROUNDS, -1, np.int32)
+    log, = launch(_pingpong_kernel, 1, 128, log)
+    want = np.array([g * 100 + r for r in range(PING_ROUNDS) for g in (0, 1)], np.int32)
+    np.testing.assert_array_equal(log, want)
+
+
+@sim_only
+def test_named_barrier_twin_reports_a_deadlock_and_bad_arguments():
+    @cuda.jit
+    def stuck(out):
+        if cuda.threadIdx.x < 32:
+            hopper.named_barrier_sync(1, 64)    # the other warp never arrives
+        out[0] = 1
+
+    @cuda.jit
+    def bad(out):
+        hopper.named_barrier_sync(0, 32)
+        out[0] = 1
+
+    with pytest.raises(RuntimeError, match="deadlocked.*named barrier 1"):
+        stuck[1, 64](np.zeros(1, np.int32))
+    with pytest.raises(ValueError, match="barrier 0 outside"):
+        bad[1, 32](np.zeros(1, np.int32))

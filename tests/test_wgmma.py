@@ -175,25 +175,28 @@ def test_flash_attn_func_resolves_auto_per_pass(rng, monkeypatch):
 # The warp-specialised forward (tiles.ring > 0: a producer warpgroup and an mbarrier ring)
 # --------------------------------------------------------------------------------------------------
 
-def use_ring(monkeypatch, ring, d=32):
+def use_ring(monkeypatch, ring, d=32, pingpong=False):
     """Make the wgmma forward warp-specialised with a `ring`-stage ring (0: the default kernel): under the
-    simulator one consumer warpgroup (64 queries) and 32-key tiles, on a GPU the default tiles' shape with
-    two consumer warpgroups (tuning runs reach it the same way, through NUMBA_FLASH_FWD_TILES)."""
+    simulator one consumer warpgroup (64 queries; two with the ping-pong) and 32-key tiles, on a GPU the
+    default tiles' shape with two consumer warpgroups (tuning runs reach it the same way, through
+    NUMBA_FLASH_FWD_TILES)."""
     from numba_flash.kernels import configs
     if SIMULATOR:
-        monkeypatch.setitem(configs._SIM["wgmma"], "fwd", configs.MmaTiles(64, 32, 4, a_regs=False, ring=ring))
+        warps = 8 if pingpong else 4
+        monkeypatch.setitem(configs._SIM["wgmma"], "fwd",
+                            configs.MmaTiles(16 * warps, 32, warps, a_regs=False, ring=ring, pingpong=pingpong))
     else:
         t = configs._wgmma_tiles("fwd", d)
-        monkeypatch.setenv("NUMBA_FLASH_FWD_TILES", f"{t.br},{t.bc},{t.warps},0,0,{ring}")
+        monkeypatch.setenv("NUMBA_FLASH_FWD_TILES", f"{t.br},{t.bc},{t.warps},0,0,{ring},{int(pingpong)}")
 
 
-def check_ring_matches_default_bitwise(monkeypatch, q, k, v, dtype, ring, **kw):
+def check_ring_matches_default_bitwise(monkeypatch, q, k, v, dtype, ring, pingpong=False, **kw):
     """The warp-specialised forward does the default kernel's arithmetic in its order: the same bits;
     and within the error budget of the reference."""
     d = q.shape[-1]
-    use_ring(monkeypatch, 0, d)
+    use_ring(monkeypatch, 0, d, pingpong)          # the default kernel on the same tile shape
     want = run_wgmma(q, k, v, dtype, **kw)
-    use_ring(monkeypatch, ring, d)
+    use_ring(monkeypatch, ring, d, pingpong)
     got = run_wgmma(q, k, v, dtype, **kw)
     for name, x, y in zip(("out", "lse"), got, want):
         assert_bitwise_equal(x, y, name)
@@ -222,13 +225,20 @@ def test_wgmma_warp_specialised_forward_matches_default_bitwise_ragged_and_swizz
         assert (as64(out)[:, :Nq - Nk] == 0).all() and np.isneginf(as64(lse)[:, :, :Nq - Nk]).all()
 
 
+def test_wgmma_warp_specialised_forward_with_ping_pong_matches_default_bitwise(rng, monkeypatch):
+    """Two computing warpgroups taking turns (named barriers) on ragged causal tiles: query blocks with
+    different numbers of key tiles, so a barrier left unbalanced would hang (the simulator raises)."""
+    q, k, v = make_qkv_arrays(rng, 1, 150, 100, 1, 16, "bfloat16", FW)
+    check_ring_matches_default_bitwise(monkeypatch, q, k, v, "bfloat16", 2, pingpong=True, causal=True)
+
+
 def test_wgmma_warp_specialised_forward_block_sparse_unaligned_and_negative_scale(rng, monkeypatch):
     """A block mask (empty rows of blocks included), rows that are not 16-byte aligned (the producer's
     ordinary loads into the swizzled image) and a negative scale, against the default kernel's bits."""
-    b1, b2 = block_sizes(32, "float16", "wgmma")
-    nq, nk = 2 * b1 + 3, 3 * b2
-    mask = BlockMask.random(0.4, nq, nk, (b1, b2), nheads=2, seed=int(rng.integers(1 << 31)))
-    q, k, v = make_qkv_arrays(rng, 1, nq, nk, 2, 32, "float16", FW, "kvpacked")
+    b1, _ = block_sizes(32, "float16", "wgmma")
+    nq, nk = b1 + 3, 2 * b1
+    mask = BlockMask.random(0.5, nq, nk, (b1, b1), nheads=2, seed=int(rng.integers(1 << 31)))
+    q, k, v = make_qkv_arrays(rng, 1, nq, nk, 2, 16, "float16", FW, "kvpacked")
     check_ring_matches_default_bitwise(monkeypatch, q, k, v, "float16", 2, block_mask=mask)
     bufs = [random_array(rng, (1, 70, 1, 32 + 8), "bfloat16", FW) for _ in range(3)]
     q, k, v = (b[..., 2:34] for b in bufs)
@@ -265,9 +275,10 @@ def test_gpu_wgmma_block_sparse_strides_and_unaligned(rng):
 
 @pytest.mark.gpu
 @pytest.mark.slow
-@pytest.mark.parametrize("ring", [2, 3])
+@pytest.mark.parametrize("ring,pingpong", [(2, False), (3, False), (2, True)])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("dtype,d", [("float16", 64), ("bfloat16", 128), ("float16", 128)])
-def test_gpu_wgmma_warp_specialised_forward_matches_default_bitwise(rng, monkeypatch, d, dtype, causal, ring):
+def test_gpu_wgmma_warp_specialised_forward_matches_default_bitwise(rng, monkeypatch, d, dtype, causal, ring,
+                                                                    pingpong):
     q, k, v = make_qkv_arrays(rng, 2, 1000, 777, 2, d, dtype, "torch")
-    check_ring_matches_default_bitwise(monkeypatch, q, k, v, dtype, ring, causal=causal)
+    check_ring_matches_default_bitwise(monkeypatch, q, k, v, dtype, ring, pingpong, causal=causal)

@@ -54,6 +54,8 @@ CASES = [
     dict(path="wgmma", d=128, dtype="float16", causal=True, nq=333, nk=500, aligned=True, sparse=False, ring=2),
     dict(path="wgmma", d=64, dtype="bfloat16", causal=False, nq=300, nk=700, aligned=False, sparse=True,
          block=(128, 128), ring=3),
+    dict(path="wgmma", d=128, dtype="bfloat16", causal=True, nq=500, nk=333, aligned=True, sparse=False, ring=2,
+         pingpong=True),
     # SIMT
     dict(path="simt", d=64, dtype="float32", causal=True, nq=200, nk=333, aligned=True, sparse=False),
     dict(path="simt", d=128, dtype="float16", causal=False, nq=300, nk=150, aligned=False, sparse=False),
@@ -75,7 +77,7 @@ def run(c):
     if c.get("ring"):
         from numba_flash.kernels import configs
         t = configs.tiles(c["path"], "fwd", c["d"])
-        os.environ["NUMBA_FLASH_FWD_TILES"] = f"{t.br},{t.bc},{t.warps},0,0,{c['ring']}"
+        os.environ["NUMBA_FLASH_FWD_TILES"] = f"{t.br},{t.bc},{t.warps},0,0,{c['ring']},{int(c.get('pingpong', 0))}"
     g = torch.Generator(device="cuda").manual_seed(0)
     dt = getattr(torch, c["dtype"])
     pad = 0 if c["aligned"] else 2          # views 2 elements into their rows: no 16-byte alignment

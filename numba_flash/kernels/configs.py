@@ -66,6 +66,9 @@ class MmaTiles:
     # meet at a block barrier per tile. n >= 2: warp-specialised: one more warpgroup (the producer) copies
     # Q once and K, V into an n-stage ring guarded by mbarriers; the `warps` compute (forward.py).
     ring: int = 0
+    # with a ring and two computing warpgroups: they take turns to issue their products (named barriers),
+    # so one's softmax runs while the other's products do (FlashAttention-3's ping-pong)
+    pingpong: bool = False
 
     def padded_headdim(self, headdim):
         return -(-headdim // 16) * 16
@@ -175,14 +178,15 @@ def _wgmma_tiles(role, headdim):
 
 def _override(path, role):
     """Tile overrides for tuning runs only: NUMBA_FLASH_{FWD,DQ,DKDV,BWD}_TILES = "br,bc,ty,tx[,min_blocks]"
-    (simt) or "br,bc,warps,a_regs[,min_blocks[,ring]]" (mma, wgmma)."""
+    (simt) or "br,bc,warps,a_regs[,min_blocks[,ring[,pingpong]]]" (mma, wgmma)."""
     for var in _ENV[role]:
         v = os.environ.get(var)
         if v:
             fields = [int(x) for x in v.split(",")]
             return SimtTiles(*fields) if path == "simt" else MmaTiles(fields[0], fields[1], fields[2],
                                                                        *(bool(x) for x in fields[3:4]),
-                                                                       *fields[4:])
+                                                                       *fields[4:6],
+                                                                       *(bool(x) for x in fields[6:7]))
     return None
 
 

@@ -241,13 +241,19 @@ def _make_specialized(plan, ops, first_tile, next_tile, needs_mask, scale_and_ma
     wait for K_j and V_{j-1}, issue S_j with P_{j-1} V_{j-1}, run the softmax of S_j, and once P_{j-1}
     V_{j-1} is complete mark stage j-1 empty. Neither side waits for a phase the other can only
     complete after it: the producer's wait for stage s needs tile j - S released, which the consumers do
-    at tile j - S + 1, for which the producer has already marked K and the V before it."""
+    at tile j - S + 1, for which the producer has already marked K and the V before it.
+
+    Ping-pong (ws.pingpong): warpgroup g issues a tile's products only in its turn (named barrier 1 + g)
+    and then hands the turn to the other, so the two alternate on the tensor cores and each one's softmax
+    runs during the other's products. Warpgroup 1 hands warpgroup 0 the first turn and keeps its last,
+    so every barrier phase completes (both walk the same tiles)."""
     BR = plan.fwd.br
     R, C, CO = ops.frag.rows, ops.frag.cols, ops.frag.out_cols
     ACC = acc_type(plan.dtype)
     NEG_INF, ZERO = acc_constant(plan.dtype, -float("inf")), acc_constant(plan.dtype, 0.0)
     pp, ws = ops.pipe, ops.ws
     KK, S, P, NB = pp.steps, ws.stages, ws.producers, ws.nbars
+    PING = ws.pingpong
     FULL_K, FULL_V, EMPTY = 1, 1 + S, 1 + 2 * S
 
     @kernel(ops.threads, ops.smem_bytes, ops.min_blocks, ops.min_regs)
@@ -305,9 +311,15 @@ def _make_specialized(plan, ops, first_tile, next_tile, needs_mask, scale_and_ma
                 for j in range(CO):
                     acc[i, j] = ZERO
             if t < nblk:
+                if PING and ctid >= 128:
+                    ws.your_turn(ctid)                                         # warpgroup 0 issues first
                 ws.wait(bars, 0, 0)                                            # Q
                 ws.wait(bars, FULL_K, 0)                                       # K_0
+                if PING:
+                    ws.my_turn(ctid)
                 pend_s = pp.s_issue(smem, 0, ctid)
+                if PING:
+                    ws.your_turn(ctid)
                 pp.wait0()
                 pp.s_finish(s, pend_s)
                 scale_and_mask(s, sl2, needs_mask(row0, col0, nq, nk, offset), ctid, row0, col0, nq, nk,
@@ -321,8 +333,12 @@ def _make_specialized(plan, ops, first_tile, next_tile, needs_mask, scale_and_ma
                 while t < nblk:
                     ws.wait(bars, FULL_K + stage, phase)                       # K_j
                     ws.wait(bars, FULL_V + pstage, pphase)                     # V_j-1
+                    if PING:
+                        ws.my_turn(ctid)
                     pend_s = pp.s_issue(smem, stage, ctid)                     # S_j = Q K_j^T
                     pend_o = pp.pv_issue(smem, pk, pstage, acc, False)         # O += P_j-1 V_j-1
+                    if PING:
+                        ws.your_turn(ctid)
                     pp.wait1()
                     pp.s_finish(s, pend_s)
                     scale_and_mask(s, sl2, needs_mask(row0, col0, nq, nk, offset), ctid, row0, col0, nq, nk,
@@ -340,7 +356,11 @@ def _make_specialized(plan, ops, first_tile, next_tile, needs_mask, scale_and_ma
                     if stage == S:
                         stage, phase = 0, phase ^ 1
                 ws.wait(bars, FULL_V + pstage, pphase)                         # V_last
+                if PING:
+                    ws.my_turn(ctid)
                 pend_o = pp.pv_issue(smem, pk, pstage, acc, True)
+                if PING and ctid < 128:
+                    ws.your_turn(ctid)              # warpgroup 1 issues last: no turn to hand over
                 pp.wait0()
                 pp.o_finish(acc, pend_o)
             epilogue(m, l, acc, sl2, o, lse, b, h, row0, nq, o_st, lse_st, ctid)

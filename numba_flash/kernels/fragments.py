@@ -154,6 +154,8 @@ WsOps = namedtuple("WsOps", [
     "landed1", "landed0",   # (): all but the newest / all of this producer thread's copies have landed and
                             # are visible to the products (then it may arrive)
     "reg_producer", "reg_consumer",   # (): setmaxnreg of the role (no-ops where regs is None)
+    "pingpong",        # the two computing warpgroups take turns to issue their products
+    "my_turn", "your_turn",   # (ctid): wait for this warpgroup's turn / hand the turn to the other one
 ])
 WsOps.__doc__ = """A warp-specialised forward (forward.py, wgmma_tiles.make_wgmma_ops with tiles.ring): the producer
 warpgroup streams K and V into a ring of `stages` buffers, each buffer's "full" mbarriers completing when its

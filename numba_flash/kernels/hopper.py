@@ -29,6 +29,8 @@ warpgroup through `simwarp.exchange_group`.
     mbarrier_arrive_expect_tx(bars, idx, tx_bytes),
     mbarrier_try_wait_parity(bars, idx, parity) -> bool, mbarrier_wait_parity(bars, idx, parity)
     cp_async_bulk_g2s(sarr, s_byte_offset, garr, g_elem_index, nbytes, bars, bar_idx)
+    named_barrier_sync(idx, nthreads), named_barrier_arrive(idx, nthreads)
+                                                     a hardware barrier over some warps (see below)
 
 Literal arguments (the PTX takes immediates): `n` of wgmma_wait_group, setmaxnreg_*, wgmma_acc_zeros and
 wgmma_acc_load; trans_a / trans_b of the wgmmas. A literal is a constant in the call or a module-level /
@@ -116,6 +118,14 @@ cp_async_bulk_g2s copies `nbytes` (a multiple of 16) from element `g_elem_index`
 `nbytes` of transactions on the mbarrier. The data may be read once a wait on the mbarrier phase it was
 expected in has succeeded. The simulator copies at once and completes the transactions immediately.
 
+Named barriers (PTX ISA, "bar.sync", "bar.arrive"; sm_70 and later, here for warpgroup scheduling)
+----------------------------------------------------------------------------------------------------
+Barrier `idx` (1 .. 15: 0 is cuda.syncthreads') completes a phase when `nthreads` threads (a multiple
+of 32; whole warps) have reached it: named_barrier_sync counts the calling thread and waits for the phase
+to complete, named_barrier_arrive counts it and goes on. So a group syncing on idx with nthreads = its
+size + another group's size waits until the other group has arrived: FlashAttention-3's ping-pong
+between warpgroups. The simulator counts threads and raises on a deadlock, as for mbarriers.
+
 Simulated shared addresses. Under the simulator shared arrays are numpy arrays without addresses, so the
 first time a Hopper twin sees one (shared_address, make_smem_desc, an mbarrier or bulk-copy argument) it is
 placed in a per-block simulated shared window: each allocation (a numpy base buffer; the views of one
@@ -147,6 +157,17 @@ def _check_maxnreg(n, what):
         raise ValueError(f"{what}: {n!r} registers: setmaxnreg needs a multiple of 8 in [24, 256]")
 
 
+NAMED_BARRIERS = 16
+
+
+def _check_named(idx, nthreads, block_threads, what):
+    if not 1 <= idx < NAMED_BARRIERS:
+        raise ValueError(f"{what}: barrier {idx} outside [1, {NAMED_BARRIERS - 1}] (0 is syncthreads')")
+    if nthreads <= 0 or nthreads % 32 or (block_threads is not None and nthreads > block_threads):
+        raise ValueError(f"{what}: {nthreads} threads: a named barrier counts whole warps (a positive multiple "
+                         f"of 32, at most the block's {block_threads})")
+
+
 def _check_wait_n(n, what):
     if not (isinstance(n, int) and 0 <= n <= 7):
         raise ValueError(f"{what}: n = {n!r}: the pending-group count must be an integer in [0, 7]")
@@ -166,7 +187,7 @@ if SIMULATOR:
     _WINDOW = 1 << 18           # the 18 address bits a descriptor encodes
     _ALLOC_ALIGN = 1024
     _ALLOC_SKEW = 128           # base addresses are 128 (mod 1024): see the module docstring
-    _POLL_S = 0.05
+    _POLL_S = 0.25
     _SWIZZLE_BYTES = {SWIZZLE_128B: 128, SWIZZLE_64B: 64, SWIZZLE_32B: 32}
     _SWIZZLE_BITS = {SWIZZLE_NONE: 0, SWIZZLE_128B: 3, SWIZZLE_64B: 2, SWIZZLE_32B: 1}
 
@@ -183,7 +204,8 @@ if SIMULATOR:
             self.owner = owner   # keeps the memory alive, so its address cannot be reused meanwhile
 
     class _MBarrier:
-        def __init__(self, count):
+        def __init__(self, count, lock):
+            self.cond = _threading.Condition(lock)    # its waiters only (the block's lock)
             self.expected = count
             self.pending = count
             self.tx = 0
@@ -211,10 +233,13 @@ if SIMULATOR:
             self.manager = manager
             dim = manager._block_dim
             self.nthreads = dim[0] * dim[1] * dim[2]
-            self.cond = _threading.Condition(_threading.Lock())
+            self.lock = _threading.Lock()
+            self.cond = _threading.Condition(self.lock)   # the block's state; each barrier has its own
             self.regions = []
             self.next_free = 0
             self.mbarriers = {}
+            self.named = {}         # named barrier index -> [expected threads, arrived, phases completed,
+                                    # its Condition]
             self.waiting = set()    # thread ids blocked in mbarrier_wait_parity
             self.polling = {}       # thread id -> (first, last) time of its current run of false try_waits
             self.hold = 1.0 + 0.01 * self.nthreads
@@ -278,7 +303,7 @@ if SIMULATOR:
             if m.pending == 0 and m.tx == 0:
                 m.phase += 1
                 m.pending = m.expected
-                self.cond.notify_all()
+                m.cond.notify_all()
 
         def stuck(self, now):
             """Every live thread of the block waits on an mbarrier (blocked, or polling it right now) or at
@@ -556,8 +581,10 @@ if SIMULATOR:
         if not 1 <= count <= MBARRIER_MAX_COUNT:
             raise ValueError(f"mbarrier_init: count {count} outside [1, {MBARRIER_MAX_COUNT}]")
         with blk.cond:
-            blk.mbarriers[addr] = _MBarrier(count)
-            blk.cond.notify_all()
+            old = blk.mbarriers.get(addr)
+            blk.mbarriers[addr] = _MBarrier(count, blk.lock)
+            if old is not None:
+                old.cond.notify_all()
 
     def fence_mbarrier_init():
         pass
@@ -593,7 +620,7 @@ if SIMULATOR:
             if (blk.mbarrier(addr, "mbarrier_try_wait_parity").phase & 1) == p:
                 # the hardware suspends the thread a while before answering false; so does this, which
                 # also keeps a polling loop from starving the other simulated threads
-                blk.cond.wait(0.001)
+                blk.mbarrier(addr, "mbarrier_try_wait_parity").cond.wait(0.001)
             if (blk.mbarrier(addr, "mbarrier_try_wait_parity").phase & 1) != p:
                 blk.polling.pop(thread.thread_id, None)
                 return True
@@ -621,12 +648,14 @@ if SIMULATOR:
             blk.waiting.add(thread.thread_id)
             try:
                 while (blk.mbarrier(addr, "mbarrier_wait_parity").phase & 1) == p:
-                    blk.cond.wait(_POLL_S)
+                    notified = blk.mbarrier(addr, "mbarrier_wait_parity").cond.wait(_POLL_S)
                     if thread.abort:
                         raise RuntimeError("abort flag set while waiting on an mbarrier")
                     if (blk.mbarrier(addr, "mbarrier_wait_parity").phase & 1) != p:
                         break
                     now = _time.monotonic()
+                    if notified:
+                        continue        # (re-initialised) look for a deadlock only when nothing happens
                     if blk.stuck(now):
                         stuck_since = stuck_since or now
                         if now - stuck_since > blk.hold:
@@ -636,6 +665,62 @@ if SIMULATOR:
                     if now - start > _simwarp.TIMEOUT_S:
                         raise RuntimeError(f"mbarrier_wait_parity: the phase of parity {p} did not complete "
                                            f"within {_simwarp.TIMEOUT_S:g} s (NUMBA_FLASH_SIMWARP_TIMEOUT)")
+            finally:
+                blk.waiting.discard(thread.thread_id)
+
+    def _named(idx, nthreads, what):
+        """Count the calling thread at named barrier idx; (block, barrier state, the phase it arrived in).
+        Called holding the block's lock."""
+        blk = _block()
+        idx, nthreads = int(idx), int(nthreads)
+        _check_named(idx, nthreads, blk.nthreads, what)
+        b = blk.named.get(idx)
+        if b is None:
+            b = blk.named[idx] = [nthreads, 0, 0, _threading.Condition(blk.lock)]
+        if b[1] and b[0] != nthreads:
+            raise RuntimeError(f"{what}: barrier {idx} awaits {b[0]} threads in this phase, this thread says "
+                               f"{nthreads}")
+        b[0] = nthreads
+        b[1] += 1
+        phase = b[2]
+        if b[1] == nthreads:
+            b[1] = 0
+            b[2] += 1
+            b[3].notify_all()
+        return blk, b, phase
+
+    def named_barrier_arrive(idx, nthreads):
+        blk = _block()
+        with blk.cond:
+            _named(idx, nthreads, "named_barrier_arrive")
+
+    def named_barrier_sync(idx, nthreads):
+        thread = _threading.current_thread()
+        blk = _block(thread)
+        start = _time.monotonic()
+        stuck_since = None
+        with blk.cond:
+            _, b, phase = _named(idx, nthreads, "named_barrier_sync")
+            blk.waiting.add(thread.thread_id)
+            try:
+                while b[2] == phase:
+                    b[3].wait(_POLL_S)
+                    if thread.abort:
+                        raise RuntimeError("abort flag set while waiting at a named barrier")
+                    if b[2] != phase:
+                        break
+                    now = _time.monotonic()
+                    if blk.stuck(now):
+                        stuck_since = stuck_since or now
+                        if now - stuck_since > blk.hold:
+                            raise RuntimeError(f"block {tuple(thread.blockIdx)} deadlocked: every thread waits "
+                                               f"on a barrier, and named barrier {int(idx)} ({b[1]} of "
+                                               f"{b[0]} threads arrived) cannot complete")
+                    else:
+                        stuck_since = None
+                    if now - start > _simwarp.TIMEOUT_S:
+                        raise RuntimeError(f"named_barrier_sync: barrier {int(idx)} did not complete within "
+                                           f"{_simwarp.TIMEOUT_S:g} s (NUMBA_FLASH_SIMWARP_TIMEOUT)")
             finally:
                 blk.waiting.discard(thread.thread_id)
 
@@ -1019,3 +1104,31 @@ else:
             return context.get_dummy_value()
 
         return _types.void(sarr, s_byte_offset, garr, g_elem_index, nbytes, bars, bar_idx), codegen
+
+    def _make_named(name, op):
+        @_intrinsic
+        def bar(typingctx, idx, nthreads):
+            if not (_is_int(idx) and _is_int(nthreads)):
+                return None
+            lit_i, lit_n = _literal(idx), _literal(nthreads)
+            try:
+                if lit_i is not None:
+                    _check_named(lit_i, 32, None, name)
+                if lit_n is not None:
+                    _check_named(1, lit_n, None, name)
+            except ValueError as e:
+                raise _TypingError(str(e))
+
+            def codegen(context, builder, signature, args):
+                t = signature.args
+                i = builder.trunc(_to(context, builder, args[0], t[0], _types.int64), _I32)
+                n = builder.trunc(_to(context, builder, args[1], t[1], _types.int64), _I32)
+                _asm(builder, _ir.VoidType(), [_I32, _I32], f"{op} $0, $1;", "r,r,~{memory}", [i, n],
+                     side_effect=True, attrs=_COLLECTIVE)
+                return context.get_dummy_value()
+
+            return _types.void(idx, nthreads), codegen
+        return bar
+
+    named_barrier_sync = _make_named("named_barrier_sync", "bar.sync")
+    named_barrier_arrive = _make_named("named_barrier_arrive", "bar.arrive")

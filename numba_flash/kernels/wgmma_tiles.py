@@ -25,8 +25,10 @@ intrinsics and their simulator twins):
 - Warp-specialised forward (tiles.ring = S > 0; `_make_ws_ops`, forward.py's _make_specialized): a
   producer warpgroup in front of the computing ones copies Q and streams K, V into an S-stage ring of the
   same swizzled buffers, guarded by mbarriers instead of a block barrier per tile; setmaxnreg gives the
-  consumers 224 registers and the producer 56 (two consumer warpgroups). Chosen through the tiles
-  (NUMBA_FLASH_FWD_TILES="128,128,8,0,0,2"); not the default until it measures faster.
+  consumers 224 registers and the producer 56 (two consumer warpgroups). tiles.pingpong: the two
+  consumer warpgroups take turns to issue their products (named barriers), so one's softmax overlaps
+  the other's products. Chosen through the tiles (NUMBA_FLASH_FWD_TILES="128,128,8,0,0,2[,1]"); not the
+  default until it measures faster.
 
 The backward kernels of backward.py (dK/dV over key tiles, dQ over query tiles) run on the same layout with
 the resident tile's rows (keys, or queries) as the wgmma M dimension: make_wgmma_bwd_ops. Past head dim
@@ -257,7 +259,7 @@ def make_wgmma_ops(role, tiles, headdim, dtype_name, aligned):
     min_regs = min(255, max(128, NACC_S + NACC_O + BN // 4 + 64))
     ws, threads, min_blocks = None, NTHREADS, tiles.min_blocks
     if RING:
-        ws = _make_ws_ops(RING, W // 4, BM, BN, DP, headdim, aligned, OFF_B, T_BYTES)
+        ws = _make_ws_ops(RING, W // 4, BM, BN, DP, headdim, aligned, OFF_B, T_BYTES, tiles.pingpong)
         threads, min_blocks = NTHREADS + ws.producers, 1
     return TileOps(
         path="wgmma", stages=2, threads=threads, smem_bytes=SMEM, min_blocks=min_blocks,
@@ -274,7 +276,7 @@ def make_wgmma_ops(role, tiles, headdim, dtype_name, aligned):
 WS_REGS = {2: (56, 224)}
 
 
-def _make_ws_ops(ring, consumers, bm, bn, dp, headdim, aligned, off_b, t_bytes):
+def _make_ws_ops(ring, consumers, bm, bn, dp, headdim, aligned, off_b, t_bytes, pingpong):
     """WsOps of the warp-specialised forward (fragments.WsOps; forward.py's _make_specialized): a producer
     warpgroup of 128 threads copies by 16-byte cp.async (ordinary loads where rows are not 16-byte
     aligned) into the same swizzled images, buffer `stage` of the ring being the pipelined body's buffer."""
@@ -345,9 +347,31 @@ def _make_ws_ops(ring, consumers, bm, bn, dp, headdim, aligned, off_b, t_bytes):
 
         reg_consumer = reg_producer
 
+    # ping-pong: named barrier 1 + g is warpgroup g's turn; it completes when g's 128 threads wait there
+    # and the other warpgroup's 128 have arrived (handed the turn over)
+    assert not pingpong or consumers == 2, ("the ping-pong takes two computing warpgroups", consumers)
+    TURN = 2 * hopper.WARPGROUP
+
+    # literal barrier numbers: ptxas then reserves barriers 0-2 only, not all 16
+
+    @inline_device
+    def my_turn(ctid):
+        if ctid < 128:
+            hopper.named_barrier_sync(1, TURN)
+        else:
+            hopper.named_barrier_sync(2, TURN)
+
+    @inline_device
+    def your_turn(ctid):
+        if ctid < 128:
+            hopper.named_barrier_arrive(2, TURN)
+        else:
+            hopper.named_barrier_arrive(1, TURN)
+
     return WsOps(stages=ring, producers=P, regs=regs, nbars=NB, init=init, arrive=arrive, wait=wait,
                  load_q=load_q, load_k=load_k, load_v=load_v, landed1=landed1, landed0=landed0,
-                 reg_producer=reg_producer, reg_consumer=reg_consumer)
+                 reg_producer=reg_producer, reg_consumer=reg_consumer, pingpong=bool(pingpong),
+                 my_turn=my_turn, your_turn=your_turn)
 
 
 @lru_cache(maxsize=None)
