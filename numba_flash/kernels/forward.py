@@ -135,6 +135,30 @@ def make_forward_kernel(plan):
     return Launchable(flash_fwd, ops.threads, ops.smem_bytes, ops.min_blocks, ops.min_regs)
 
 
+def _make_tile_step(pp, needs_mask, scale_and_mask, update, rescale):
+    """The two halves of a pipelined key tile j, between which the caller waits for P_j-1 V_j-1
+    (pp.wait0) and may release the tile's buffers:
+    softmax_j(s, pend_s, m, l, alpha, sl2, tid, row0, col0, nq, nk, offset) waits for S_j (pp.wait1),
+    scales and masks it, and runs the online softmax (s <- P_j; returns whether a row max moved), while
+    P_j-1 V_j-1 still runs; output_j(acc, pend_o, alpha, moved, s, pk) takes that product into acc,
+    rescales acc by alpha and packs P_j as the next P V product's A operand."""
+
+    @inline_device
+    def softmax_j(s, pend_s, m, l, alpha, sl2, tid, row0, col0, nq, nk, offset):
+        pp.wait1()
+        pp.s_finish(s, pend_s)
+        scale_and_mask(s, sl2, needs_mask(row0, col0, nq, nk, offset), tid, row0, col0, nq, nk, offset)
+        return update(s, m, l, alpha, sl2)
+
+    @inline_device
+    def output_j(acc, pend_o, alpha, moved, s, pk):
+        pp.o_finish(acc, pend_o)
+        rescale(acc, alpha, moved)
+        pp.pack(s, pk)
+
+    return softmax_j, output_j
+
+
 def _make_pipelined(plan, ops, first_tile, next_tile, needs_mask, scale_and_mask, update, rescale, epilogue):
     """The forward with asynchronous products (module docstring): same arguments, walk, softmax, epilogue."""
     BR = plan.fwd.br
@@ -145,6 +169,7 @@ def _make_pipelined(plan, ops, first_tile, next_tile, needs_mask, scale_and_mask
     KK = pp.steps
     load_q = ops.load_resident
     commit = ops.commit
+    softmax_j, output_j = _make_tile_step(pp, needs_mask, scale_and_mask, update, rescale)
 
     @kernel(ops.threads, ops.smem_bytes, ops.min_blocks, ops.min_regs)
     def flash_fwd(q, k, v, o, lse, nq, nk, q_st, k_st, v_st, o_st, lse_st, scale_log2, offset,
@@ -204,15 +229,9 @@ def _make_pipelined(plan, ops, first_tile, next_tile, needs_mask, scale_and_mask
                 commit()
                 pend_s = pp.s_issue(smem, buf, tid)                       # S_j = Q K_j^T
                 pend_o = pp.pv_issue(smem, pk, 1 - buf, acc, False)       # O += P_j-1 V_j-1
-                pp.wait1()
-                pp.s_finish(s, pend_s)
-                scale_and_mask(s, sl2, needs_mask(row0, col0, nq, nk, offset), tid, row0, col0, nq, nk,
-                               offset)
-                moved = update(s, m, l, alpha, sl2)                       # while P_j-1 V_j-1 runs
+                moved = softmax_j(s, pend_s, m, l, alpha, sl2, tid, row0, col0, nq, nk, offset)
                 pp.wait0()
-                pp.o_finish(acc, pend_o)
-                rescale(acc, alpha, moved)
-                pp.pack(s, pk)
+                output_j(acc, pend_o, alpha, moved, s, pk)
                 t, sub, base, col0 = nt, nsub, nbase, ncol0
                 buf = 1 - buf
             pp.visible()
@@ -255,6 +274,7 @@ def _make_specialized(plan, ops, first_tile, next_tile, needs_mask, scale_and_ma
     KK, S, P, NB = pp.steps, ws.stages, ws.producers, ws.nbars
     PING = ws.pingpong
     FULL_K, FULL_V, EMPTY = 1, 1 + S, 1 + 2 * S
+    softmax_j, output_j = _make_tile_step(pp, needs_mask, scale_and_mask, update, rescale)
 
     @kernel(ops.threads, ops.smem_bytes, ops.min_blocks, ops.min_regs)
     def flash_fwd(q, k, v, o, lse, nq, nk, q_st, k_st, v_st, o_st, lse_st, scale_log2, offset,
@@ -339,16 +359,10 @@ def _make_specialized(plan, ops, first_tile, next_tile, needs_mask, scale_and_ma
                     pend_o = pp.pv_issue(smem, pk, pstage, acc, False)         # O += P_j-1 V_j-1
                     if PING:
                         ws.your_turn(ctid)
-                    pp.wait1()
-                    pp.s_finish(s, pend_s)
-                    scale_and_mask(s, sl2, needs_mask(row0, col0, nq, nk, offset), ctid, row0, col0, nq, nk,
-                                   offset)
-                    moved = update(s, m, l, alpha, sl2)                        # while P_j-1 V_j-1 runs
+                    moved = softmax_j(s, pend_s, m, l, alpha, sl2, ctid, row0, col0, nq, nk, offset)
                     pp.wait0()
                     ws.arrive(bars, EMPTY + pstage)                            # K_j-1, V_j-1 read
-                    pp.o_finish(acc, pend_o)
-                    rescale(acc, alpha, moved)
-                    pp.pack(s, pk)
+                    output_j(acc, pend_o, alpha, moved, s, pk)
                     t, sub, base, col0 = next_tile(kv_index, mrow, mask_maxk, k_per_blk, nblk, t, sub, base,
                                                    row0, nq, nk, offset)
                     pstage, pphase = stage, phase

@@ -240,7 +240,7 @@ if SIMULATOR:
             self.mbarriers = {}
             self.named = {}         # named barrier index -> [expected threads, arrived, phases completed,
                                     # its Condition]
-            self.waiting = set()    # thread ids blocked in mbarrier_wait_parity
+            self.waiting = set()    # thread ids blocked in block_until (an mbarrier or named barrier)
             self.polling = {}       # thread id -> (first, last) time of its current run of false try_waits
             self.hold = 1.0 + 0.01 * self.nthreads
 
@@ -311,6 +311,36 @@ if SIMULATOR:
             alive = [t for t in _threading.enumerate() if getattr(t, "_manager", None) is self.manager]
             return all(t.thread_id in self.waiting or t.syncthreads_blocked
                        or now - self.polling.get(t.thread_id, (0, -1e9))[1] < 0.2 for t in alive)
+
+        def block_until(self, thread, cond, done, deadlock, what):
+            """Block the calling thread (holding the lock) until done(), waking on cond() (its barrier's
+            Condition) or every _POLL_S. Raises deadlock() once every thread of the block has waited on a
+            barrier or at syncthreads for a while (self.hold: the BlockManager clears a released thread's
+            syncthreads flag late) with no wake-up, and a timeout past NUMBA_FLASH_SIMWARP_TIMEOUT."""
+            start = _time.monotonic()
+            stuck_since = None
+            self.waiting.add(thread.thread_id)
+            try:
+                while not done():
+                    notified = cond().wait(_POLL_S)
+                    if thread.abort:
+                        raise RuntimeError(f"abort flag set while waiting: {what}")
+                    if done():
+                        break
+                    if notified:
+                        continue        # something happened: look for a deadlock only when nothing does
+                    now = _time.monotonic()
+                    if self.stuck(now):
+                        stuck_since = stuck_since or now
+                        if now - stuck_since > self.hold:
+                            raise deadlock()
+                    else:
+                        stuck_since = None
+                    if now - start > _simwarp.TIMEOUT_S:
+                        raise RuntimeError(f"{what} did not complete within {_simwarp.TIMEOUT_S:g} s "
+                                           f"(NUMBA_FLASH_SIMWARP_TIMEOUT)")
+            finally:
+                self.waiting.discard(thread.thread_id)
 
         def deadlock(self, thread, p):
             return RuntimeError(f"block {tuple(thread.blockIdx)} deadlocked: every thread waits on an mbarrier "
@@ -640,33 +670,12 @@ if SIMULATOR:
         blk = _block(thread)
         addr = blk.mbarrier_addr(bars, idx, "mbarrier_wait_parity")
         p = int(parity) & 1
-        start = _time.monotonic()
-        stuck_since = None
-        # All threads of the block waiting here or at syncthreads cannot be released by anyone: a deadlock.
-        # Seen for a while first (blk.hold): the BlockManager clears a released thread's syncthreads flag late.
         with blk.cond:
-            blk.waiting.add(thread.thread_id)
-            try:
-                while (blk.mbarrier(addr, "mbarrier_wait_parity").phase & 1) == p:
-                    notified = blk.mbarrier(addr, "mbarrier_wait_parity").cond.wait(_POLL_S)
-                    if thread.abort:
-                        raise RuntimeError("abort flag set while waiting on an mbarrier")
-                    if (blk.mbarrier(addr, "mbarrier_wait_parity").phase & 1) != p:
-                        break
-                    now = _time.monotonic()
-                    if notified:
-                        continue        # (re-initialised) look for a deadlock only when nothing happens
-                    if blk.stuck(now):
-                        stuck_since = stuck_since or now
-                        if now - stuck_since > blk.hold:
-                            raise blk.deadlock(thread, p)
-                    else:
-                        stuck_since = None
-                    if now - start > _simwarp.TIMEOUT_S:
-                        raise RuntimeError(f"mbarrier_wait_parity: the phase of parity {p} did not complete "
-                                           f"within {_simwarp.TIMEOUT_S:g} s (NUMBA_FLASH_SIMWARP_TIMEOUT)")
-            finally:
-                blk.waiting.discard(thread.thread_id)
+            # the mbarrier is looked up at each wake-up: it may have been re-initialised meanwhile
+            blk.block_until(thread, lambda: blk.mbarrier(addr, "mbarrier_wait_parity").cond,
+                            lambda: (blk.mbarrier(addr, "mbarrier_wait_parity").phase & 1) != p,
+                            lambda: blk.deadlock(thread, p),
+                            f"mbarrier_wait_parity: the phase of parity {p}")
 
     def _named(idx, nthreads, what):
         """Count the calling thread at named barrier idx; (block, barrier state, the phase it arrived in).
@@ -697,32 +706,13 @@ if SIMULATOR:
     def named_barrier_sync(idx, nthreads):
         thread = _threading.current_thread()
         blk = _block(thread)
-        start = _time.monotonic()
-        stuck_since = None
         with blk.cond:
             _, b, phase = _named(idx, nthreads, "named_barrier_sync")
-            blk.waiting.add(thread.thread_id)
-            try:
-                while b[2] == phase:
-                    b[3].wait(_POLL_S)
-                    if thread.abort:
-                        raise RuntimeError("abort flag set while waiting at a named barrier")
-                    if b[2] != phase:
-                        break
-                    now = _time.monotonic()
-                    if blk.stuck(now):
-                        stuck_since = stuck_since or now
-                        if now - stuck_since > blk.hold:
-                            raise RuntimeError(f"block {tuple(thread.blockIdx)} deadlocked: every thread waits "
-                                               f"on a barrier, and named barrier {int(idx)} ({b[1]} of "
-                                               f"{b[0]} threads arrived) cannot complete")
-                    else:
-                        stuck_since = None
-                    if now - start > _simwarp.TIMEOUT_S:
-                        raise RuntimeError(f"named_barrier_sync: barrier {int(idx)} did not complete within "
-                                           f"{_simwarp.TIMEOUT_S:g} s (NUMBA_FLASH_SIMWARP_TIMEOUT)")
-            finally:
-                blk.waiting.discard(thread.thread_id)
+            blk.block_until(thread, lambda: b[3], lambda: b[2] != phase,
+                            lambda: RuntimeError(f"block {tuple(thread.blockIdx)} deadlocked: every thread "
+                                                 f"waits on a barrier, and named barrier {int(idx)} ({b[1]} "
+                                                 f"of {b[0]} threads arrived) cannot complete"),
+                            f"named_barrier_sync: barrier {int(idx)}")
 
     def cp_async_bulk_g2s(sarr, s_byte_offset, garr, g_elem_index, nbytes, bars, bar_idx):
         what = "cp_async_bulk_g2s"

@@ -79,6 +79,32 @@ def make_swizzled_copy(rows, dp, headdim, aligned, nthreads, fixed_passes=False)
     return make_tile_copy(rows, dp, headdim, aligned, nthreads, swizzled_chunk, pass_words=pass_words)
 
 
+@inline_device
+def _nothing():
+    return
+
+
+def make_tile_streams(copy, off_b, t_bytes, then):
+    """(stream_k, stream_v)(smem, buf, t0, n_other, operands, tid): copy the K (V) tile of keys t0.. into
+    buffer `buf`'s K (V) image (shared bytes off_b + (2 buf [+ 1]) t_bytes from the aligned start) with
+    `copy` (make_swizzled_copy's), then call `then()` (e.g. commit the copies as one group). operands: the
+    kernel's (k, k base, k row stride, v, v base, v row stride)."""
+
+    @inline_device
+    def stream_k(smem, buf, t0, n_other, operands, tid):
+        g0, b0, s0, g1, b1, s1 = operands
+        copy(smem, off_b + 2 * buf * t_bytes, g0, b0, t0, n_other - t0, s0, tid)
+        then()
+
+    @inline_device
+    def stream_v(smem, buf, t0, n_other, operands, tid):
+        g0, b0, s0, g1, b1, s1 = operands
+        copy(smem, off_b + (2 * buf + 1) * t_bytes, g1, b1, t0, n_other - t0, s1, tid)
+        then()
+
+    return stream_k, stream_v
+
+
 @lru_cache(maxsize=None)
 def _acc_io(nacc):
     """to_acc(c) -> tuple, from_acc(c, acc): the (2, nacc/2) fragment array c[h, 2*nt + e] of the
@@ -228,18 +254,7 @@ def make_wgmma_ops(role, tiles, headdim, dtype_name, aligned):
         ptx.cp_async_commit()
 
     # K and V of one buffer index hold different tiles (K_j+1 is copied while V_j-1 is still read)
-
-    @inline_device
-    def stream_k(smem, buf, t0, n_other, operands, tid):
-        g0, b0, s0, g1, b1, s1 = operands
-        copy_b(smem, OFF_B + 2 * buf * T_BYTES, g0, b0, t0, n_other - t0, s0, tid)
-        return
-
-    @inline_device
-    def stream_v(smem, buf, t0, n_other, operands, tid):
-        g0, b0, s0, g1, b1, s1 = operands
-        copy_b(smem, OFF_B + (2 * buf + 1) * T_BYTES, g1, b1, t0, n_other - t0, s1, tid)
-        return
+    stream_k, stream_v = make_tile_streams(copy_b, OFF_B, T_BYTES, _nothing)
 
     @inline_device
     def s_issue(smem, buf, tid):
@@ -310,17 +325,7 @@ def _make_ws_ops(ring, consumers, bm, bn, dp, headdim, aligned, off_b, t_bytes, 
         copy_q(smem, 0, g, base, row0, nrows, stride, ptid)
         ptx.cp_async_commit()
 
-    @inline_device
-    def load_k(smem, stage, t0, n_other, operands, ptid):
-        g0, b0, s0, g1, b1, s1 = operands
-        copy_t(smem, off_b + 2 * stage * t_bytes, g0, b0, t0, n_other - t0, s0, ptid)
-        ptx.cp_async_commit()
-
-    @inline_device
-    def load_v(smem, stage, t0, n_other, operands, ptid):
-        g0, b0, s0, g1, b1, s1 = operands
-        copy_t(smem, off_b + (2 * stage + 1) * t_bytes, g1, b1, t0, n_other - t0, s1, ptid)
-        ptx.cp_async_commit()
+    load_k, load_v = make_tile_streams(copy_t, off_b, t_bytes, ptx.cp_async_commit)   # a commit group each
 
     @inline_device
     def landed1():
