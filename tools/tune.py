@@ -43,14 +43,14 @@ def _work(cfg, a, barrier, lock, results):
     H, B = a.hidden // a.d, max(1, a.tokens // a.N)
     q, k, v, dout = (torch.randn(B, a.N, H, a.d, device="cuda", dtype=dt) for _ in range(4))
     causal = bool(a.causal)
-    out, lse = nf.flash_attn_forward(q, k, v, causal=causal, backend=a.backend)
     if kernel == "fwd":
         def fn():
             return nf.flash_attn_forward(q, k, v, causal=causal, backend=a.backend)[0]
     else:
         def fn():
             return nf.flash_attn_backward(dout, q, k, v, out, lse, causal=causal, backend=a.backend)[0]
-    try:
+    try:   # every worker reaches the barrier, also when its configuration fails
+        out, lse = nf.flash_attn_forward(q, k, v, causal=causal, backend=a.backend)
         res = fn().double()          # compiles (all workers at once)
         err = None
     except Exception as e:          # a configuration that does not build or launch
