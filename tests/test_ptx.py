@@ -456,6 +456,42 @@ def test_ex2(rng):
 
 
 @cuda.jit
+def _fma_kernel(a, b, c, out, a64, b64, c64, out64):
+    i = cuda.threadIdx.x + cuda.blockIdx.x * cuda.blockDim.x
+    if i < out.size:
+        out[i] = ptx.fma(a[i], b[i], c[i])
+        out64[i] = ptx.fma(a64[i], b64[i], c64[i])
+
+
+def test_fma_rounds_once(rng):
+    """a * b + c with one rounding (what pins the lse bits of kernels that share the softmax), float32 and
+    float64, against the exact value: cases where the product's low bits decide the rounding, random
+    ones, zeros' signs, inf and NaN."""
+    from fractions import Fraction
+    eps32 = np.float32(2.0**-23)
+    # (1 + e)(1 - e) - 1 = -e^2: unfused it rounds to 0
+    a = np.array([1 + eps32, 0.0, -0.0, np.inf, 1.0, 3.0], np.float32)
+    b = np.array([1 - eps32, 5.0, 5.0, 0.0, np.nan, 1e38], np.float32)
+    c = np.array([-1.0, -0.0, -0.0, 1.0, 1.0, 1e38], np.float32)
+    n = 200
+    a = np.concatenate([a, rng.standard_normal(n).astype(np.float32)])
+    b = np.concatenate([b, rng.standard_normal(n).astype(np.float32)])
+    c = np.concatenate([c, (rng.standard_normal(n) * 1e-3).astype(np.float32)])
+    a64, b64, c64 = (x.astype(np.float64) * (1 + 2.0**-40) for x in (a, b, c))
+    out, out64 = np.full(a.size, np.nan, np.float32), np.full(a.size, np.nan)
+    *_, out, _, _, _, out64 = launch(_fma_kernel, 128, a, b, c, out, a64, b64, c64, out64,
+                                     blocks=(a.size + 127) // 128)
+    assert out[0] == -eps32 * eps32 and np.signbit(out[2]) and not np.signbit(out[1])
+    assert np.isnan(out[3]) and np.isnan(out[4]) and np.isposinf(out[5])
+    for got, x, y, z, t in ((out, a, b, c, np.float32), (out64, a64, b64, c64, np.float64)):
+        for i in range(6, a.size):
+            exact = Fraction(float(x[i])) * Fraction(float(y[i])) + Fraction(float(z[i]))
+            near = [np.nextafter(got[i], -np.inf, dtype=t), got[i], np.nextafter(got[i], np.inf, dtype=t)]
+            dist = [abs(Fraction(float(v)) - exact) for v in near]
+            assert dist[1] == min(dist), (t.__name__, i, x[i], y[i], z[i], got[i], float(exact))
+
+
+@cuda.jit
 def _st_b32_kernel(words, where, out):
     lane = cuda.threadIdx.x
     ptx.st_global_b32(out, where[lane] * 2, words[lane])

@@ -128,6 +128,8 @@ ld1, st1 = _make_scalar_access()
 #                                                    module-level int name (not an expression)
 #   pack_f16x2(lo, hi), pack_bf16x2(lo, hi)          -> u32: two f32 rounded (nearest even), lo in bits 0-15
 #   ex2(x)                                           -> f32: 2^x, ex2.approx.ftz.f32
+#   fma(a, b, c)                                     a * b + c rounded once (f32 or f64; numba.cuda.fma):
+#                                                    where the compiler must not choose whether to fuse
 #   st_global_b32(garr, gidx, u32)                   one 32-bit store at element gidx of a global array
 #   st_shared_b16(sarr, hidx, v16)                   one 16-bit store at halfword hidx of a shared array
 #   st_shared_b32(sarr, widx, u32)                   one 32-bit store (bits as given) at word widx of a shared array
@@ -156,6 +158,8 @@ ld1, st1 = _make_scalar_access()
 # 4 bytes for cp_async4 and st_global_b32). The simulator checks both and raises.
 
 if SIMULATOR:
+    from fractions import Fraction as _Fraction
+
     import numpy as _np
 
     from . import simwarp as _simwarp
@@ -339,6 +343,28 @@ if SIMULATOR:
         return _np.uint32(_bf16_bits(lo) | _bf16_bits(hi) << 16)
 
     _F32_TINY = _np.finfo(_np.float32).tiny
+
+    def fma(a, b, c):
+        # float32 if an argument is (and none is float64), as Numba types it; then every argument is a
+        # float32 first, the exact a * b + c rounds to odd at float64 and that to nearest even at float32,
+        # which is the correctly rounded float32 (53 >= 24 + 2 bits)
+        f32 = any(isinstance(x, _np.float32) for x in (a, b, c)) and \
+            not any(isinstance(x, _np.float64) for x in (a, b, c))
+        t = _np.float32 if f32 else _np.float64
+        a, b, c = (t(x) for x in (a, b, c))
+        with _np.errstate(all="ignore"):
+            if not (_np.isfinite(a) and _np.isfinite(b) and _np.isfinite(c)):
+                return t(a * b + c)                  # inf and NaN as the hardware gives them
+            exact = _Fraction(float(a)) * _Fraction(float(b)) + _Fraction(float(c))
+            if exact == 0:
+                return t(_np.float64(a) * _np.float64(b) + _np.float64(c))     # the sign of a zero
+            try:
+                r = float(exact)                     # nearest even (int / int is correctly rounded)
+            except OverflowError:
+                return t(_np.inf if exact > 0 else -_np.inf)
+            if f32 and _Fraction(r) != exact and not (int(_np.float64(r).view(_np.uint64)) & 1):
+                r = float(_np.nextafter(r, _np.inf if exact > _Fraction(r) else -_np.inf))    # to odd
+            return t(r)
 
     def ex2(x):
         x = _f32(x)
@@ -653,6 +679,20 @@ else:
 
     pack_f16x2 = _make_pack("f16")
     pack_bf16x2 = _make_pack("bf16")
+
+    @_intrinsic
+    def fma(typingctx, a, b, c):
+        if not all(isinstance(x, _types.Number) for x in (a, b, c)):
+            return None
+        t = _types.float64 if _types.float64 in (a, b, c) else _types.float32
+
+        def codegen(context, builder, signature, args):
+            vs = [context.cast(builder, v, ty, t) for v, ty in zip(args, signature.args)]
+            ft = context.get_value_type(t)
+            fn = builder.module.declare_intrinsic("llvm.fma", [ft], _ir.FunctionType(ft, [ft, ft, ft]))
+            return builder.call(fn, vs)              # fma.rn.f32 / .f64
+
+        return t(a, b, c), codegen
 
     @_intrinsic
     def ex2(typingctx, x):

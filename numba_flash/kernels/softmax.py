@@ -205,7 +205,9 @@ def make_softmax(frag, dtype_name, exp2, visible_cols, positive_scale=True, lazy
             li = row_sum(l[i])
             if li != ZERO:
                 inv[i] = ONE / li
-                lse[i] = (m[i] * sc + math.log2(li)) * LN2_ACC
+                # one fused product-add, never left to the compiler: kernels that share this code
+                # (the warp-specialised forward and the default one) then give the same lse bits
+                lse[i] = ptx.fma(m[i], sc, math.log2(li)) * LN2_ACC
             else:
                 inv[i] = ZERO
                 lse[i] = NEG_INF
