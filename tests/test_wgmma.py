@@ -127,11 +127,11 @@ def test_wgmma_backend_is_validated():
 def test_auto_takes_wgmma_on_cc90_per_pass_for_its_head_dims_and_falls_back_for_narrow_mask_blocks(rng, monkeypatch):
     from numba_flash import api
     from numba_flash.kernels import configs
-    for cap, d, want in [((9, 0), 128, "wgmma"), ((9, 0), 96, "wgmma"), ((9, 0), 64, "mma"),
+    for cap, d, want in [((9, 0), 128, "wgmma"), ((9, 0), 96, "wgmma"), ((9, 0), 64, "wgmma"), ((9, 0), 48, "mma"),
                          ((9, 0), 256, "mma"), ((8, 0), 128, "mma"), ((10, 0), 128, "mma"), (None, 128, "mma")]:
         assert configs.resolve_backend("auto", "float16", cap, d) == want, (cap, d)
     assert configs.resolve_backend("auto", "float32", (9, 0), 128) == "simt"
-    # the backward's own choice: wgmma from d=64 (faster than mma.sync there, unlike the forward)
+    # the backward's own choice: wgmma from d=64 as well
     for cap, d, want in [((9, 0), 64, "wgmma"), ((9, 0), 128, "wgmma"), ((9, 0), 32, "mma"), ((9, 0), 256, "mma"),
                          ((8, 0), 64, "mma"), (None, 64, "mma")]:
         assert configs.resolve_backend("auto", "bfloat16", cap, d, "bwd") == want, (cap, d)

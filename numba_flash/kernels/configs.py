@@ -162,6 +162,15 @@ def _wgmma_tiles(role, headdim):
     # floats. Backward: two score fragments of (streamed rows)/2 floats and d/2 (dQ) or d (dK and dV)
     # accumulator floats.
     if role == "fwd":
+        # H200, fp16, N=4096 forward (tools/tune.py, 2026-12-02; benchmarks/results/
+        # h200-2026-12-02-wgmma-ws-fp16.md), TFLOP/s non-causal / causal: d=128 two warpgroups with a block
+        # barrier per tile 381 / 328, warp-specialised ring 2 472 / 399, ring 3 550 / 463, ring 2 with
+        # the ping-pong 469 / 410; d=64 282 / 244, ring 2 374 / 288, ring 3 354 / 288, ring 2 with the
+        # ping-pong 371 / 310. Other head dims were not measured warp-specialised (and d=256 spills).
+        if headdim == 128:
+            return MmaTiles(128, 128, 8, a_regs=False, ring=3)
+        if headdim == 64:
+            return MmaTiles(128, 128, 8, a_regs=False, ring=2, pingpong=True)
         if headdim <= 128:
             return MmaTiles(128, 128, 8, a_regs=False)
         return MmaTiles(128, 64, 8, a_regs=False)
@@ -204,9 +213,11 @@ def tiles(path, role, headdim, block_k=None):
 
 
 # Head dims whose forward "auto" puts on wgmma on a cc 9.0 GPU: where it measured faster than mma.sync
-# (H200, fp16, N=4096, 2026-12-02: d=128 381 against 307 TFLOP/s, causal 328 against 267; at d=64 312
-# against 291 but causal 244 against 261, so d <= 64 stays on mma.sync).
-WGMMA_AUTO_HEADDIMS = range(65, 129)
+# (H200, fp16, N=4096, 2026-12-02: d=128 381 against 307 TFLOP/s, causal 328 against 267, and
+# warp-specialised 550 / 463; d=64 warp-specialised with the ping-pong 371 / 310 against mma.sync's
+# 291 / 261. Below 64 the mma.sync kernels stay: the wgmma kernel without warp specialisation measured
+# 244 against 261 causal at d=64, and smaller head dims were not measured).
+WGMMA_AUTO_HEADDIMS = range(64, 129)
 # ... and whose backward (the measured d=64 and d=128, and the dims between): H200, fp16, N=4096 backward
 # 2026-12-02, d=64 ~1.2x and d=128 ~1.5x the mma.sync kernels (docs/PERFORMANCE.md).
 WGMMA_BWD_AUTO_HEADDIMS = range(64, 129)
