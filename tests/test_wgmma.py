@@ -176,10 +176,10 @@ def test_flash_attn_func_resolves_auto_per_pass(rng, monkeypatch):
 # --------------------------------------------------------------------------------------------------
 
 def use_ring(monkeypatch, ring, d=32, pingpong=False):
-    """Make the wgmma forward warp-specialised with a `ring`-stage ring (0: the default kernel): under the
-    simulator one consumer warpgroup (64 queries; two with the ping-pong) and 32-key tiles, on a GPU the
-    default tiles' shape with two consumer warpgroups (tuning runs reach it the same way, through
-    NUMBA_FLASH_FWD_TILES)."""
+    """Make the wgmma forward warp-specialised with a `ring`-stage ring (0: the kernel without warp
+    specialisation): under the simulator one consumer warpgroup (64 queries; two with the ping-pong) and
+    32-key tiles, on a GPU the default tiles' shape with two consumer warpgroups (tuning runs reach it the
+    same way, through NUMBA_FLASH_FWD_TILES)."""
     from numba_flash.kernels import configs
     if SIMULATOR:
         warps = 8 if pingpong else 4
@@ -191,10 +191,10 @@ def use_ring(monkeypatch, ring, d=32, pingpong=False):
 
 
 def check_ring_matches_default_bitwise(monkeypatch, q, k, v, dtype, ring, pingpong=False, **kw):
-    """The warp-specialised forward does the default kernel's arithmetic in its order: the same bits;
+    """The warp-specialised forward does the two-warpgroup kernel's arithmetic in its order: the same bits;
     and within the error budget of the reference."""
     d = q.shape[-1]
-    use_ring(monkeypatch, 0, d, pingpong)          # the default kernel on the same tile shape
+    use_ring(monkeypatch, 0, d, pingpong)          # the kernel without warp specialisation, same tiles
     want = run_wgmma(q, k, v, dtype, **kw)
     use_ring(monkeypatch, ring, d, pingpong)
     got = run_wgmma(q, k, v, dtype, **kw)
@@ -234,7 +234,7 @@ def test_wgmma_warp_specialised_forward_with_ping_pong_matches_default_bitwise(r
 
 def test_wgmma_warp_specialised_forward_block_sparse_unaligned_and_negative_scale(rng, monkeypatch):
     """A block mask (empty rows of blocks included), rows that are not 16-byte aligned (the producer's
-    ordinary loads into the swizzled image) and a negative scale, against the default kernel's bits."""
+    ordinary loads into the swizzled image) and a negative scale, against the two-warpgroup kernel's bits."""
     b1, _ = block_sizes(32, "float16", "wgmma")
     nq, nk = b1 + 3, 2 * b1
     mask = BlockMask.random(0.5, nq, nk, (b1, b1), nheads=2, seed=int(rng.integers(1 << 31)))
