@@ -149,12 +149,15 @@ def test_auto_takes_wgmma_on_cc90_per_pass_for_its_head_dims_and_falls_back_for_
 
 
 def test_flash_attn_func_resolves_auto_per_pass(rng, monkeypatch):
-    """On a cc 9.0 GPU (faked here) auto runs d=64's forward on mma.sync and its backward on wgmma:
+    """On a cc 9.0 GPU (faked here), with tables that put d=64's forward on mma.sync and its backward on
+    wgmma (as they did before the warp-specialised forward; both passes now take wgmma there):
     flash_attn_func hands autograd the choice, not the forward's path, and the gradients are right."""
     import torch
     from numba_flash import api
-    from numba_flash.kernels import backward, forward
+    from numba_flash.kernels import backward, configs, forward
     monkeypatch.setattr(api, "capability_of", lambda p: (9, 0))
+    monkeypatch.setattr(configs, "WGMMA_AUTO_HEADDIMS", range(65, 129))
+    assert 64 in configs.WGMMA_BWD_AUTO_HEADDIMS
     paths = []
     for mod in (forward, backward):
         real = mod.launch
