@@ -128,8 +128,9 @@ ld1, st1 = _make_scalar_access()
 #                                                    module-level int name (not an expression)
 #   pack_f16x2(lo, hi), pack_bf16x2(lo, hi)          -> u32: two f32 rounded (nearest even), lo in bits 0-15
 #   ex2(x)                                           -> f32: 2^x, ex2.approx.ftz.f32
-#   fma(a, b, c)                                     a * b + c rounded once (f32 or f64; numba.cuda.fma):
-#                                                    where the compiler must not choose whether to fuse
+#   fma(a, b, c)                                     a * b + c rounded once (f32, or f64 if an argument is;
+#                                                    llvm.fma: fma.rn), where the compiler must not choose
+#                                                    whether to fuse
 #   st_global_b32(garr, gidx, u32)                   one 32-bit store at element gidx of a global array
 #   st_shared_b16(sarr, hidx, v16)                   one 16-bit store at halfword hidx of a shared array
 #   st_shared_b32(sarr, widx, u32)                   one 32-bit store (bits as given) at word widx of a shared array

@@ -206,7 +206,7 @@ def make_softmax(frag, dtype_name, exp2, visible_cols, positive_scale=True, lazy
             if li != ZERO:
                 inv[i] = ONE / li
                 # one fused product-add, never left to the compiler: kernels that share this code
-                # (the warp-specialised forward and the default one) then give the same lse bits
+                # (the warp-specialised forward and the two-warpgroup one) then give the same lse bits
                 lse[i] = ptx.fma(m[i], sc, math.log2(li)) * LN2_ACC
             else:
                 inv[i] = ZERO
