@@ -142,6 +142,44 @@ def test_backward_is_deterministic_bitwise(rng):
 # torch autograd
 # --------------------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "float64"])
+@pytest.mark.parametrize("d", [64, 24, 40, 16])
+def test_prepare_kernel_D_is_rowsum_of_dout_times_out_minus_dlse_bitwise_for_any_alignment(rng, dtype, d):
+    """D = rowsum(dO * O) - dlse, read as 16-byte vectors from aligned rows (where the head dim is a
+    multiple of the vector) and element by element from rows shifted by one element: the same bits both
+    ways (gradients must not depend on alignment). 3 rows per head leave most lanes past the last row."""
+    from numba_flash import interop
+    from numba_flash.api import lse_dtype
+    from numba_flash.kernels import backward
+    from numba_flash.kernels.launch import strides3
+    B, N, H = 5, 3, 3
+    values = [random_array(rng, (B, N, H, d), dtype, "torch") for _ in range(2)]
+    dlse = random_array(rng, (B, H, N), lse_dtype(dtype), "torch")
+    ref = None
+    for aligned in (True, False):
+        o, do = values if aligned else (poison((B, N, H, d + 1), dtype, "torch")[..., 1:] for _ in range(2))
+        if not aligned:
+            o.copy_(values[0])
+            do.copy_(values[1])
+        dvec = poison((B, H, N), lse_dtype(dtype), "torch")
+        ov, dov, dv, dl = (interop.flat_view(x, n) for x, n in ((o, "out"), (do, "dout"), (dvec, "D"),
+                                                                 (dlse, "dlse")))
+        vector = backward.prepare_vector(dtype, d, ov, dov)
+        assert vector == (aligned and d % backward.prepare_chunk(dtype) == 0)
+        kern = backward.make_prepare_kernel(d, dtype, vector)
+        zf = poison((7,), "float32", "torch")
+        kern((-(-N * backward.prepare_lanes(d, dtype) // kern.threads), H, B), 0, ov.flat, dov.flat, dv.flat, N,
+             strides3(ov), strides3(dov), (dv.strides[0], dv.strides[1]), interop.flat_view(zf, "zf").flat, 7,
+             dl.flat, True)
+        assert (as64(zf) == 0).all()
+        if ref is None:
+            ref = copy(dvec)
+            expect = np.einsum("bnhd,bnhd->bhn", as64(o), as64(do)) - as64(dlse)
+            assert_close(dvec, expect, "float32" if dtype != "float64" else "float64", what="D")
+        else:
+            assert_bitwise_equal(dvec, ref, "D from unaligned rows")
+
+
 def leaf(x):
     return x.detach().clone().requires_grad_(True)
 

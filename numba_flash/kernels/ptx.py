@@ -3,7 +3,8 @@
 Shared-memory access without Numba's negative-index wraparound, and as 8/16-byte vectors:
 `smem[i]` with a signed index makes Numba emit a compare-and-select per access (Python's negative
 indices), which also hides the alignment the LLVM load/store vectoriser needs. These intrinsics index
-the array's data pointer directly; `ld4` reads 4 consecutive elements as one `ld.shared.v4`. The caller
+the array's data pointer directly; `ld4` reads 4 consecutive elements as one `ld.shared.v4`, `ld8` 8
+16-bit elements as one 16-byte load (global or shared). The caller
 guarantees 0 <= idx and, for vectors, idx * itemsize a multiple of the vector's size in bytes.
 """
 from .launch import SIMULATOR
@@ -29,6 +30,18 @@ def _make_vector_load(n):
             elty = context.get_value_type(signature.args[0].dtype)
             vecty = ir.VectorType(elty, n)
             nbytes = n * context.get_abi_sizeof(elty)
+            if n == 8 and nbytes == 16:
+                # eight 16-bit elements: PTX vectors have at most 4 elements, so NVPTX splits an <8 x half>
+                # (or <8 x i16>, which LLVM folds a bitcast into) load in two; four 32-bit words split by
+                # shifts are one 16-byte load
+                wide = ir.VectorType(ir.IntType(32), 4)
+                w = builder.load(builder.bitcast(ptr, wide.as_pointer()), align=16)
+                vals = []
+                for i in range(4):
+                    word = builder.extract_element(w, ir.Constant(ir.IntType(32), i))
+                    for half in (word, builder.lshr(word, ir.Constant(ir.IntType(32), 16))):
+                        vals.append(builder.bitcast(builder.trunc(half, ir.IntType(16)), elty))
+                return context.make_tuple(builder, signature.return_type, vals)
             v = builder.load(builder.bitcast(ptr, vecty.as_pointer()), align=nbytes)
             return context.make_tuple(builder, signature.return_type,
                                       [builder.extract_element(v, ir.Constant(ir.IntType(32), i))
@@ -104,6 +117,7 @@ def _make_scalar_access():
 
 ld2 = _make_vector_load(2)
 ld4 = _make_vector_load(4)
+ld8 = _make_vector_load(8)
 st4 = _make_vector_store(4)
 ld1, st1 = _make_scalar_access()
 

@@ -47,11 +47,11 @@ else:
 
 
 @inline_device
-def _add(a, b):
+def add(a, b):
     return a + b
 
 
-def _group_reducer(group, op):
+def group_reducer(group, op):
     """v reduced with `op` over the `group` consecutive lanes that share a row (XOR butterfly)."""
     @inline_device
     def reduce(v):
@@ -86,8 +86,8 @@ def make_softmax(frag, dtype_name, exp2, visible_cols, positive_scale=True, lazy
     LN2_ACC = acc_constant(dtype_name, LN2)
     TAU = acc_constant(dtype_name, TAU_LOG2)
     ACC = acc_type(dtype_name)
-    row_max = _group_reducer(frag.group, fmax_nan_ignoring)
-    row_sum = _group_reducer(frag.group, _add)
+    row_max = group_reducer(frag.group, fmax_nan_ignoring)
+    row_sum = group_reducer(frag.group, add)
 
     @inline_device
     def scale_and_mask(s, scale_log2, masked, tid, this0, other0, nq, nk, offset):
