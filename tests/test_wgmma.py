@@ -278,7 +278,7 @@ def test_gpu_wgmma_block_sparse_strides_and_unaligned(rng):
 
 @pytest.mark.gpu
 @pytest.mark.slow
-@pytest.mark.parametrize("ring,pingpong", [(2, False), (3, False), (2, True)])
+@pytest.mark.parametrize("ring,pingpong", [(2, False), (3, False), (2, True), (3, True)])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("dtype,d", [("float16", 64), ("bfloat16", 128), ("float16", 128)])
 def test_gpu_wgmma_warp_specialised_forward_matches_default_bitwise(rng, monkeypatch, d, dtype, causal, ring,

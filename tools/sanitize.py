@@ -56,6 +56,8 @@ CASES = [
          block=(128, 128), ring=3),
     dict(path="wgmma", d=128, dtype="bfloat16", causal=True, nq=500, nk=333, aligned=True, sparse=False, ring=2,
          pingpong=True),
+    dict(path="wgmma", d=128, dtype="float16", causal=True, nq=333, nk=500, aligned=True, sparse=False, ring=3,
+         pingpong=True),
     # SIMT
     dict(path="simt", d=64, dtype="float32", causal=True, nq=200, nk=333, aligned=True, sparse=False),
     dict(path="simt", d=128, dtype="float16", causal=False, nq=300, nk=150, aligned=False, sparse=False),

@@ -166,9 +166,11 @@ def _wgmma_tiles(role, headdim):
         # h200-2026-12-02-wgmma-ws-fp16.md), TFLOP/s non-causal / causal: d=128 two warpgroups with a block
         # barrier per tile 381 / 328, warp-specialised ring 2 472 / 399, ring 3 550 / 463, ring 2 with
         # the ping-pong 469 / 410; d=64 282 / 244, ring 2 374 / 288, ring 3 354 / 288, ring 2 with the
-        # ping-pong 371 / 310. Other head dims were not measured warp-specialised (and d=256 spills).
+        # ping-pong 371 / 310. 2026-12-04, same tool: d=128 ring 3 494 / 458, ring 3 with the ping-pong
+        # 565 / 477 (benchmarks/results/h200-2026-12-04-tuning-and-tests.md). Other head dims were not
+        # measured warp-specialised (and d=256 spills).
         if headdim == 128:
-            return MmaTiles(128, 128, 8, a_regs=False, ring=3)
+            return MmaTiles(128, 128, 8, a_regs=False, ring=3, pingpong=True)
         if headdim == 64:
             return MmaTiles(128, 128, 8, a_regs=False, ring=2, pingpong=True)
         if headdim <= 128:
