@@ -138,6 +138,10 @@ def main(argv=None):
     ap.add_argument("--sass", default=None, help="keep the cubins in this folder")
     ap.add_argument("--unaligned", action="store_true", help="the plan for inputs without vector alignment")
     a = ap.parse_args(argv)
+    m = re.fullmatch(r"sm_(\d)(\d+)a?", a.arch)
+    if m is None:
+        ap.error(f"--arch {a.arch!r}: expected sm_XY, e.g. sm_80 or sm_90 (sm_90a is the same here)")
+    a.arch = f"sm_{m.group(1)}{m.group(2)}"
     _pretend_device((int(a.arch[3]), int(a.arch[4:])))
     if not _tool("ptxas"):
         print("no ptxas found: pip install nvidia-cuda-nvcc==13.5.* (see this file's docstring)")
