@@ -25,8 +25,9 @@ runs while dS^T is computed. All of a tile pair's products complete before the n
 the streamed buffers are never written while read.
 
 Launch contract (`launch`): the kernels in that order on one stream; grids (Tr or Tc, nheads, batch),
-the prepare kernel's (blocks of query rows, nheads, batch), the dQ conversion's 1-D; D is a (batch, nheads, seqlen_q) scratch vector of the lse's dtype and the dQ accumulator a (batch,
-seqlen_q, nheads, DP) float32 scratch, both allocated through `alloc`.
+the prepare kernel's (blocks of query rows, nheads, batch), the dQ conversion's 1-D; D is a (batch,
+nheads, seqlen_q) scratch vector of the lse's dtype and the dQ accumulator a (batch, seqlen_q, nheads,
+DP) float32 scratch, both allocated through `alloc`.
 """
 import math
 from functools import lru_cache
