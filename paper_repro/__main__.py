@@ -23,8 +23,9 @@ def build_parser():
                    help="shorter sweeps and fewer training steps (a few minutes on one GPU)")
     p.add_argument("--only", nargs="+", metavar="NAME", choices=EXPERIMENTS,
                    help="run these experiments only (the report still shows the others' last results)")
-    p.add_argument("--out", type=Path, help="results folder (default paper_repro/results/<gpu>); the report "
-                                            "is written beside it, as ../REPORT.md")
+    p.add_argument("--out", type=Path, help="results folder (default paper_repro/results/<gpu>, with the "
+                                            "report regenerated as paper_repro/REPORT.md); with --out the "
+                                            "report of this run is written into it, as REPORT.md")
     p.add_argument("--simulate", action="store_true",
                    help="run under Numba's CUDA simulator even where a GPU is present")
     p.add_argument("--report-only", action="store_true", help="only regenerate REPORT.md from saved results")
@@ -67,7 +68,7 @@ def main(argv=None) -> int:
             traceback.print_exc()
             failed.append(f"{name} (plot or summary)")
         print(f"-> {path} ({time.perf_counter() - t0:.0f} s)", flush=True)
-    print(f"wrote {report.write(ctx.out.parent)}")
+    print(f"wrote {report.write_folder(ctx.out) if args.out else report.write(ctx.out.parent)}")
     if failed:
         print("FAILED: " + ", ".join(failed))
         return 1

@@ -28,13 +28,13 @@ def folders(results: Path):
     return sorted(found, key=lambda p: p.name == "simulator")
 
 
-def build(results: Path = None, root: Path = None) -> str:
-    """The report over `results` (default paper_repro/results), image links relative to `root` (the
-    folder the report is written to)."""
+def build(results: Path = None, root: Path = None, only: Path = None) -> str:
+    """The report over the <gpu> folders of `results` (default paper_repro/results), or over the one
+    folder `only`; image links relative to `root` (the folder the report is written to)."""
     results = common.RESULTS if results is None else results
     root = results.parent if root is None else root
     parts = [HEADER]
-    for folder in folders(results):
+    for folder in [only] if only is not None else folders(results):
         results = {name: common.load(folder, name) for name in EXPERIMENTS}
         if not any(results.values()):
             continue
@@ -81,4 +81,12 @@ def write(results: Path = None) -> Path:
     results = common.RESULTS if results is None else results
     path = results.parent / "REPORT.md"
     path.write_text(build(results))
+    return path
+
+
+def write_folder(folder: Path) -> Path:
+    """REPORT.md inside one results folder of the user's choosing (`--out`), over that folder alone: a
+    run never writes outside the folder it was given."""
+    path = folder / "REPORT.md"
+    path.write_text(build(folder.parent, folder, only=folder))
     return path

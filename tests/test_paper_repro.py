@@ -54,9 +54,10 @@ def test_paper_repro_simulated_run_writes_json_plots_and_report(tmp_path):
     fits = json.loads((out / "theorem2.json").read_text())["fits"]
     # the analytic model is the theorem's two terms (plus the lse's 4 bytes a row): its own fit is close
     assert fits["numba_flash:model_bytes"]["rel_rms_residual"] < 1e-2
-    report = (tmp_path / "REPORT.md").read_text()      # beside the results folder, as paper_repro/REPORT.md
+    report = (out / "REPORT.md").read_text()      # with --out, inside it: nothing is written outside it
     assert "## simulator" in report and "not measurements" in report
-    assert "![theorem2](results/simulator/theorem2.png)" in report
+    assert "![theorem2](theorem2.png)" in report
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file() and p.parent != out) == []
     losses = [r["losses"] for r in json.loads((out / "table2.json").read_text())["rows"]]
     assert len(losses) == 2 and all(math.isfinite(x) for curve in losses for x in curve)
     assert max(abs(a - b) for a, b in zip(*losses)) < 1e-3    # same init, same data, exact attention
