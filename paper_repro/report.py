@@ -88,5 +88,5 @@ def write_folder(folder: Path) -> Path:
     """REPORT.md inside one results folder of the user's choosing (`--out`), over that folder alone: a
     run never writes outside the folder it was given."""
     path = folder / "REPORT.md"
-    path.write_text(build(folder.parent, folder, only=folder))
+    path.write_text(build(root=folder, only=folder))
     return path

@@ -151,7 +151,6 @@ def test_prepare_kernel_D_is_rowsum_of_dout_times_out_minus_dlse_bitwise_for_any
     from numba_flash import interop
     from numba_flash.api import lse_dtype
     from numba_flash.kernels import backward
-    from numba_flash.kernels.launch import strides3
     B, N, H = 5, 3, 3
     values = [random_array(rng, (B, N, H, d), dtype, "torch") for _ in range(2)]
     dlse = random_array(rng, (B, H, N), lse_dtype(dtype), "torch")
@@ -164,13 +163,10 @@ def test_prepare_kernel_D_is_rowsum_of_dout_times_out_minus_dlse_bitwise_for_any
         dvec = poison((B, H, N), lse_dtype(dtype), "torch")
         ov, dov, dv, dl = (interop.flat_view(x, n) for x, n in ((o, "out"), (do, "dout"), (dvec, "D"),
                                                                  (dlse, "dlse")))
-        vector = backward.prepare_vector(dtype, d, ov, dov)
-        assert vector == (aligned and d % backward.prepare_chunk(dtype) == 0)
-        kern = backward.make_prepare_kernel(d, dtype, vector)
+        assert backward.prepare_vector(dtype, d, ov, dov) == (aligned and d % backward.prepare_chunk(dtype) == 0)
         zf = poison((7,), "float32", "torch")
-        kern((-(-N * backward.prepare_lanes(d, dtype) // kern.threads), H, B), 0, ov.flat, dov.flat, dv.flat, N,
-             strides3(ov), strides3(dov), (dv.strides[0], dv.strides[1]), interop.flat_view(zf, "zf").flat, 7,
-             dl.flat, True)
+        kern, grid, stream, args = backward.prepare_launch(dtype, 0, ov, dov, dv, interop.flat_view(zf, "zf"), 7, dl)
+        kern(grid, stream, *args)
         assert (as64(zf) == 0).all()
         if ref is None:
             ref = copy(dvec)

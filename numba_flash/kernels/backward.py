@@ -58,10 +58,8 @@ def prepare_vector(dtype_name, headdim, out, dout):
 
 def prepare_lanes(headdim, dtype_name):
     """Lanes per row of the prepare kernel: a power of two, enough for a row's chunks, at most a warp."""
-    tpr = 1
-    while tpr < min(-(-headdim // prepare_chunk(dtype_name)), 32):
-        tpr *= 2
-    return tpr
+    chunks = -(-headdim // prepare_chunk(dtype_name))
+    return min(32, 1 << (chunks - 1).bit_length())
 
 
 @lru_cache(maxsize=None)
@@ -123,6 +121,16 @@ def make_prepare_kernel(headdim, dtype_name, vector, threads=128):
             dvec[di] = acc
 
     return Launchable(bwd_prepare, threads, 0)
+
+
+def prepare_launch(dtype_name, stream, out, dout, dvec, zf, nzf, dlse):
+    """(kernel, grid, stream, args) of the prepare kernel for (B, Nq, H, d) views out, dout, the
+    (B, H, Nq) view dvec (and dlse, or None), zeroing zf[:nzf]."""
+    B, nq, H, d = out.shape
+    kern = make_prepare_kernel(d, dtype_name, prepare_vector(dtype_name, d, out, dout))
+    return (kern, (-(-nq * prepare_lanes(d, dtype_name) // kern.threads), H, B), stream,
+            (out.flat, dout.flat, dvec.flat, nq, strides3(out), strides3(dout), (dvec.strides[0], dvec.strides[1]),
+             zf.flat, nzf, (dlse if dlse is not None else dvec).flat, dlse is not None))
 
 
 @lru_cache(maxsize=None)
@@ -399,11 +407,7 @@ def launches(plan, stream, dout, q, k, v, out, lse, dq, dk, dv, nq, nk, scale, o
     common = (nq, nk, strides3(q), strides3(k), strides3(v), strides3(dout))
     out_ = []
     if nq > 0:
-        prep = make_prepare_kernel(d, plan.dtype, prepare_vector(plan.dtype, d, out, dout))
-        out_.append((prep, (-(-nq * prepare_lanes(d, plan.dtype) // prep.threads), H, B), stream,
-                     (out.flat, dout.flat, dvec.flat, nq, strides3(out), strides3(dout),
-                      (dvec.strides[0], dvec.strides[1]), acc.flat, nzero,
-                      (dlse if dlse is not None else dvec).flat, dlse is not None)))
+        out_.append(prepare_launch(plan.dtype, stream, out, dout, dvec, acc, nzero, dlse))
     if nk > 0:
         out_.append((make_dkdv_kernel(plan), (-(-nk // t.bc), H, B), stream,
                      (q.flat, k.flat, v.flat, dout.flat, lse.flat, dvec.flat, dk.flat, dv.flat, *common,
