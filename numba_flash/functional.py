@@ -23,8 +23,8 @@ def flash_attn_func(q, k, v, softmax_scale=None, causal=False, return_lse=False,
             kernels run (see `flash_attn_forward`). "auto" puts float16/bfloat16 on tensor cores, and
             chooses the forward's and the backward's kernels separately.
         deterministic: the backward pass gives bitwise the same gradients for the same inputs (default).
-            False lets the mma.sync backward add dQ with unordered atomics, as flash-attn does
-            (`flash_attn_backward`; the wgmma backward is deterministic either way).
+            False lets the tensor-core backward add dQ with unordered atomics, as flash-attn does
+            (`flash_attn_backward` says where and when that is faster).
 
     Returns:
         out (batch, seqlen_q, nheads, headdim) in the input dtype, and if return_lse, lse (batch, nheads,

@@ -94,6 +94,55 @@ def test_wgmma_block_sparse_and_nan_row(rng):
     assert np.isfinite(o[0, rows]).all()
 
 
+# --------------------------------------------------------------------------------------------------
+# deterministic=False: the dK/dV kernel's own dQ (dS^T staged in shared memory, dQ_i += dS K_j by wgmma,
+# float32 reductions into an accumulator; 5 products per tile pair instead of 7)
+# --------------------------------------------------------------------------------------------------
+
+def test_wgmma_fused_dq_plan_where_the_tiles_allow_it_else_the_dq_kernel():
+    from numba_flash.kernels import configs
+    from numba_flash.kernels.wgmma_tiles import fused_dq_split
+    assert configs.backward_plan("wgmma", 32, "float16", True, True, deterministic=False).dq_mode == "atomic"
+    assert configs.backward_plan("wgmma", 32, "float16", True, True, deterministic=True).dq_mode == "kernel"
+    # the GPU's tiles: d=64 two 64-query blocks, one per warpgroup; d=128 one block, columns split in two;
+    # d=96 (48 columns a warpgroup, across two 32-column blocks of K's 64B-swizzled image): the dQ kernel
+    assert fused_dq_split(configs._wgmma_tiles("dkdv", 64), 64) == (2, 64)
+    assert fused_dq_split(configs._wgmma_tiles("dkdv", 128), 128) == (1, 64)
+    assert fused_dq_split(configs._wgmma_tiles("dkdv", 96), 96) is None
+    assert fused_dq_split(configs.MmaTiles(32, 64, 4, a_regs=False), 32) is None     # a wgmma M is 64 queries
+
+
+@pytest.mark.parametrize("dtype,causal,Nq,Nk,d", [
+    ("float16", False, 70, 100, 32), ("bfloat16", True, 100, 40, 16), ("float16", True, 65, 130, 48)])
+def test_wgmma_fused_dq_within_twice_torch_error_ragged_unequal_seqlens_and_swizzles(rng, dtype, causal, Nq, Nk, d):
+    q, k, v = make_qkv_arrays(rng, 1, Nq, Nk, 1, d, dtype, FW)
+    dout = random_array(rng, (1, Nq, 1, d), dtype, FW)
+    out, lse, (dq, dk, dv) = check_all(q, k, v, dout, dtype, deterministic=False, backend="wgmma", causal=causal)
+    if causal and Nq > Nk:
+        assert (as64(dq)[:, :Nq - Nk] == 0).all()
+
+
+def test_wgmma_fused_dq_two_warpgroups_splitting_the_columns_block_sparse(rng, monkeypatch):
+    """Two warpgroups of 64 keys on a 64-query tile: each takes half of dQ's columns (16 of a 32-column
+    block of K's image: the B descriptor starts inside the swizzle atom); a block mask with empty rows."""
+    from numba_flash.kernels import configs
+    monkeypatch.setitem(configs._SIM["wgmma"], "dkdv_atomic", configs.MmaTiles(64, 128, 8, a_regs=False))
+    q, k, v = make_qkv_arrays(rng, 1, 70, 130, 1, 32, "bfloat16", FW)
+    dout = random_array(rng, (1, 70, 1, 32), "bfloat16", FW)
+    check_all(q, k, v, dout, "bfloat16", deterministic=False, backend="wgmma", causal=True)
+    b1, b2 = block_sizes(32, "bfloat16", "wgmma")
+    nq, nk = 2 * b1 + 3, 2 * b2
+    mask = BlockMask.random(0.5, nq, nk, (b1, b2), nheads=1, seed=int(rng.integers(1 << 31)))
+    q, k, v = make_qkv_arrays(rng, 1, nq, nk, 1, 32, "bfloat16", FW)
+    dout = random_array(rng, (1, nq, 1, 32), "bfloat16", FW)
+    _, _, grads = run_mma(q, k, v, dout, "bfloat16", deterministic=False, backend="wgmma", block_mask=mask)
+    dense = mask.to_dense()
+    ref = nf.attention_reference_backward(dout, q, k, v, mask=dense)
+    theirs = torch_lowp(q, k, v, dout, "bfloat16", mask=dense)[1:]
+    for name, ours, r, th in zip(("dq", "dk", "dv"), grads, ref, theirs):
+        assert_within_budget(name, ours, r, th)
+
+
 def test_wgmma_backend_trains_through_autograd(rng):
     """backend="wgmma" through flash_attn_func: forward and backward on wgmma."""
     import torch
@@ -274,6 +323,43 @@ def test_gpu_wgmma_block_sparse_strides_and_unaligned(rng):
     bufs = [random_array(rng, (1, 1500, 2, 128 + 8), "float16", "torch") for _ in range(4)]
     q, k, v, dout = (b[..., 2:130] for b in bufs)
     check_all(q, k, v, dout, "float16", backend="wgmma", causal=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("d", [32, 64, 96, 128])
+def test_gpu_wgmma_fused_dq_large_within_twice_torch_error(rng, d, dtype, causal):
+    q, k, v = make_qkv_arrays(rng, 2, 1000, 777, 2, d, dtype, "torch")
+    dout = random_array(rng, (2, 1000, 2, d), dtype, "torch")
+    check_all(q, k, v, dout, dtype, deterministic=False, backend="wgmma", causal=causal)
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_gpu_wgmma_fused_dq_columns_split_inside_a_swizzle_atom_strides_and_block_sparse(rng, monkeypatch):
+    """64-query dK/dV tiles at d=64: the two warpgroups take 32 columns each, inside one 64-column block
+    of K's 128B-swizzled image; then the default tiles on a block mask and unaligned rows."""
+    monkeypatch.setenv("NUMBA_FLASH_DKDV_TILES", "64,128,8,0")
+    q, k, v = make_qkv_arrays(rng, 2, 1000, 777, 2, 64, "float16", "torch")
+    dout = random_array(rng, (2, 1000, 2, 64), "float16", "torch")
+    check_all(q, k, v, dout, "float16", deterministic=False, backend="wgmma", causal=True)
+    monkeypatch.delenv("NUMBA_FLASH_DKDV_TILES")
+    b1, b2 = block_sizes(64, "bfloat16", "wgmma")
+    nq, nk = 3 * b1 + 5, 2 * b2 + 77
+    mask = BlockMask.random(0.5, nq, nk, (b1, b2), nheads=3, seed=int(rng.integers(1 << 31)))
+    q, k, v = make_qkv_arrays(rng, 2, nq, nk, 3, 64, "bfloat16", "torch", "kvpacked")
+    dout = random_array(rng, (2, nq, 3, 64), "bfloat16", "torch")
+    _, _, grads = run_mma(q, k, v, dout, "bfloat16", deterministic=False, backend="wgmma", block_mask=mask)
+    dense = mask.to_dense()
+    ref = nf.attention_reference_backward(dout, q, k, v, mask=dense)
+    theirs = torch_lowp(q, k, v, dout, "bfloat16", mask=dense)[1:]
+    for name, ours, r, th in zip(("dq", "dk", "dv"), grads, ref, theirs):
+        assert_within_budget(name, ours, r, th)
+    bufs = [random_array(rng, (1, 1500, 2, 128 + 8), "float16", "torch") for _ in range(4)]
+    q, k, v, dout = (b[..., 2:130] for b in bufs)
+    check_all(q, k, v, dout, "float16", deterministic=False, backend="wgmma", causal=True)
 
 
 @pytest.mark.gpu

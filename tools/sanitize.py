@@ -12,7 +12,8 @@ every path, each head-dim class that has its own tiles (d <= 64, <= 128, > 128),
 tensor cores, rows that are 16-byte aligned (cp.async) and rows that are not (plain loads), causal with
 seqlen_q != seqlen_k, a block-sparse mask, and both ways the tensor-core backward computes dQ (the
 separate "kernel" by default, and "atomic", fused into dK/dV; configs.DQ_MODES), and the
-warp-specialised wgmma forward (MmaTiles.ring: a producer warpgroup and mbarriers). Every result is checked
+warp-specialised wgmma forward (MmaTiles.ring: a producer warpgroup and mbarriers), and the wgmma dK/dV
+kernel's own dQ in both of its warpgroup splits. Every result is checked
 against the float64 reference, so a configuration that silently did nothing fails here too. Exit status
 1 on a mismatch.
 """
@@ -62,6 +63,15 @@ CASES = [
     dict(path="simt", d=64, dtype="float32", causal=True, nq=200, nk=333, aligned=True, sparse=False),
     dict(path="simt", d=128, dtype="float16", causal=False, nq=300, nk=150, aligned=False, sparse=False),
     dict(path="simt", d=256, dtype="float32", causal=True, nq=150, nk=150, aligned=True, sparse=False),
+    # the wgmma dK/dV kernel with its own dQ (deterministic=False): dS^T staged in shared memory for the
+    # dQ and dK products; d=64 one 64-query block per warpgroup, d=128 the columns split between them,
+    # and 64-query tiles at d=64 (columns split inside a swizzle atom)
+    dict(path="wgmma", d=64, dtype="float16", causal=True, nq=333, nk=500, aligned=True, sparse=False,
+         dq="atomic"),
+    dict(path="wgmma", d=128, dtype="bfloat16", causal=False, nq=300, nk=260, aligned=False, sparse=True,
+         block=(128, 128), dq="atomic"),
+    dict(path="wgmma", d=64, dtype="bfloat16", causal=False, nq=200, nk=333, aligned=True, sparse=False,
+         dq="atomic", dkdv_tiles="64,128,8,0"),
 ]
 
 
@@ -76,6 +86,7 @@ def run(c):
         return True
     os.environ["NUMBA_FLASH_DQ_MODE"] = c.get("dq", "")     # "": the default of the path
     os.environ["NUMBA_FLASH_FWD_TILES"] = ""
+    os.environ["NUMBA_FLASH_DKDV_TILES"] = c.get("dkdv_tiles", "")
     if c.get("ring"):
         from numba_flash.kernels import configs
         t = configs.tiles(c["path"], "fwd", c["d"])

@@ -14,7 +14,9 @@
    "atomic" (tensor cores, deterministic=False): the dK/dV kernel itself adds dS K_j into a float32
        accumulator of dQ with unordered reductions (5 products per pair, as flash-attn), and a last
        kernel scales and converts it. The order of the additions, hence the last bits of dQ, varies
-       from run to run.
+       from run to run. dS^T goes through shared memory (the product needs dS with the queries as
+       rows); on wgmma the staged image is read by two products after one barrier, dQ_i = dS K_j and
+       dK_j += dS^T Q_i (wgmma_tiles.make_wgmma_dq_ops), completed before the reductions.
 
 S^T is computed as K Q^T directly, so nothing is transposed: the score fragments of P^T and dS^T are the
 A operands of the next products (in registers on tensor cores, through shared memory on SIMT).
@@ -188,9 +190,10 @@ def make_dkdv_kernel(plan):
     A_SHAPE, A_DT = ops.a_shape, ops.a_dtype
     if fused:
         stage_ds, mm_dq, add_dq = ops.dq.stage, ops.dq.mm, ops.dq.add
+        dq_finish, dk_staged = ops.dq.finish, ops.dq.dk
         DQ_R, DQ_C = ops.dq.frag.rows, ops.dq.frag.out_cols
     else:
-        stage_ds = mm_dq = add_dq = None
+        stage_ds = mm_dq = add_dq = dq_finish = dk_staged = None
         DQ_R, DQ_C = 1, 1
     ASYNC, (nt_issue, pv_issue, wait1, wait0, s_finish, o_finish) = _async(ops)
 
@@ -266,18 +269,27 @@ def make_dkdv_kernel(plan):
                     dpt[i, j] = st[i, j] * (dpt[i, j] - dd)              # dS^T
             if fused:
                 stage_ds(smem, dpt, tid)                                 # dS^T -> shared memory
-                cuda.syncthreads()                                       # every warp's dS^T is there
-                for i in range(DQ_R):
-                    for j in range(DQ_C):
-                        dqf[i, j] = ZERO
-                mm_dq(smem, dqf, tid)                                    # dQ_i (partial) = dS K_j
-                add_dq(dqf, dq_acc, acc_base, row0, nq - row0, acc_st[1], tid)
             if ASYNC:
-                pend_dk = pv_issue(smem, dpt, stage, 0, dk_acc, tid)     # dK += dS^T Q
+                if fused:
+                    cuda.syncthreads()                                   # every warp's dS^T is there
+                    pend_dk = dk_staged(smem, stage, dk_acc, tid)        # dK += dS^T Q, dS^T staged
+                    pend_dq = mm_dq(smem, tid)                           # dQ_i (partial) = dS K_j
+                else:
+                    pend_dk = pv_issue(smem, dpt, stage, 0, dk_acc, tid)     # dK += dS^T Q
                 wait0()
                 o_finish(dv_acc, pend_dv)
                 o_finish(dk_acc, pend_dk)
+                if fused:        # (the next write of dS^T follows the next tile's barrier)
+                    dq_finish(dqf, pend_dq)
+                    add_dq(dqf, dq_acc, acc_base, row0, nq - row0, acc_st[1], tid)
             else:
+                if fused:
+                    cuda.syncthreads()                                   # every warp's dS^T is there
+                    for i in range(DQ_R):
+                        for j in range(DQ_C):
+                            dqf[i, j] = ZERO
+                    mm_dq(smem, dqf, tid)                                # dQ_i (partial) = dS K_j
+                    add_dq(dqf, dq_acc, acc_base, row0, nq - row0, acc_st[1], tid)
                 mm_pv(smem, dpt, stage, 0, dk_acc, tid, True)            # dK += dS^T Q
             t, sub, base, row0, stage = nt, nsub, nbase, nrow0, 1 - stage
 

@@ -23,9 +23,10 @@ dO or K, V) in registers as A fragments instead of re-reading them from shared m
 How the backward computes dQ (`Plan.dq_mode`, backward.py):
   "kernel"   a separate dQ kernel recomputes S and dP (7 tile products per pair instead of 5); every
              dQ element has one writer, so gradients are bitwise reproducible. The default
-             (`deterministic=True`), and the only mode of the SIMT and wgmma paths.
+             (`deterministic=True`), and the only mode of the SIMT path.
   "atomic"   tensor cores with `deterministic=False`: the dK/dV kernel adds its dS K_j into a float32
-             dQ accumulator with unordered reductions (5 products, flash-attn's scheme).
+             dQ accumulator with unordered reductions (5 products, flash-attn's scheme). On wgmma only
+             where the dK/dV tiles allow it (wgmma_tiles.fused_dq_split), else "kernel".
 NUMBA_FLASH_DQ_MODE overrides the choice for tensor-core plans (tuning runs).
 """
 import math
@@ -102,7 +103,9 @@ _SIM = {"simt": dict(fwd=SimtTiles(16, 16, 4, 4), dkdv=SimtTiles(16, 16, 4, 4), 
         "mma": dict(fwd=MmaTiles(32, 16, 2), dkdv=MmaTiles(16, 32, 2), dq=MmaTiles(32, 16, 2)),
         # a warpgroup (4 warps, 64 query rows) is the smallest wgmma block
         "wgmma": dict(fwd=MmaTiles(64, 32, 4, a_regs=False), dkdv=MmaTiles(32, 64, 4, a_regs=False),
-                      dq=MmaTiles(64, 32, 4, a_regs=False))}
+                      dq=MmaTiles(64, 32, 4, a_regs=False),
+                      # the fused dQ's product takes 64 query rows (one wgmma M)
+                      dkdv_atomic=MmaTiles(64, 64, 4, a_regs=False))}
 
 
 def _simt_tiles(role, headdim):
@@ -205,9 +208,12 @@ def tiles(path, role, headdim, block_k=None):
     """Tiles of kernel `role` ("fwd", "dkdv", "dq", or "dkdv_atomic": the dK/dV kernel with the fused
     dQ). block_k: a block mask's key block size, which the key tiles must divide (None: dense)."""
     if SIMULATOR:
-        return _SIM[path]["dkdv" if role == "dkdv_atomic" else role]
+        sim = _SIM[path]
+        return sim[role] if role in sim else sim["dkdv" if role == "dkdv_atomic" else role]
     t = _override(path, "dkdv" if role == "dkdv_atomic" else role)
     if t is None:
+        if path == "wgmma" and role == "dkdv_atomic":
+            role = "dkdv"                            # the fused dQ runs on the dK/dV kernel's tiles
         t = {"simt": _simt_tiles, "mma": _mma_tiles, "wgmma": _wgmma_tiles}[path](role, headdim)
         if role == "dkdv_atomic" and block_k is not None and block_k % t.bc:
             t = _mma_tiles("dkdv", headdim)          # the mask's key blocks are narrower than 128
@@ -282,8 +288,9 @@ def forward_plan(path, headdim, dtype_name, causal, aligned, positive_scale=True
 
 
 def dq_mode(path, deterministic):
-    """How the backward on `path` computes dQ (module docstring)."""
-    if path != "mma":
+    """How the backward on `path` computes dQ (module docstring; on wgmma backward_plan may still fall
+    back to "kernel" where the tiles do not allow the fused dQ)."""
+    if path not in ("mma", "wgmma"):
         return "kernel"
     mode = os.environ.get(DQ_MODE_ENV, "").strip()
     if mode:
@@ -299,6 +306,10 @@ def backward_plan(path, headdim, dtype_name, causal, aligned, deterministic=True
     block size (None: dense)."""
     path = backward_path(path, headdim)
     mode = dq_mode(path, deterministic)
+    if mode == "atomic" and path == "wgmma":
+        from .wgmma_tiles import fused_dq_split
+        if fused_dq_split(tiles(path, "dkdv_atomic", headdim, block_k), headdim) is None:
+            mode = "kernel"
     if mode == "kernel":
         return Plan(path, headdim, dtype_name, bool(causal), bool(aligned), dkdv=tiles(path, "dkdv", headdim),
                     dq=tiles(path, "dq", headdim))

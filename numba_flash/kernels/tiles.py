@@ -6,9 +6,9 @@ def make_ops(plan, role):
     t = getattr(plan, role)
     if plan.path == "simt":
         return make_simt_ops(role, t, plan.headdim, plan.dtype, plan.aligned)
+    fused = role == "dkdv" and plan.dq_mode == "atomic"
     if plan.path == "wgmma":
         from .wgmma_tiles import make_wgmma_ops
-        return make_wgmma_ops(role, t, plan.headdim, plan.dtype, plan.aligned)
+        return make_wgmma_ops(role, t, plan.headdim, plan.dtype, plan.aligned, fused)
     from .tc_tiles import make_tc_ops
-    fused = role == "dkdv" and plan.dq_mode == "atomic"
     return make_tc_ops(role, t, plan.headdim, plan.dtype, plan.aligned, fused, fused and plan.vector_red)

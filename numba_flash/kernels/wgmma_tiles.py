@@ -32,14 +32,16 @@ intrinsics and their simulator twins):
 
 The backward kernels of backward.py (dK/dV over key tiles, dQ over query tiles) run on the same layout with
 the resident tile's rows (keys, or queries) as the wgmma M dimension: make_wgmma_bwd_ops. Past head dim
-128 a "wgmma" plan's backward kernels are "mma" plans (configs.backward_path).
+128 a "wgmma" plan's backward kernels are "mma" plans (configs.backward_path). With deterministic=False the
+dK/dV kernel computes dQ itself (make_wgmma_dq_ops: dS^T staged in a swizzled shared image that two SS
+wgmmas read, float32 reductions into a global accumulator), where the tiles allow it (fused_dq_split).
 """
 from functools import lru_cache
 
 from numba import cuda, uint32
 
 from . import hopper, ptx
-from .fragments import AsyncBwdOps, AsyncOps, TileOps, WsOps, mma_fragment
+from .fragments import AsyncBwdOps, AsyncOps, DqOps, Fragment, TileOps, WsOps, mma_fragment
 from .launch import inline_device
 from .tc_tiles import make_stream, make_tile_copy
 
@@ -221,12 +223,12 @@ def make_products(dtype_name, dp, rows_a, rows_b):
 
 
 @lru_cache(maxsize=None)
-def make_wgmma_ops(role, tiles, headdim, dtype_name, aligned):
+def make_wgmma_ops(role, tiles, headdim, dtype_name, aligned, fused_dq=False):
     """TileOps of the warpgroup path for kernel `role`. The forward's ("fwd") products are asynchronous
     (`pipe`, forward.py's pipelined body; the synchronous fields mm_nt, mm_pv, stream, ... are None); so
-    are the backward's ("dkdv", "dq": make_wgmma_bwd_ops)."""
+    are the backward's ("dkdv", "dq": make_wgmma_bwd_ops; fused_dq: the dK/dV kernel's own dQ)."""
     if role != "fwd":
-        return make_wgmma_bwd_ops(role, tiles, headdim, dtype_name, aligned)
+        return make_wgmma_bwd_ops(role, tiles, headdim, dtype_name, aligned, fused_dq)
     assert dtype_name in ("float16", "bfloat16")
     BM, BN, W = tiles.br, tiles.bc, tiles.warps
     assert W % 4 == 0 and BM == 16 * W, ("a warp owns 16 rows, a warpgroup 64", tiles)
@@ -379,8 +381,147 @@ def _make_ws_ops(ring, consumers, bm, bn, dp, headdim, aligned, off_b, t_bytes, 
                  my_turn=my_turn, your_turn=your_turn)
 
 
+def fused_dq_split(tiles, headdim):
+    """How the dK/dV kernel's warpgroups share its own dQ_i += dS K_j (make_wgmma_dq_ops), or None where
+    these tiles cannot (the backward then keeps its dQ kernel): (QB, NC), the BN query rows of the tile
+    as QB blocks of 64 (one wgmma M each) and a warpgroup's NC output columns. With as many 64-query
+    blocks as warpgroups each warpgroup takes one block and every column (NC = padded head dim); with
+    fewer, the warpgroups of a block split its columns, NC a multiple of 8 that lies inside one
+    column block of K's swizzled image or is made of whole ones (the MN-major descriptor of B starts
+    there)."""
+    bn, bm, wg = tiles.br, tiles.bc, tiles.warps // 4
+    dp = tiles.padded_headdim(headdim)
+    if bn % 64 or bm % 64 or tiles.warps % 4 or tiles.ring:
+        return None
+    qb = bn // 64
+    if qb == wg:
+        nc = dp
+    elif qb < wg and wg % qb == 0 and dp % (wg // qb) == 0:
+        nc = dp // (wg // qb)
+    else:
+        return None
+    half = swizzle_width(dp) // 2           # elements per row of one column block
+    if nc % 8 or nc > 256 or not (nc % half == 0 or half % nc == 0):
+        return None
+    return qb, nc
+
+
+def make_wgmma_dq_ops(BM, BN, DP, off_ds, k_off, l_k, q_off, t_bytes, sw, swmode, qb, nc, wg_ss, cvt,
+                      vector_red):
+    """The warpgroup dK/dV kernel's own dQ_i += dS K_j (fragments.DqOps; backward.py, deterministic=False).
+
+    dS^T is the score fragment (rows: the warpgroup's 64 keys, columns: the BN queries). stage() stores it
+    as 16-bit pairs into a [key][query] image at shared byte off_ds, swizzled like the other tiles (128B:
+    64 queries per column block, chunk c of key row r at c ^ (r % 8)); a warp's 32 stores of one n8 tile
+    hit 32 banks. Read through an MN-major descriptor that image is dS (queries x keys) as the wgmma A
+    operand, and the resident K image (keys x head dim, MN-major as V is in P V) is B: warpgroup w issues
+    BM/16 SS wgmmas m64n(nc)k16 for query block w % qb and output columns (w // qb) * nc .. (issue: after
+    the block barrier that follows every thread's stage), finish() takes the completed accumulators and
+    add() adds them into the float32 accumulator in global memory with unordered reductions.
+
+    The same image read K-major is dS^T, the A operand of dK += dS^T Q (dk: the warpgroup's own 64 key
+    rows, BN/16 SS wgmmas m64n(DP)k16 with the streamed Q tile at q_off + 2 stage t_bytes read MN-major),
+    so dK's product needs no packed registers (with P^T's still in flight for dV they spilled)."""
+    half = sw // 2
+    ds_block = BM * 128                    # bytes of one 64-query column block of the dS image
+    kk_steps = BM // 16
+    ks_steps = BN // 16
+    to_d, from_d = _acc_io(nc // 2)
+    to_o, _ = _acc_io(DP // 2)
+    n_d = nc                               # a literal of wgmma_acc_zeros (a bound name)
+
+    @inline_device
+    def unit(tid):
+        """(first query row, first output column) of this thread's warpgroup."""
+        w = tid // 128
+        return (w % qb) * 64, (w // qb) * nc
+
+    @inline_device
+    def row(tid, i):
+        r0, _ = unit(tid)
+        return r0 + ((tid % 128) // 32) * 16 + (i % 2) * 8 + (tid % 32) // 4
+
+    @inline_device
+    def col(tid, j):
+        _, c0 = unit(tid)
+        return c0 + (j // 2) * 8 + 2 * (tid % 4) + j % 2
+
+    def make_stage(frag):
+        # p[i, j] is key row 16 w + 8 i + g, query column 8 (j // 2) + 2 t + j % 2 of the tile (the m16n8
+        # layout with one m16 tile per warp, fragments.mma_fragment(1, ...)): in n8 tile nt = j // 2 its
+        # pair (2t, 2t+1) is word t of 16-byte chunk nt % 8 of column block nt // 8, stored at chunk
+        # (nt % 8) ^ g. Written as offsets from the thread's first word (LLVM hoisted the 32 full
+        # addresses out of the loop and spilled).
+        R, C = frag.rows, frag.cols
+        assert R == 2
+
+        @inline_device
+        def stage(smem, p, tid):
+            lane = tid % 32
+            g = lane // 4
+            w0 = (base_bytes(smem) + off_ds + ((tid // 32) * 16 + g) * 128 + 4 * (lane % 4)) // 4
+            for nt in range(C // 2):
+                w = w0 + (nt // 8) * (ds_block // 4) + (((nt % 8) ^ g) << 2)
+                ptx.st_shared_b32(smem, w, cvt(p[0, 2 * nt], p[0, 2 * nt + 1]))
+                ptx.st_shared_b32(smem, w + 8 * 128 // 4, cvt(p[1, 2 * nt], p[1, 2 * nt + 1]))
+            hopper.fence_proxy_async_shared()      # generic stores -> the wgmma's (async proxy) reads
+            return
+        return stage
+
+    @inline_device
+    def issue(smem, tid):
+        r0, c0 = unit(tid)
+        base = base_bytes(smem)
+        a0 = base + off_ds + (r0 // 64) * ds_block
+        b0 = base + k_off + (c0 // half) * l_k + (c0 % half) * 2
+        acc = hopper.wgmma_acc_zeros(n_d)
+        hopper.wgmma_fence()
+        for kk in range(kk_steps):
+            da = hopper.make_smem_desc(smem, a0 + kk * 16 * 128, ds_block, 8 * 128, hopper.SWIZZLE_128B)
+            db = hopper.make_smem_desc(smem, b0 + kk * 16 * sw, l_k, 8 * sw, swmode)
+            acc = wg_ss(da, db, acc, 0 if kk == 0 else 1, 1, 1)
+        hopper.wgmma_commit_group()
+        return acc
+
+    @inline_device
+    def finish(c, acc):
+        from_d(c, hopper.wgmma_fence_operand(acc))
+
+    @inline_device
+    def dk(smem, stage, o, tid):
+        base = base_bytes(smem)
+        a0 = base + off_ds + (tid // 128) * 64 * 128
+        b0 = base + q_off + 2 * stage * t_bytes
+        acc = hopper.wgmma_fence_operand(to_o(o))
+        hopper.wgmma_fence()
+        for ks in range(ks_steps):
+            da = hopper.make_smem_desc(smem, a0 + (ks * 32 // 128) * ds_block + (ks * 32) % 128, 16, 8 * 128,
+                                       hopper.SWIZZLE_128B)
+            db = hopper.make_smem_desc(smem, b0 + ks * 16 * sw, BN * sw, 8 * sw, swmode)
+            acc = wg_ss(da, db, acc, 1, 0, 1)
+        hopper.wgmma_commit_group()
+        return acc
+
+    @inline_device
+    def add(dq, g, base, row0, nrows, stride, tid):
+        for i in range(2):
+            r = row(tid, i)
+            if r < nrows:
+                grow = base + (row0 + r) * stride
+                for j in range(0, nc // 4, 2):
+                    if vector_red:
+                        ptx.red_add_f32x2(g, grow + col(tid, j), dq[i, j], dq[i, j + 1])
+                    else:
+                        ptx.red_add_f32(g, grow + col(tid, j), dq[i, j])
+                        ptx.red_add_f32(g, grow + col(tid, j) + 1, dq[i, j + 1])
+        return
+
+    return make_stage, DqOps(frag=Fragment(2, 0, nc // 4, 4, row, col, col), stage=None, mm=issue, add=add,
+                             finish=finish, dk=dk)
+
+
 @lru_cache(maxsize=None)
-def make_wgmma_bwd_ops(role, tiles, headdim, dtype_name, aligned):
+def make_wgmma_bwd_ops(role, tiles, headdim, dtype_name, aligned, fused_dq=False):
     """TileOps of the warpgroup path for the backward kernels (role "dkdv" or "dq"), for backward.py's
     bodies; the products are asynchronous (`pipe`: AsyncBwdOps), so a body overlaps the elementwise
     work of one product with the next product (backward.py).
@@ -410,7 +551,11 @@ def make_wgmma_bwd_ops(role, tiles, headdim, dtype_name, aligned):
     T_BYTES = BN * DP * 2                  # one streamed tile
     OFF_B = 2 * A_BYTES                    # streamed: [stage][slot] tiles, bytes from the aligned start
     OFF_VEC = OFF_B + 4 * T_BYTES          # dK/dV: [stage][lse, D] vectors of BN float32
-    SMEM = ALIGN + OFF_VEC + (2 * 2 * BN * 4 if role == "dkdv" else 0)
+    END = OFF_VEC + (2 * 2 * BN * 4 if role == "dkdv" else 0)
+    split = fused_dq_split(tiles, headdim) if fused_dq else None
+    assert not fused_dq or (role == "dkdv" and split), ("no fused dQ with these tiles", role, tiles, headdim)
+    OFF_DS = -(-END // ALIGN) * ALIGN      # fused dQ: the [key][query] dS image, 1024-byte aligned
+    SMEM = ALIGN + (OFF_DS + BM * BN * 2 if fused_dq else END)
     ss, _, pack_pinned, rs, s_finish, o_finish = make_products(dtype_name, DP, BM, BN)
     copy_a, copy_b = (make_swizzled_copy(rows, DP, headdim, aligned, NTHREADS) for rows in (BM, BN))
 
@@ -447,14 +592,25 @@ def make_wgmma_bwd_ops(role, tiles, headdim, dtype_name, aligned):
         pack_pinned(p, pk)
         return rs(smem, pk, base_bytes(smem) + OFF_B + (2 * stage + b_slot) * T_BYTES, o, True)
 
+    frag = mma_fragment(1, NT, DT)
+    dq = None
+    if fused_dq:
+        if dtype_name == "float16":
+            wg_ss, cvt = hopper.wgmma_f16, ptx.pack_f16x2
+        else:
+            wg_ss, cvt = hopper.wgmma_bf16, ptx.pack_bf16x2
+        make_stage, dq = make_wgmma_dq_ops(BM, BN, DP, OFF_DS, 0, BM * SW, OFF_B, T_BYTES, SW, SWIZZLE_MODES[SW], *split, wg_ss,
+                                           cvt, True)
+        dq = dq._replace(stage=make_stage(frag))
+
     # Registers: the output accumulators (two in dK/dV) of DP/2 floats, two score fragments of BN/2,
     # BN/4 words of packed P; the rest is addresses and the walk.
     nout = 2 if role == "dkdv" else 1
     min_regs = min(255, max(128, nout * DP // 2 + BN + BN // 4 + 48))
     return TileOps(
         path="wgmma", stages=2, threads=NTHREADS, smem_bytes=SMEM, min_blocks=tiles.min_blocks,
-        min_regs=min_regs, frag=mma_fragment(1, NT, DT), a_shape=(1,), a_dtype=uint32, exp2=ptx.ex2,
+        min_regs=min_regs, frag=frag, a_shape=(1,), a_dtype=uint32, exp2=ptx.ex2,
         load_resident=load_resident, resident_ready=resident_ready, stream=stream,
-        commit=ptx.cp_async_commit, wait_all=copies_visible, vec=vec, mm_nt=None, mm_pv=None, dq=None,
+        commit=ptx.cp_async_commit, wait_all=copies_visible, vec=vec, mm_nt=None, mm_pv=None, dq=dq,
         pipe=AsyncBwdOps(nt_issue=nt_issue, pv_issue=pv_issue, wait1=wait1, wait0=wait0, s_finish=s_finish,
                          o_finish=o_finish))
