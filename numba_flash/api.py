@@ -44,6 +44,11 @@ class MaskLists:
     block_q: int
     block_k: int
 
+    @property
+    def block_size(self):
+        """(block_q, block_k), as BlockMask.block_size (path_of reads either)."""
+        return self.block_q, self.block_k
+
 
 # --------------------------------------------------------------------------------------------------
 # validation

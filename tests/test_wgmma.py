@@ -193,6 +193,10 @@ def test_auto_takes_wgmma_on_cc90_per_pass_for_its_head_dims_and_falls_back_for_
     narrow = BlockMask.dense(64, 64, (16, 16))                # finer than the wgmma tiles
     assert api.path_of(p, None, narrow) == "mma"
     assert api.path_of(p, None, narrow, "bwd") == "mma"
+    # the lists autograd hands the kernels (a MaskLists) decide the same (they raised AttributeError:
+    # every block-sparse flash_attn_func on an H100/H200 failed, 2026-12-04)
+    assert api.path_of(p, None, api.mask_lists_of(narrow, p), "bwd") == "mma"
+    assert api.path_of(p, None, api.mask_lists_of(BlockMask.dense(64, 64, (br, bc)), p)) == "wgmma"
     assert api.path_of(p, "auto", None, "bwd") == "wgmma"
     assert api.path_of(p, "wgmma", narrow) == "wgmma"        # asked for: validate_block_mask says why not
 
