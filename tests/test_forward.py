@@ -8,6 +8,7 @@ import math
 
 import numpy as np
 import pytest
+from numba import cuda
 
 import numba_flash as nf
 from conftest import (FRAMEWORKS, HEADDIMS, SIMULATOR, TOL, as64, assert_bitwise_equal,
@@ -144,6 +145,45 @@ def test_batch_and_heads_are_independent_problems(make_qkv):
         for h in range(H):
             ref, _ = nf.attention_reference(*(as64(x)[b:b + 1, :, h:h + 1] for x in (q, k, v)), causal=True)
             assert rel_err(o[b:b + 1, :, h:h + 1], ref) < TOL["float32"], f"batch {b} head {h}"
+
+
+@pytest.mark.parametrize("over_keys", [True, False], ids=["query_tiles", "key_tiles"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_blocks_own_every_tile_once_and_causal_hands_out_the_longest_tiles_first(over_keys, causal):
+    """walk.tile_grid + block_coords: every (tile, head, batch) owned by one block; causal blocks in launch
+    order (x fastest) take every (head, batch) of the longest tile first (last query / first key tile)."""
+    from numba_flash.kernels.launch import kernel
+    from numba_flash.kernels.walk import make_walk, tile_grid
+
+    coords = make_walk(16, 16, causal, over_keys).block_coords
+
+    @kernel(1, 0)
+    def record(out):
+        t, h, b = coords()
+        lin = (cuda.blockIdx.z * cuda.gridDim.y + cuda.blockIdx.y) * cuda.gridDim.x + cuda.blockIdx.x
+        out[lin, 0] = t
+        out[lin, 1] = h
+        out[lin, 2] = b
+
+    T, H, B = 5, 3, 2
+    grid = tile_grid(causal, 16 * T - 3, 16, H, B, "seqlen_q")
+    d_out = cuda.to_device(np.full((T * H * B, 3), -1, np.int64))
+    record[grid, 1](d_out)
+    got = d_out.copy_to_host()
+    assert sorted(map(tuple, got)) == [(t, h, b) for t in range(T) for h in range(H) for b in range(B)]
+    if causal:
+        longest_first = list(range(T - 1, -1, -1)) if over_keys else list(range(T))
+        assert list(got[:, 0]) == [t for t in longest_first for _ in range(H * B)]
+    else:
+        assert list(map(tuple, got)) == [(t, h, b) for b in range(B) for h in range(H) for t in range(T)]
+
+
+def test_causal_sequence_longer_than_the_grid_holds_is_a_clear_error():
+    from numba_flash.kernels.walk import MAX_GRID_Z, tile_grid
+    n = MAX_GRID_Z * 128 + 1
+    assert tile_grid(False, n, 128, 2, 1, "seqlen_q") == (MAX_GRID_Z + 1, 2, 1)
+    with pytest.raises(ValueError, match=f"seqlen_q = {n} is too long for causal attention"):
+        tile_grid(True, n, 128, 2, 1, "seqlen_q")
 
 
 # --------------------------------------------------------------------------------------------------

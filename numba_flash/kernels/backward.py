@@ -26,7 +26,8 @@ pair together and compute P (P^T) while the second (dP, dP^T) is still running; 
 runs while dS^T is computed. All of a tile pair's products complete before the next tile's barrier, so
 the streamed buffers are never written while read.
 
-Launch contract (`launch`): the kernels in that order on one stream; grids (Tr or Tc, nheads, batch),
+Launch contract (`launch`): the kernels in that order on one stream; grids walk.tile_grid (Tr or Tc,
+nheads, batch; causal: nheads, batch, Tr or Tc, the longest tiles first),
 the prepare kernel's (blocks of query rows, nheads, batch), the dQ conversion's 1-D; D is a (batch,
 nheads, seqlen_q) scratch vector of the lse's dtype and the dQ accumulator a (batch, seqlen_q, nheads,
 DP) float32 scratch, both allocated through `alloc`.
@@ -43,7 +44,7 @@ from .launch import Launchable, kernel, strides3
 from .pipeline import make_pipeline
 from .softmax import LOG2E, add, group_reducer
 from .tiles import make_ops
-from .walk import make_fill_invisible, make_walk
+from .walk import make_fill_invisible, make_walk, tile_grid
 
 
 def prepare_chunk(dtype_name):
@@ -177,7 +178,8 @@ def _shared(plan, role, over_keys):
 def make_dkdv_kernel(plan):
     fused = plan.dq_mode == "atomic"
     ops, t, walk, fill_invisible, (begin, acquire), store = _shared(plan, "dkdv", False)
-    first_tile, next_tile, needs_mask = walk.first_tile, walk.next_tile, walk.needs_mask
+    first_tile, next_tile, needs_mask, block_coords = walk.first_tile, walk.next_tile, walk.needs_mask, \
+        walk.block_coords
     BC = t.bc
     R, C, CO = ops.frag.rows, ops.frag.cols, ops.frag.out_cols
     col_of = ops.frag.col
@@ -202,9 +204,7 @@ def make_dkdv_kernel(plan):
                        lse_st, scale, scale_log2, offset, q_count, q_index, mask_sh, mask_maxq, q_per_blk,
                        k_per_blk, dq_acc, acc_st):
         smem = cuda.shared.array(0, ACC)
-        j_tile = cuda.blockIdx.x
-        h = cuda.blockIdx.y
-        b = cuda.blockIdx.z
+        j_tile, h, b = block_coords()
         tid = cuda.threadIdx.x
         col0 = j_tile * BC
         sl2 = ACC(scale_log2)
@@ -307,7 +307,8 @@ def make_dkdv_kernel(plan):
 @lru_cache(maxsize=None)
 def make_dq_kernel(plan):
     ops, t, walk, fill_invisible, (begin, acquire), store = _shared(plan, "dq", True)
-    first_tile, next_tile, needs_mask = walk.first_tile, walk.next_tile, walk.needs_mask
+    first_tile, next_tile, needs_mask, block_coords = walk.first_tile, walk.next_tile, walk.needs_mask, \
+        walk.block_coords
     BR = t.br
     R, C, CO = ops.frag.rows, ops.frag.cols, ops.frag.out_cols
     row_of = ops.frag.row
@@ -322,9 +323,7 @@ def make_dq_kernel(plan):
     def flash_bwd_dq(q, k, v, do, lse, dvec, dq, nq, nk, q_st, k_st, v_st, do_st, dq_st, lse_st, scale,
                      scale_log2, offset, kv_count, kv_index, mask_sh, mask_maxk, q_per_blk, k_per_blk):
         smem = cuda.shared.array(0, ACC)
-        i_tile = cuda.blockIdx.x
-        h = cuda.blockIdx.y
-        b = cuda.blockIdx.z
+        i_tile, h, b = block_coords()
         tid = cuda.threadIdx.x
         row0 = i_tile * BR
         sl2 = ACC(scale_log2)
@@ -421,7 +420,7 @@ def launches(plan, stream, dout, q, k, v, out, lse, dq, dk, dv, nq, nk, scale, o
     if nq > 0:
         out_.append(prepare_launch(plan.dtype, stream, out, dout, dvec, acc, nzero, dlse))
     if nk > 0:
-        out_.append((make_dkdv_kernel(plan), (-(-nk // t.bc), H, B), stream,
+        out_.append((make_dkdv_kernel(plan), tile_grid(plan.causal, nk, t.bc, H, B, "seqlen_k"), stream,
                      (q.flat, k.flat, v.flat, dout.flat, lse.flat, dvec.flat, dk.flat, dv.flat, *common,
                       strides3(dk), strides3(dv), lse_st, scale, scale * LOG2E, offset,
                       *masks.lists(t.br, t.bc, True), acc.flat, acc_st)))
@@ -430,7 +429,7 @@ def launches(plan, stream, dout, q, k, v, out, lse, dq, dk, dv, nq, nk, scale, o
         n = B * nq * H * d
         out_.append((conv, (-(-n // conv.threads),), stream, (acc.flat, dq.flat, n, nq, H, strides3(dq), scale)))
     elif nq > 0:
-        out_.append((make_dq_kernel(plan), (-(-nq // plan.dq.br), H, B), stream,
+        out_.append((make_dq_kernel(plan), tile_grid(plan.causal, nq, plan.dq.br, H, B, "seqlen_q"), stream,
                      (q.flat, k.flat, v.flat, dout.flat, lse.flat, dvec.flat, dq.flat, *common, strides3(dq),
                       lse_st, scale, scale * LOG2E, offset, *masks.lists(plan.dq.br, plan.dq.bc, False))))
     return out_

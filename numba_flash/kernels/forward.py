@@ -25,7 +25,8 @@ barriers: a "full" mbarrier per buffer says its tile has landed, an "empty" one 
 thread is done reading it. setmaxnreg moves registers from the producer to the consumers. The
 arithmetic, and so every output bit, is the pipelined body's.
 
-Launch contract (`launch`): grid (Tr, nheads, batch); arguments q, k, v, out, lse as flat arrays with
+Launch contract (`launch`): grid walk.tile_grid (Tr, nheads, batch; causal: nheads, batch, Tr, the longest
+tiles first); arguments q, k, v, out, lse as flat arrays with
 (batch, seqlen, head) element strides, the sequence lengths, scale * log2(e), the causal offset, and the
 mask lists (api.TileLists.lists).
 """
@@ -39,7 +40,7 @@ from .launch import Launchable, inline_device, kernel, strides3
 from .pipeline import make_pipeline
 from .softmax import LOG2E, make_softmax
 from .tiles import make_ops
-from .walk import make_walk
+from .walk import make_walk, tile_grid
 
 
 def _make_epilogue(plan, ops, finalize):
@@ -72,17 +73,16 @@ def make_forward_kernel(plan):
     R, C, CO = ops.frag.rows, ops.frag.cols, ops.frag.out_cols
     ACC = acc_type(plan.dtype)
     NEG_INF, ZERO = acc_constant(plan.dtype, -float("inf")), acc_constant(plan.dtype, 0.0)
-    first_tile, next_tile, needs_mask, visible_cols = make_walk(BR, BC, plan.causal, over_keys=True)
+    walk = make_walk(BR, BC, plan.causal, over_keys=True)
+    first_tile, next_tile, needs_mask, visible_cols, block_coords = walk
     begin, acquire = make_pipeline(ops)
     sm = make_softmax(ops.frag, plan.dtype, ops.exp2, visible_cols, plan.positive_scale)
     scale_and_mask, online_update, update, rescale = sm.scale_and_mask, sm.online_update, sm.update, sm.rescale
     epilogue = _make_epilogue(plan, ops, sm.finalize)
     if ops.ws is not None:
-        return _make_specialized(plan, ops, first_tile, next_tile, needs_mask, scale_and_mask, update, rescale,
-                                 epilogue)
+        return _make_specialized(plan, ops, walk, scale_and_mask, update, rescale, epilogue)
     if ops.pipe is not None:
-        return _make_pipelined(plan, ops, first_tile, next_tile, needs_mask, scale_and_mask, update, rescale,
-                               epilogue)
+        return _make_pipelined(plan, ops, walk, scale_and_mask, update, rescale, epilogue)
     load_q, resident_ready, mm_nt, mm_pv = ops.load_resident, ops.resident_ready, ops.mm_nt, ops.mm_pv
     A_SHAPE, A_DT = ops.a_shape, ops.a_dtype
 
@@ -90,9 +90,7 @@ def make_forward_kernel(plan):
     def flash_fwd(q, k, v, o, lse, nq, nk, q_st, k_st, v_st, o_st, lse_st, scale_log2, offset,
                   kv_count, kv_index, mask_sh, mask_maxk, q_per_blk, k_per_blk):
         smem = cuda.shared.array(0, ACC)
-        i_tile = cuda.blockIdx.x
-        h = cuda.blockIdx.y
-        b = cuda.blockIdx.z
+        i_tile, h, b = block_coords()
         tid = cuda.threadIdx.x
         row0 = i_tile * BR
         sl2 = ACC(scale_log2)
@@ -159,8 +157,10 @@ def _make_tile_step(pp, needs_mask, scale_and_mask, update, rescale):
     return softmax_j, output_j
 
 
-def _make_pipelined(plan, ops, first_tile, next_tile, needs_mask, scale_and_mask, update, rescale, epilogue):
+def _make_pipelined(plan, ops, walk, scale_and_mask, update, rescale, epilogue):
     """The forward with asynchronous products (module docstring): same arguments, walk, softmax, epilogue."""
+    first_tile, next_tile, needs_mask, block_coords = walk.first_tile, walk.next_tile, walk.needs_mask, \
+        walk.block_coords
     BR = plan.fwd.br
     R, C, CO = ops.frag.rows, ops.frag.cols, ops.frag.out_cols
     ACC = acc_type(plan.dtype)
@@ -175,9 +175,7 @@ def _make_pipelined(plan, ops, first_tile, next_tile, needs_mask, scale_and_mask
     def flash_fwd(q, k, v, o, lse, nq, nk, q_st, k_st, v_st, o_st, lse_st, scale_log2, offset,
                   kv_count, kv_index, mask_sh, mask_maxk, q_per_blk, k_per_blk):
         smem = cuda.shared.array(0, ACC)
-        i_tile = cuda.blockIdx.x
-        h = cuda.blockIdx.y
-        b = cuda.blockIdx.z
+        i_tile, h, b = block_coords()
         tid = cuda.threadIdx.x
         row0 = i_tile * BR
         sl2 = ACC(scale_log2)
@@ -246,8 +244,7 @@ def _make_pipelined(plan, ops, first_tile, next_tile, needs_mask, scale_and_mask
     return Launchable(flash_fwd, ops.threads, ops.smem_bytes, ops.min_blocks, ops.min_regs)
 
 
-def _make_specialized(plan, ops, first_tile, next_tile, needs_mask, scale_and_mask, update, rescale,
-                      epilogue):
+def _make_specialized(plan, ops, walk, scale_and_mask, update, rescale, epilogue):
     """The warp-specialised forward (module docstring; ops.ws: fragments.WsOps): threads 0..127 are the
     producer warpgroup, which copies Q and then K_j, V_j into ring stage j mod S; the others compute
     exactly as the pipelined body does, with mbarrier waits where it has block barriers. Same arguments,
@@ -266,6 +263,8 @@ def _make_specialized(plan, ops, first_tile, next_tile, needs_mask, scale_and_ma
     and then hands the turn to the other, so the two alternate on the tensor cores and each one's softmax
     runs during the other's products. Warpgroup 1 hands warpgroup 0 the first turn and keeps its last,
     so every barrier phase completes (both walk the same tiles)."""
+    first_tile, next_tile, needs_mask, block_coords = walk.first_tile, walk.next_tile, walk.needs_mask, \
+        walk.block_coords
     BR = plan.fwd.br
     R, C, CO = ops.frag.rows, ops.frag.cols, ops.frag.out_cols
     ACC = acc_type(plan.dtype)
@@ -281,9 +280,7 @@ def _make_specialized(plan, ops, first_tile, next_tile, needs_mask, scale_and_ma
                   kv_count, kv_index, mask_sh, mask_maxk, q_per_blk, k_per_blk):
         smem = cuda.shared.array(0, ACC)
         bars = cuda.shared.array(NB, uint64)
-        i_tile = cuda.blockIdx.x
-        h = cuda.blockIdx.y
-        b = cuda.blockIdx.z
+        i_tile, h, b = block_coords()
         tid = cuda.threadIdx.x
         row0 = i_tile * BR
         kv = (k, b * k_st[0] + h * k_st[2], k_st[1], v, b * v_st[0] + h * v_st[2], v_st[1])
@@ -389,7 +386,7 @@ def launches(plan, stream, q, k, v, out, lse, nq, nk, scale, offset, masks):
     args = (q.flat, k.flat, v.flat, out.flat, lse.flat, nq, nk, strides3(q), strides3(k), strides3(v),
             strides3(out), (lse.strides[0], lse.strides[1]), scale * LOG2E, offset,
             *masks.lists(plan.fwd.br, plan.fwd.bc, False))
-    return [(make_forward_kernel(plan), (-(-nq // plan.fwd.br), H, B), stream, args)]
+    return [(make_forward_kernel(plan), tile_grid(plan.causal, nq, plan.fwd.br, H, B, "seqlen_q"), stream, args)]
 
 
 def launch(*args):

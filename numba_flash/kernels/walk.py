@@ -13,13 +13,37 @@ tile's last row. Inside a visited pair, query r sees key c iff r < seqlen_q, c <
 
 `next_tile` is written as "the first visible step after this one" so that a kernel can start loading
 the next tile before it computes on the current one (the tensor-core path's cp.async pipeline).
+
+`tile_grid` is a kernel's grid and `block_coords` the (tile, head, batch) a block of it owns. Without
+`causal` every tile has the same work and the grid is (tiles, nheads, batch). With `causal` the work
+differs (query tile i of a forward or dQ block sees i + 1 key tiles, key tile j of a dK/dV block sees
+Tr - j query tiles), and the blocks launched last decide how long the end of the grid leaves SMs idle.
+So the causal grid is (nheads, batch, tiles), which the GPU hands out heads fastest and tiles slowest,
+and block z takes the z-th longest tile: every (head, batch) of the longest tile first, the one-tile
+blocks last (a greedy longest-processing-time order, as FlashAttention-3's scheduler does).
 """
 from collections import namedtuple
 from functools import lru_cache
 
+from numba import cuda
+
 from .launch import inline_device
 
-Walk = namedtuple("Walk", "first_tile next_tile needs_mask visible_cols")
+MAX_GRID_Z = 65535      # CUDA's limit on gridDim.y and gridDim.z
+
+Walk = namedtuple("Walk", "first_tile next_tile needs_mask visible_cols block_coords")
+
+
+def tile_grid(causal, seqlen, rows, nheads, batch, name):
+    """The grid of a kernel whose blocks own `rows`-row tiles of a length-`seqlen` side (`name` in the
+    error): (tiles, nheads, batch), or with `causal` (nheads, batch, tiles) for block_coords' order."""
+    tiles = -(-seqlen // rows)
+    if not causal:
+        return tiles, nheads, batch
+    if tiles > MAX_GRID_Z:
+        raise ValueError(f"{name} = {seqlen} is too long for causal attention: {tiles} tiles of {rows} rows, "
+                         f"and the kernel grid holds at most {MAX_GRID_Z} (seqlen <= {MAX_GRID_Z * rows})")
+    return nheads, batch, tiles
 
 
 @lru_cache(maxsize=None)
@@ -94,7 +118,22 @@ def make_walk(br, bc, causal, over_keys):
             lo = max(0, r - offset - other0)
         return lo, hi
 
-    return Walk(first_tile, next_tile, needs_mask, visible_cols)
+    if causal:
+        @inline_device
+        def block_coords():
+            """(tile, head, batch) of this block in tile_grid's causal grid (heads, batch, tiles): longest
+            tile first. Only special-register reads, which the compiler re-reads instead of keeping them
+            live (the first version divided a linear block index: +6 registers, dQ spills 36 -> 104 B)."""
+            z = cuda.blockIdx.z
+            tile = cuda.gridDim.z - 1 - z if over_keys else z
+            return tile, cuda.blockIdx.x, cuda.blockIdx.y
+    else:
+        @inline_device
+        def block_coords():
+            """(tile, head, batch) of this block in tile_grid's grid (tiles, heads, batch)."""
+            return cuda.blockIdx.x, cuda.blockIdx.y, cuda.blockIdx.z
+
+    return Walk(first_tile, next_tile, needs_mask, visible_cols, block_coords)
 
 
 @lru_cache(maxsize=None)
