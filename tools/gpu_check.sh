@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# A kernel change's verification on a GPU, in stages that each fit one 10-minute remote call (H200 times):
+#
+#   tools/gpu_check.sh suite    OUT            GPU test suite without the sanitizer sweep (-n 16, ~290 s)
+#   tools/gpu_check.sh sanitize OUT CASE...    racecheck + memcheck of tools/sanitize.py cases, 6 processes
+#                                              at a time (~60-90 s per case and tool)
+#   tools/gpu_check.sh bench    OUT [ARGS...]  fp16, d = 64 and 128, N = 1k/2k/4k/16k, causal and not, fwd
+#                                              and fwd+bwd, against naive, SDPA FlashAttention-2 and cuDNN
+#                                              (~130 s); ARGS replace those options (numba_flash.bench)
+#   tools/gpu_check.sh paper    OUT NAME...    python -m paper_repro --quick --only NAME... into OUT/paper
+#                                              (copy its JSON/PNG into paper_repro/results/<gpu>/ and run
+#                                              python -m paper_repro --report-only to update REPORT.md)
+#
+# Every stage writes its log (and the benchmark's .md/.json) under OUT and prints a summary line. The GPU
+# image's numpy must be < 2.5 (numba-cuda 0.30 calls np.row_stack); the stage refuses to run otherwise.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+stage=${1:?stage: suite, sanitize, bench or paper}
+out=${2:?output folder}
+shift 2
+mkdir -p "$out"
+python3 - <<'EOF' || exit 1
+import sys, numpy
+if tuple(int(x) for x in numpy.__version__.split(".")[:2]) >= (2, 5):
+    sys.exit(f"numpy {numpy.__version__}: numba-cuda needs numpy < 2.5 first on the path")
+EOF
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$out/gpu.txt"
+
+case "$stage" in
+suite)
+    timeout 560 python3 -m pytest tests -q -n 16 --ignore=tests/test_sanitizer.py -p no:cacheprovider \
+        > "$out/suite.log" 2>&1
+    echo "suite exit $?: $(tail -1 "$out/suite.log")"
+    ;;
+sanitize)
+    [ $# -gt 0 ] || { echo "sanitize: name the cases (indices into tools/sanitize.py CASES)"; exit 2; }
+    jobs_=()
+    for c in "$@"; do
+        for tool in racecheck memcheck; do
+            extra=(); [ "$tool" = racecheck ] && extra=(--racecheck-report hazard)
+            ( timeout 540 compute-sanitizer --tool "$tool" "${extra[@]}" python3 tools/sanitize.py "$c" \
+                > "$out/sanitize-$c-$tool.log" 2>&1; echo "$?" > "$out/sanitize-$c-$tool.rc" ) &
+            jobs_+=($!)
+            while [ "$(jobs -rp | wc -l)" -ge 6 ]; do sleep 2; done
+        done
+    done
+    wait
+    for f in "$out"/sanitize-*.log; do
+        n=${f%.log}
+        echo "$(basename "$n"): exit $(cat "$n.rc"), $(grep -i -E 'Invalid __(global|shared|local)__|Misaligned|Out-of-range|Race reported|hazard|Barrier error|divergent' "$f" | grep -c -v -E '\b0 hazards') reports, $(grep -E '^(ok|FAIL) ' "$f" | cut -c1-4 | tr '\n' ' ')"
+    done
+    ;;
+bench)
+    args=("$@")
+    [ ${#args[@]} -gt 0 ] || args=(--d 64,128 --N 1024,2048,4096,16384 --dtype float16 --causal 0,1
+                                   --pass fwd,fwd+bwd --impl numba_flash,naive,sdpa_flash,sdpa_cudnn)
+    timeout 560 python3 -m numba_flash.bench "${args[@]}" --out "$out/bench" > "$out/bench.log" 2>&1
+    echo "bench exit $?"; grep -E "numba_flash[a-z_]* / " "$out/bench.md" | head -40
+    ;;
+paper)
+    [ $# -gt 0 ] || { echo "paper: name the experiments (python -m paper_repro --help)"; exit 2; }
+    timeout 560 python3 -m paper_repro --quick --only "$@" --out "$out/paper" > "$out/paper.log" 2>&1
+    echo "paper_repro exit $?"; tail -5 "$out/paper.log"
+    ;;
+*)
+    echo "unknown stage $stage"; exit 2
+    ;;
+esac
