@@ -1,7 +1,7 @@
 """Compile a plan's kernels for a GPU architecture without a GPU; print ptxas' resource report and SASS facts.
 
     python tools/ptx_report.py [--path mma simt] [--headdim 64 128] [--dtype float16] [--causal 0 1]
-                               [--arch sm_90] [--sass DIR]
+                               [--arch sm_90] [--sass DIR] [--events]
 
 For each kernel of the forward and backward plans: registers, spills, stack frame, shared memory, and
 from the SASS (cuobjdump) the number of HMMA (tensor-core) and LDL/STL (local memory) instructions.
@@ -87,7 +87,42 @@ def kernels_of(path, headdim, dtype, causal, aligned=True, cc=(9, 0), determinis
     return out
 
 
-def report(name, kern, args, plan, arch, sass_dir):
+def sass_events(text):
+    """The order of a SASS listing's synchronisation and softmax landmarks, runs collapsed: HGMMA (S: a
+    score-shaped product, O: the others), DEPBAR<n> (WARPGROUP.DEPBAR.LE gsb0, n: wait until n wgmma
+    groups remain), EX2 (MUFU.EX2, with the F2FP packs among them), SHFL, ARRIVE / WAIT (mbarrier), BAR
+    (block or named barrier). Shows, e.g., whether a warpgroup's exponentials run before its wait for the
+    P V product (FlashAttention-3's intra-warpgroup overlap) or after it."""
+    events = []
+    for line in text.splitlines():
+        m = re.match(r"\s*/\*[0-9a-f]{4,}\*/\s+(.*?);", line)
+        if not m:
+            continue
+        t = m.group(1)
+        if "HGMMA" in t:
+            k = "HGMMA"
+        elif "WARPGROUP.DEPBAR" in t:
+            k = "DEPBAR" + t.split("gsb0,")[-1].strip().replace("0x", "")
+        elif "MUFU.EX2" in t or ("F2FP" in t and events and events[-1][0] == "EX2"):
+            k = "EX2"
+        elif "SYNCS.ARRIVE" in t:
+            k = "ARRIVE"
+        elif "SYNCS.PHASECHK" in t:
+            k = "WAIT"
+        elif re.search(r"\bBAR\.(SYNC|ARV)", t):
+            k = "BAR"
+        elif "SHFL" in t:
+            k = "SHFL"
+        else:
+            continue
+        if events and events[-1][0] == k:
+            events[-1][1] += 1
+        else:
+            events.append([k, 1])
+    return " ".join(f"{k}x{n}" if n > 1 else k for k, n in events)
+
+
+def report(name, kern, args, plan, arch, sass_dir, events=False):
     from numba import cuda, typeof
     from numba_flash.kernels.launch import launch_bounds
     sig = tuple(typeof(a) for a in args)
@@ -122,6 +157,8 @@ def report(name, kern, args, plan, arch, sass_dir):
             text = done.stdout
             counts = {op: len(re.findall(rf"\b{op}\b", text)) for op in ("HMMA", "HGMMA", "LDSM", "LDGSTS", "LDL", "STL")}
             sass = " | SASS " + " ".join(f"{k}={v}" for k, v in counts.items())
+            if events:
+                sass += "\n      events: " + sass_events(text)
     mode = f" dq={plan.dq_mode}" if name == "dkdv" else ""
     print(f"{name:5s} {plan.path:4s} d={plan.headdim:3d} {plan.dtype:8s}{mode} threads={kern.threads:3d} "
           f"smem={kern.smem_bytes:6d}B bounds={lb} | {info}{sass}", flush=True)
@@ -137,6 +174,9 @@ def main(argv=None):
     ap.add_argument("--arch", default="sm_90", help="sm_80, sm_90 (compiled as sm_90a), ...")
     ap.add_argument("--sass", default=None, help="keep the cubins in this folder")
     ap.add_argument("--unaligned", action="store_true", help="the plan for inputs without vector alignment")
+    ap.add_argument("--events", action="store_true",
+                    help="also print each kernel's order of wgmma issues and waits, exponentials, shuffles "
+                         "and barriers (sass_events)")
     a = ap.parse_args(argv)
     m = re.fullmatch(r"sm_(\d)(\d+)a?", a.arch)
     if m is None:
@@ -152,7 +192,7 @@ def main(argv=None):
                 for causal in a.causal:
                     for name, kern, args, plan in kernels_of(path, d, dt, bool(causal), not a.unaligned,
                                                              (int(a.arch[3]), int(a.arch[4:]))):
-                        report(name, kern, args, plan, a.arch, a.sass)
+                        report(name, kern, args, plan, a.arch, a.sass, a.events)
     return 0
 
 
