@@ -231,19 +231,21 @@ def test_flash_attn_func_resolves_auto_per_pass(rng, monkeypatch):
 # The warp-specialised forward (tiles.ring > 0: a producer warpgroup and an mbarrier ring)
 # --------------------------------------------------------------------------------------------------
 
-def use_ring(monkeypatch, ring, d=32, pingpong=False):
+def use_ring(monkeypatch, ring, d=32, pingpong=False, late_pv_wait=True):
     """Make the wgmma forward warp-specialised with a `ring`-stage ring (0: the kernel without warp
     specialisation): under the simulator one consumer warpgroup (64 queries; two with the ping-pong) and
     32-key tiles, on a GPU the default tiles' shape with two consumer warpgroups (tuning runs reach it the
-    same way, through NUMBA_FLASH_FWD_TILES)."""
+    same way, through NUMBA_FLASH_FWD_TILES). late_pv_wait: MmaTiles.late_pv_wait."""
     from numba_flash.kernels import configs
     if SIMULATOR:
         warps = 8 if pingpong else 4
         monkeypatch.setitem(configs._SIM["wgmma"], "fwd",
-                            configs.MmaTiles(16 * warps, 32, warps, a_regs=False, ring=ring, pingpong=pingpong))
+                            configs.MmaTiles(16 * warps, 32, warps, a_regs=False, ring=ring, pingpong=pingpong,
+                                             late_pv_wait=late_pv_wait))
     else:
         t = configs._wgmma_tiles("fwd", d)
-        monkeypatch.setenv("NUMBA_FLASH_FWD_TILES", f"{t.br},{t.bc},{t.warps},0,0,{ring},{int(pingpong)}")
+        monkeypatch.setenv("NUMBA_FLASH_FWD_TILES",
+                           f"{t.br},{t.bc},{t.warps},0,0,{ring},{int(pingpong)},{int(late_pv_wait)}")
 
 
 def check_ring_matches_default_bitwise(monkeypatch, q, k, v, dtype, ring, pingpong=False, **kw):
@@ -286,6 +288,30 @@ def test_wgmma_warp_specialised_forward_with_ping_pong_matches_default_bitwise(r
     different numbers of key tiles, so a barrier left unbalanced would hang (the simulator raises)."""
     q, k, v = make_qkv_arrays(rng, 1, 150, 100, 1, 16, "bfloat16", FW)
     check_ring_matches_default_bitwise(monkeypatch, q, k, v, "bfloat16", 2, pingpong=True, causal=True)
+
+
+@pytest.mark.parametrize("ring", [0, 2])
+def test_wgmma_forward_with_the_plain_pv_wait_gives_the_same_bits(rng, monkeypatch, ring):
+    """MmaTiles.late_pv_wait = False (the wait for P V where ptxas puts it, for A/B timing) runs the same
+    arithmetic as the default: the same bits, with and without warp specialisation, causal and ragged."""
+    n = 70 if SIMULATOR else 1000
+    q, k, v = make_qkv_arrays(rng, 1, n, n + 30, 2, 16 if SIMULATOR else 64, "float16", FW)
+    use_ring(monkeypatch, ring, q.shape[-1])
+    want = run_wgmma(q, k, v, "float16", causal=True)
+    use_ring(monkeypatch, ring, q.shape[-1], late_pv_wait=False)
+    got = run_wgmma(q, k, v, "float16", causal=True)
+    for name, x, y in zip(("out", "lse"), got, want):
+        assert_bitwise_equal(x, y, name)
+
+
+def test_tile_override_reads_every_field(monkeypatch):
+    """NUMBA_FLASH_FWD_TILES "br,bc,warps,a_regs,min_blocks,ring,pingpong,late_pv_wait" (tuning runs)."""
+    from numba_flash.kernels import configs
+    monkeypatch.setenv("NUMBA_FLASH_FWD_TILES", "128,128,8,0,1,3,1,0")
+    assert configs._override("wgmma", "fwd") == configs.MmaTiles(128, 128, 8, a_regs=False, min_blocks=1, ring=3,
+                                                                   pingpong=True, late_pv_wait=False)
+    monkeypatch.setenv("NUMBA_FLASH_FWD_TILES", "128,64,4,1")
+    assert configs._override("mma", "fwd") == configs.MmaTiles(128, 64, 4, a_regs=True)
 
 
 def test_wgmma_warp_specialised_forward_block_sparse_unaligned_and_negative_scale(rng, monkeypatch):

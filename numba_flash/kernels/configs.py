@@ -70,6 +70,10 @@ class MmaTiles:
     # with a ring and two computing warpgroups: they take turns to issue their products (named barriers),
     # so one's softmax runs while the other's products do (FlashAttention-3's ping-pong)
     pingpong: bool = False
+    # wgmma forward: the wait for P_j-1 V_j-1 in a basic block of its own after the softmax of S_j (wgmma_tiles
+    # wait_pv), so the softmax runs while that product does. False: a plain wait, which ptxas moves up to
+    # just after the wait for S_j, before the exponentials (SASS, sm_90a, every wgmma forward variant).
+    late_pv_wait: bool = True
 
     def padded_headdim(self, headdim):
         return -(-headdim // 16) * 16
@@ -192,7 +196,7 @@ def _wgmma_tiles(role, headdim):
 
 def _override(path, role):
     """Tile overrides for tuning runs only: NUMBA_FLASH_{FWD,DQ,DKDV,BWD}_TILES = "br,bc,ty,tx[,min_blocks]"
-    (simt) or "br,bc,warps,a_regs[,min_blocks[,ring[,pingpong]]]" (mma, wgmma)."""
+    (simt) or "br,bc,warps,a_regs[,min_blocks[,ring[,pingpong[,late_pv_wait]]]]" (mma, wgmma)."""
     for var in _ENV[role]:
         v = os.environ.get(var)
         if v:
@@ -200,7 +204,7 @@ def _override(path, role):
             return SimtTiles(*fields) if path == "simt" else MmaTiles(fields[0], fields[1], fields[2],
                                                                        *(bool(x) for x in fields[3:4]),
                                                                        *fields[4:6],
-                                                                       *(bool(x) for x in fields[6:7]))
+                                                                       *(bool(x) for x in fields[6:8]))
     return None
 
 

@@ -15,8 +15,10 @@ are shared (walk.py, softmax.py, fragments.py).
 Paths whose products are asynchronous (TileOps.pipe: wgmma) run the same algorithm software-pipelined,
 as FlashAttention-3 does within a warpgroup: at key tile j the products S_j = Q K_j^T and O += P_{j-1}
 V_{j-1} are issued together, the softmax of S_j (row max, P_j, the rescale factor) runs while the tensor
-cores still multiply P_{j-1} V_{j-1}, and O is rescaled once that product is complete. K_{j+1} and V_j
-are copied during tile j into the buffers K_{j-1} and V_{j-2} left, so one barrier per tile suffices.
+cores still multiply P_{j-1} V_{j-1}, and O is rescaled once that product is complete (the wait for it is
+TileOps.pipe.wait_pv, which keeps it after the softmax in the SASS: hopper.py, "Where ptxas puts the
+waits"). K_{j+1} and V_j are copied during tile j into the buffers K_{j-1} and V_{j-2} left, so one
+barrier per tile suffices.
 
 Warp-specialised (TileOps.ws: wgmma tiles with `ring` > 0, FlashAttention-3's structure): one more
 warpgroup, the producer, copies Q once and then K_j, V_j into stage j mod S of a ring of S buffers, and
@@ -228,7 +230,7 @@ def _make_pipelined(plan, ops, walk, scale_and_mask, update, rescale, epilogue):
                 pend_s = pp.s_issue(smem, buf, tid)                       # S_j = Q K_j^T
                 pend_o = pp.pv_issue(smem, pk, 1 - buf, acc, False)       # O += P_j-1 V_j-1
                 moved = softmax_j(s, pend_s, m, l, alpha, sl2, tid, row0, col0, nq, nk, offset)
-                pp.wait0()
+                pp.wait_pv(col0 < nk)                                     # (col0 < nk: always; see wait_pv)
                 output_j(acc, pend_o, alpha, moved, s, pk)
                 t, sub, base, col0 = nt, nsub, nbase, ncol0
                 buf = 1 - buf
@@ -357,7 +359,7 @@ def _make_specialized(plan, ops, walk, scale_and_mask, update, rescale, epilogue
                     if PING:
                         ws.your_turn(ctid)
                     moved = softmax_j(s, pend_s, m, l, alpha, sl2, ctid, row0, col0, nq, nk, offset)
-                    pp.wait0()
+                    pp.wait_pv(col0 < nk)                                      # P_j-1 V_j-1 complete
                     ws.arrive(bars, EMPTY + pstage)                            # K_j-1, V_j-1 read
                     output_j(acc, pend_o, alpha, moved, s, pk)
                     t, sub, base, col0 = next_tile(kv_index, mrow, mask_maxk, k_per_blk, nblk, t, sub, base,

@@ -130,6 +130,8 @@ AsyncOps = namedtuple("AsyncOps", [
     "wait1", "wait0",  # all but the newest / all issued products complete
     "s_finish", "o_finish",   # (c, pending): the completed product into the fragment array c
     "pack",            # (p, pk): probabilities p (score fragment) -> 16-bit A registers pk[steps, 4]
+    "wait_pv",         # (flag): wait0 where it is written, after the softmax (flag: any block-uniform
+                       # run-time bool; both ways wait)
 ])
 AsyncOps.__doc__ = """Products issued asynchronously (wgmma), so that the forward can compute the softmax of one
 tile while the tensor cores multiply the next (forward.py's pipelined body, wgmma_tiles.py)."""

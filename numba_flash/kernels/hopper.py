@@ -21,7 +21,7 @@ warpgroup through `simwarp.exchange_group`.
                                                      the N/2 float32 accumulators of an m64nNk16 wgmma
     wgmma_fence_operand(acc)                         -> acc, pinned (see "Ordering" below)
     wgmma_fence_a(a0, a1, a2, a3)                    -> (a0, a1, a2, a3): u32 A registers, pinned likewise
-    wgmma_fence(), wgmma_commit_group(), wgmma_wait_group(n)
+    wgmma_fence(), wgmma_commit_group(), wgmma_wait_group(n), wgmma_wait_group_alt(n)
     fence_proxy_async_shared()                       generic-proxy shared stores -> visible to wgmma / bulk copy
     setmaxnreg_inc(n), setmaxnreg_dec(n)             warpgroup register reallocation (see below)
     mbarrier_init(bars, idx, count), fence_mbarrier_init(),
@@ -85,6 +85,14 @@ the other way for A registers computed just before a product (16-bit P packed fr
 LLVM sinks each conversion to its wgmma, past the fence, and ptxas then fences every wgmma of the
 product separately (a WARPGROUP.ARRIVE before each, seen in the SASS); wgmma_fence_a() before the fence
 keeps them all ahead of it.
+Where ptxas puts the waits. ptxas schedules wgmma.wait_group as early in its basic block as the other
+waits and wgmmas allow, not where the PTX has it: in a block "wait for group 1; softmax; wait for group 0",
+the second wait lands right after the first, before the softmax (seen in the SASS of every wgmma forward
+variant), so the softmax never overlaps the newest product. A wait in a block of its own stays after the
+code before that block: wgmma_wait_group_alt(n) is the same instruction spelled differently, so that
+`if flag: wgmma_wait_group(0) else: wgmma_wait_group_alt(0)` keeps a branch (no compiler merges the two
+arms) and both ways wait. `flag` must be the same in every thread of the warpgroup (the waits are
+.aligned) and unknown to the compilers (else they fold the branch); wgmma_tiles.wait_pv.
 The simulator completes each wgmma at once but checks the protocol: a wgmma with no wgmma_fence() since the
 thread's last wait (stricter than the ISA, which asks for it only after a register access), and any read of
 accumulators whose group has not been waited for, raise.
@@ -568,6 +576,8 @@ if SIMULATOR:
     def wgmma_fence_operand(acc):
         return acc
 
+    wgmma_wait_group_alt = wgmma_wait_group
+
     def wgmma_fence_a(a0, a1, a2, a3):
         return (_np.uint32(a0), _np.uint32(a1), _np.uint32(a2), _np.uint32(a3))
 
@@ -901,6 +911,9 @@ else:
     wgmma_fence = _void_op("wgmma.fence.sync.aligned;", collective=True)
     wgmma_commit_group = _void_op("wgmma.commit_group.sync.aligned;", collective=True)
     wgmma_wait_group = _literal_op("wgmma_wait_group", "wgmma.wait_group.sync.aligned {};", _check_wait_n)
+    # the same instruction, spelled so that no compiler merges it with wgmma_wait_group (docstring)
+    wgmma_wait_group_alt = _literal_op("wgmma_wait_group_alt", "wgmma.wait_group.sync.aligned {}; // alt",
+                                       _check_wait_n)
     fence_proxy_async_shared = _void_op("fence.proxy.async.shared::cta;")
     setmaxnreg_inc = _literal_op("setmaxnreg_inc", "setmaxnreg.inc.sync.aligned.u32 {};", _check_maxnreg)
     setmaxnreg_dec = _literal_op("setmaxnreg_dec", "setmaxnreg.dec.sync.aligned.u32 {};", _check_maxnreg)

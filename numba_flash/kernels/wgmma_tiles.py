@@ -139,6 +139,22 @@ def wait0():
     hopper.wgmma_wait_group(0)
 
 
+@inline_device
+def wait0_late(flag):
+    """wait0 that stays after the code before it (hopper.py, "Where ptxas puts the waits"): `flag`, any
+    run-time condition uniform over the warpgroup, picks one of two spellings; both wait."""
+    if flag:
+        hopper.wgmma_wait_group(0)
+    else:
+        hopper.wgmma_wait_group_alt(0)
+
+
+@inline_device
+def wait0_flag(flag):
+    """wait0 with wait0_late's signature (MmaTiles.late_pv_wait = False: where ptxas puts it)."""
+    hopper.wgmma_wait_group(0)
+
+
 SWIZZLE_MODES = {128: hopper.SWIZZLE_128B, 64: hopper.SWIZZLE_64B, 32: hopper.SWIZZLE_32B}
 
 
@@ -269,7 +285,7 @@ def make_wgmma_ops(role, tiles, headdim, dtype_name, aligned, fused_dq=False):
 
     pipe = AsyncOps(steps=KK, stream_k=stream_k, stream_v=stream_v, visible=copies_visible, s_issue=s_issue,
                     pv_issue=pv_issue, wait1=wait1, wait0=wait0, s_finish=s_finish, o_finish=o_finish,
-                    pack=pack_p)
+                    pack=pack_p, wait_pv=wait0_late if tiles.late_pv_wait else wait0_flag)
 
     # Registers: BN/2 score and DP/2 output floats, BN/4 words of packed P; the rest is the softmax state
     # and addresses.
