@@ -7,6 +7,11 @@
 #   tools/gpu_check.sh bench    OUT [ARGS...]  fp16, d = 64 and 128, N = 1k/2k/4k/16k, causal and not, fwd
 #                                              and fwd+bwd, against naive, SDPA FlashAttention-2 and cuDNN
 #                                              (~130 s); ARGS replace those options (numba_flash.bench)
+#   tools/gpu_check.sh tune     OUT ARGS...    python tools/tune.py ARGS (A/B of tile options in one run:
+#                                              the spread between leases is ~10%, so compare in one call)
+#   tools/gpu_check.sh ncu      OUT [D...]     ncu --clock-control none on one forward and one backward per
+#                                              head dim (default 64 128; fp16, N=4096): duration, tensor-pipe
+#                                              and issue utilisation, warp stall reasons (~60 s per kernel)
 #   tools/gpu_check.sh paper    OUT NAME...    python -m paper_repro --quick --only NAME... into OUT/paper
 #                                              (copy its JSON/PNG into paper_repro/results/<gpu>/ and run
 #                                              python -m paper_repro --report-only to update REPORT.md)
@@ -56,6 +61,27 @@ bench)
                                    --pass fwd,fwd+bwd --impl numba_flash,naive,sdpa_flash,sdpa_cudnn)
     timeout 560 python3 -m numba_flash.bench "${args[@]}" --out "$out/bench" > "$out/bench.log" 2>&1
     echo "bench exit $?"; grep -E "numba_flash[a-z_]* / " "$out/bench.md" | head -40
+    ;;
+tune)
+    timeout 560 python3 tools/tune.py "$@" > "$out/tune.log" 2>&1
+    echo "tune exit $?"; tail -20 "$out/tune.log"
+    ;;
+ncu)
+    dims=("$@"); [ ${#dims[@]} -gt 0 ] || dims=(64 128)
+    for d in "${dims[@]}"; do
+        printf '%s\n' "import torch, numba_flash as nf" \
+            "B, N, d = 4, 4096, $d" \
+            "q, k, v, do = (torch.randn(B, N, 2048 // d, d, device='cuda', dtype=torch.float16) for _ in range(4))" \
+            "out, lse = nf.flash_attn_forward(q, k, v)" \
+            "nf.flash_attn_backward(do, q, k, v, out, lse)" \
+            "torch.cuda.synchronize()" > "$out/ncu_step.py"
+        timeout 280 ncu --clock-control none --kernel-name regex:flash_ --launch-count 4 \
+            --section SpeedOfLight --section Occupancy --section SchedulerStats --section WarpStateStats \
+            --metrics sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_active,sm__inst_executed_pipe_xu.avg.pct_of_peak_sustained_active \
+            python3 "$out/ncu_step.py" > "$out/ncu-d$d.txt" 2>&1
+        echo "ncu d=$d exit $?: $(grep -c -E '^ +flash_' "$out/ncu-d$d.txt") kernels profiled"
+        grep -E "^ +flash_|Duration|gmma_cycles_active|pipe_xu|Issue Slots Busy|No Eligible|Stall" "$out/ncu-d$d.txt" | head -40
+    done
     ;;
 paper)
     [ $# -gt 0 ] || { echo "paper: name the experiments (python -m paper_repro --help)"; exit 2; }
