@@ -183,6 +183,8 @@ def main(argv=None):
         ap.error(f"--arch {a.arch!r}: expected sm_XY, e.g. sm_80 or sm_90 (sm_90a is the same here)")
     a.arch = f"sm_{m.group(1)}{m.group(2)}"
     _pretend_device((int(a.arch[3]), int(a.arch[4:])))
+    if a.sass:
+        os.makedirs(a.sass, exist_ok=True)
     if not _tool("ptxas"):
         print("no ptxas found: pip install nvidia-cuda-nvcc==13.5.* (see this file's docstring)")
         return 1
