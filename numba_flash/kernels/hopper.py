@@ -12,6 +12,10 @@ warpgroup through `simwarp.exchange_group`.
     make_smem_desc(arr, byte_offset, lbo_bytes, sbo_bytes, swizzle)
                                                      -> u64: wgmma matrix descriptor of the operand starting
                                                         at byte `byte_offset` of shared array `arr`
+    smem_desc_add(desc, byte_offset)                 -> u64: the same descriptor for the operand starting
+                                                        `byte_offset` (>= 0, a multiple of 16) bytes later:
+                                                        one integer add where make_smem_desc takes five
+                                                        (make one descriptor per tile, step it per k16)
     wgmma_f16 / wgmma_bf16(desc_a, desc_b, acc, scale_d, trans_a, trans_b)
                                                      -> acc: D = A.B (+ C if scale_d), m64nNk16, f32 acc,
                                                         A and B from shared memory (descriptors)
@@ -388,6 +392,15 @@ if SIMULATOR:
                              f"2 (64B) or 3 (32B)")
         return _np.uint64(_encode(addr) | _encode(lbo_bytes) << 16 | _encode(sbo_bytes) << 32
                           | int(swizzle) << 62)
+
+    def smem_desc_add(desc, byte_offset):
+        start, lbo, sbo, base_offset, swz = _decode(desc)
+        off = int(byte_offset)
+        if off % 16 or off < 0:
+            raise ValueError(f"smem_desc_add: byte offset {off} is not a non-negative multiple of 16")
+        if start + off >= 1 << 18:
+            raise ValueError(f"smem_desc_add: start address {start} + {off} does not fit the descriptor's field")
+        return _np.uint64(int(desc) + (off >> 4))
 
     def _decode(desc):
         d = int(desc) & 0xFFFFFFFFFFFFFFFF
@@ -827,6 +840,22 @@ else:
                                builder.or_(field(sbo, 32), mode))
 
         return _types.uint64(arr, byte_offset, lbo_bytes, sbo_bytes, swizzle), codegen
+
+    @_intrinsic
+    def smem_desc_add(typingctx, desc, byte_offset):
+        if not (desc == _types.uint64 and _is_int(byte_offset)):
+            return None
+
+        def codegen(context, builder, signature, args):
+            # start address (bits 0-13) and LBO (16-29) are in the low word, and a shared-window address
+            # stays below 2^18, so the start field never carries: a 32-bit add on the low word is exact
+            d, off = args
+            off = builder.trunc(_to(context, builder, off, signature.args[1], _types.int64), _I32)
+            lo = builder.add(builder.trunc(d, _I32), builder.lshr(off, _ir.Constant(_I32, 4)))
+            hi = builder.and_(d, _ir.Constant(_I64, 0xFFFFFFFF00000000))
+            return builder.or_(hi, builder.zext(lo, _I64))
+
+        return _types.uint64(desc, byte_offset), codegen
 
     # --- wgmma ---
 

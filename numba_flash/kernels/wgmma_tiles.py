@@ -60,6 +60,21 @@ def base_bytes(smem):
     return (ALIGN - hopper.shared_address(smem) % ALIGN) % ALIGN
 
 
+@inline_device
+def desc_at(smem, off, lbo, sbo, swizzle):
+    """The matrix descriptor of the operand at byte `off` of smem (`off` counted from smem[0], past the
+    aligned start): the aligned start's descriptor, which does not change over the kernel (so it is made
+    once), stepped by hopper.smem_desc_add. Products then step each k16 slice by one more add."""
+    base = base_bytes(smem)
+    return hopper.smem_desc_add(hopper.make_smem_desc(smem, base, lbo, sbo, swizzle), off - base)
+
+
+@inline_device
+def desc_pair(smem, aoff, lbo_a, sbo_a, swizzle_a, boff, lbo_b, sbo_b, swizzle_b):
+    """desc_at for an A and a B operand."""
+    return desc_at(smem, aoff, lbo_a, sbo_a, swizzle_a), desc_at(smem, boff, lbo_b, sbo_b, swizzle_b)
+
+
 def make_swizzled_copy(rows, dp, headdim, aligned, nthreads, fixed_passes=False):
     """copy(smem, off, g, base, row0, nrows, stride, tid) (tc_tiles.make_tile_copy): the rows x dp tile
     at byte `off` past the aligned start, in the swizzled K-major image (module docstring). fixed_passes:
@@ -193,10 +208,11 @@ def make_products(dtype_name, dp, rows_a, rows_b):
     @inline_device
     def ss(smem, aoff, boff):
         acc = hopper.wgmma_acc_zeros(n_s)
+        da0, db0 = desc_pair(smem, aoff, lbo_k, sbo, swmode, boff, lbo_k, sbo, swmode)
         hopper.wgmma_fence()
         for ks in range(ks_steps):
-            da = hopper.make_smem_desc(smem, aoff + (ks * 32 // sw) * l_a + (ks * 32) % sw, lbo_k, sbo, swmode)
-            db = hopper.make_smem_desc(smem, boff + (ks * 32 // sw) * l_b + (ks * 32) % sw, lbo_k, sbo, swmode)
+            da = hopper.smem_desc_add(da0, (ks * 32 // sw) * l_a + (ks * 32) % sw)
+            db = hopper.smem_desc_add(db0, (ks * 32 // sw) * l_b + (ks * 32) % sw)
             acc = wg_ss(da, db, acc, 0 if ks == 0 else 1, 0, 0)     # scale_d = 0: the product starts at zero
         hopper.wgmma_commit_group()
         return acc
@@ -219,10 +235,11 @@ def make_products(dtype_name, dp, rows_a, rows_b):
     @inline_device
     def rs(smem, pk, boff, o, fence):
         acc = hopper.wgmma_fence_operand(to_o(o))
+        db0 = desc_at(smem, boff, l_b, sbo, swmode)
         if fence:
             hopper.wgmma_fence()
         for kk in range(kk_steps):
-            db = hopper.make_smem_desc(smem, boff + kk * 16 * sw, l_b, sbo, swmode)
+            db = hopper.smem_desc_add(db0, kk * 16 * sw)
             acc = wg_rs(pk[kk, 0], pk[kk, 1], pk[kk, 2], pk[kk, 3], db, acc, 1, 1)
         hopper.wgmma_commit_group()
         return acc
@@ -491,10 +508,11 @@ def make_wgmma_dq_ops(BM, BN, DP, off_ds, k_off, l_k, q_off, t_bytes, sw, swmode
         a0 = base + off_ds + (r0 // 64) * ds_block
         b0 = base + k_off + (c0 // half) * l_k + (c0 % half) * 2
         acc = hopper.wgmma_acc_zeros(n_d)
+        da0, db0 = desc_pair(smem, a0, ds_block, 8 * 128, hopper.SWIZZLE_128B, b0, l_k, 8 * sw, swmode)
         hopper.wgmma_fence()
         for kk in range(kk_steps):
-            da = hopper.make_smem_desc(smem, a0 + kk * 16 * 128, ds_block, 8 * 128, hopper.SWIZZLE_128B)
-            db = hopper.make_smem_desc(smem, b0 + kk * 16 * sw, l_k, 8 * sw, swmode)
+            da = hopper.smem_desc_add(da0, kk * 16 * 128)
+            db = hopper.smem_desc_add(db0, kk * 16 * sw)
             acc = wg_ss(da, db, acc, 0 if kk == 0 else 1, 1, 1)
         hopper.wgmma_commit_group()
         return acc
@@ -509,11 +527,11 @@ def make_wgmma_dq_ops(BM, BN, DP, off_ds, k_off, l_k, q_off, t_bytes, sw, swmode
         a0 = base + off_ds + (tid // 128) * 64 * 128
         b0 = base + q_off + 2 * stage * t_bytes
         acc = hopper.wgmma_fence_operand(to_o(o))
+        da0, db0 = desc_pair(smem, a0, 16, 8 * 128, hopper.SWIZZLE_128B, b0, BN * sw, 8 * sw, swmode)
         hopper.wgmma_fence()
         for ks in range(ks_steps):
-            da = hopper.make_smem_desc(smem, a0 + (ks * 32 // 128) * ds_block + (ks * 32) % 128, 16, 8 * 128,
-                                       hopper.SWIZZLE_128B)
-            db = hopper.make_smem_desc(smem, b0 + ks * 16 * sw, BN * sw, 8 * sw, swmode)
+            da = hopper.smem_desc_add(da0, (ks * 32 // 128) * ds_block + (ks * 32) % 128)
+            db = hopper.smem_desc_add(db0, ks * 16 * sw)
             acc = wg_ss(da, db, acc, 1, 0, 1)
         hopper.wgmma_commit_group()
         return acc
@@ -573,7 +591,7 @@ def make_wgmma_bwd_ops(role, tiles, headdim, dtype_name, aligned, fused_dq=False
     OFF_DS = -(-END // ALIGN) * ALIGN      # fused dQ: the [key][query] dS image, 1024-byte aligned
     SMEM = ALIGN + (OFF_DS + BM * BN * 2 if fused_dq else END)
     ss, _, pack_pinned, rs, s_finish, o_finish = make_products(dtype_name, DP, BM, BN)
-    copy_a, copy_b = (make_swizzled_copy(rows, DP, headdim, aligned, NTHREADS) for rows in (BM, BN))
+    copy_a, copy_b = (make_swizzled_copy(rows, DP, headdim, aligned, NTHREADS, fixed_passes=True) for rows in (BM, BN))
 
     @inline_device
     def load_resident(smem, afrag, slot, g, base, row0, nrows, stride, tid):
