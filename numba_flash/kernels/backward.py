@@ -171,7 +171,8 @@ def _shared(plan, role, over_keys):
     t = getattr(plan, role)
     walk = make_walk(t.br, t.bc, plan.causal, over_keys)
     store = make_store_rows(ops.frag, plan.headdim, storer(plan.dtype), pair_packer(plan, ops.frag))
-    return ops, t, walk, make_fill_invisible(ops.frag, walk.visible_cols), make_pipeline(ops), store
+    return (ops, t, walk, make_fill_invisible(ops.frag, walk.visible_cols, ops.path == "wgmma"), make_pipeline(ops),
+            store)
 
 
 @lru_cache(maxsize=None)

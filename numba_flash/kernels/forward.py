@@ -78,7 +78,8 @@ def make_forward_kernel(plan):
     walk = make_walk(BR, BC, plan.causal, over_keys=True)
     first_tile, next_tile, needs_mask, visible_cols, block_coords = walk
     begin, acquire = make_pipeline(ops)
-    sm = make_softmax(ops.frag, plan.dtype, ops.exp2, visible_cols, plan.positive_scale)
+    sm = make_softmax(ops.frag, plan.dtype, ops.exp2, visible_cols, plan.positive_scale,
+                      narrow_mask=ops.path == "wgmma")
     scale_and_mask, online_update, update, rescale = sm.scale_and_mask, sm.online_update, sm.update, sm.rescale
     epilogue = _make_epilogue(plan, ops, sm.finalize)
     if ops.ws is not None:

@@ -67,7 +67,7 @@ Softmax = namedtuple("Softmax", "scale_and_mask online_update finalize row_sum u
 
 
 @lru_cache(maxsize=None)
-def make_softmax(frag, dtype_name, exp2, visible_cols, positive_scale=True, lazy=None):
+def make_softmax(frag, dtype_name, exp2, visible_cols, positive_scale=True, lazy=None, narrow_mask=False):
     """Device pieces of the online softmax for fragments `frag` (fragments.Fragment) in the arithmetic type
     of `dtype_name`; `exp2` is the device function the path computes 2**x with, `visible_cols` the walk's
     visible column interval of a row (walk.py).
@@ -76,10 +76,10 @@ def make_softmax(frag, dtype_name, exp2, visible_cols, positive_scale=True, lazy
     with one fused multiply-add (c = scale * log2 e > 0), as FlashAttention-2 does. Otherwise (a zero or
     negative softmax_scale, where max(c * s) is not c * max(s)) the scores are scaled first.
     lazy: the lazy rescale (module docstring); None: where a thread holds LAZY_RESCALE_COLS output columns
-    per row or more.
+    per row or more. narrow_mask: walk.make_fill_invisible's 32-bit comparisons.
     """
     R, C, CO = frag.rows, frag.cols, frag.out_cols
-    fill_invisible = make_fill_invisible(frag, visible_cols)
+    fill_invisible = make_fill_invisible(frag, visible_cols, narrow_mask)
     NEG_INF = acc_constant(dtype_name, -math.inf)
     ZERO = acc_constant(dtype_name, 0.0)
     ONE = acc_constant(dtype_name, 1.0)

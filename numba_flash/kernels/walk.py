@@ -25,11 +25,12 @@ blocks last (a greedy longest-processing-time order, as FlashAttention-3's sched
 from collections import namedtuple
 from functools import lru_cache
 
-from numba import cuda
+from numba import cuda, int32
 
 from .launch import inline_device
 
 MAX_GRID_Z = 65535      # CUDA's limit on gridDim.y and gridDim.z
+LIM = 1 << 20           # beyond any column offset inside a tile (make_fill_invisible)
 
 Walk = namedtuple("Walk", "first_tile next_tile needs_mask visible_cols block_coords")
 
@@ -137,25 +138,44 @@ def make_walk(br, bc, causal, over_keys):
 
 
 @lru_cache(maxsize=None)
-def make_fill_invisible(frag, visible_cols):
+def make_fill_invisible(frag, visible_cols, narrow=False):
     """fill(s, value, tid, this0, other0, nq, nk, offset): s[i, j] = value for the thread's invisible
     elements of the tile pair whose fragment rows start at this0 and columns at other0 (frag: the path's
-    fragments.Fragment; visible_cols: a walk's)."""
+    fragments.Fragment; visible_cols: a walk's). narrow: compare in 32 bits (below)."""
     R, C = frag.rows, frag.cols
     row_of, col_of = frag.row, frag.col
 
+    # Columns relative to the thread's first one, col_of(tid, j) - col_of(tid, 0), are constants in
+    # both layouts: comparing those against the row's interval keeps nothing per column live (LLVM had
+    # hoisted 16 64-bit column values out of the loop, which spilled).
+    if not narrow:
+        @inline_device
+        def fill(s, value, tid, this0, other0, nq, nk, offset):
+            c0 = col_of(tid, 0)
+            for i in range(R):
+                lo, hi = visible_cols(this0 + row_of(tid, i), other0, nq, nk, offset)
+                for j in range(C):
+                    c = col_of(tid, j) - c0
+                    if c < lo - c0 or c >= hi - c0:
+                        s[i, j] = value
+            return
+        return fill
+
+    # narrow: the interval's ends clamped to [-1, 2^20] (a relative column is in [0, tile width)) keep
+    # every comparison's outcome, and the comparisons become 32-bit (a 64-bit one is two instructions).
+    # wgmma, sm_90a: the dQ kernel's registers 236 -> 216 (d=64), its spills 36 -> 0 B (d=128); on the
+    # mma.sync forward at d=128 it cost 28 B of spills instead, so the mma and SIMT paths keep the above.
     @inline_device
-    def fill(s, value, tid, this0, other0, nq, nk, offset):
-        # Columns relative to the thread's first one, col_of(tid, j) - col_of(tid, 0), are constants in
-        # both layouts: comparing those against the row's interval keeps nothing per column live (LLVM
-        # had hoisted 16 64-bit column values out of the loop, which spilled).
+    def fill_narrow(s, value, tid, this0, other0, nq, nk, offset):
         c0 = col_of(tid, 0)
         for i in range(R):
             lo, hi = visible_cols(this0 + row_of(tid, i), other0, nq, nk, offset)
+            lo_r = int32(min(max(lo - c0, -1), LIM))
+            hi_r = int32(min(max(hi - c0, -1), LIM))
             for j in range(C):
-                c = col_of(tid, j) - c0
-                if c < lo - c0 or c >= hi - c0:
+                c = int32(col_of(tid, j) - c0)
+                if c < lo_r or c >= hi_r:
                     s[i, j] = value
         return
 
-    return fill
+    return fill_narrow
