@@ -147,10 +147,12 @@ def test_backward_is_deterministic_bitwise(rng):
 def test_prepare_kernel_D_is_rowsum_of_dout_times_out_minus_dlse_bitwise_for_any_alignment(rng, dtype, d):
     """D = rowsum(dO * O) - dlse, read as 16-byte vectors from aligned rows (where the head dim is a
     multiple of the vector) and element by element from rows shifted by one element: the same bits both
-    ways (gradients must not depend on alignment). 3 rows per head leave most lanes past the last row."""
+    ways (gradients must not depend on alignment). 3 rows per head leave most lanes past the last row.
+    And lse2 = lse * log2(e), +inf where lse is -inf (rows that saw no key)."""
     from numba_flash import interop
     from numba_flash.api import lse_dtype
     from numba_flash.kernels import backward
+    from numba_flash.kernels.softmax import LOG2E
     B, N, H = 5, 3, 3
     values = [random_array(rng, (B, N, H, d), dtype, "torch") for _ in range(2)]
     dlse = random_array(rng, (B, H, N), lse_dtype(dtype), "torch")
@@ -165,9 +167,18 @@ def test_prepare_kernel_D_is_rowsum_of_dout_times_out_minus_dlse_bitwise_for_any
                                                                  (dlse, "dlse")))
         assert backward.prepare_vector(dtype, d, ov, dov) == (aligned and d % backward.prepare_chunk(dtype) == 0)
         zf = poison((7,), "float32", "torch")
-        kern, grid, stream, args = backward.prepare_launch(dtype, 0, ov, dov, dv, interop.flat_view(zf, "zf"), 7, dl)
+        lse = random_array(rng, (B, H, N), lse_dtype(dtype), "torch")
+        lse[0, 1, 2] = -math.inf
+        lse2 = poison((B, H, N), lse_dtype(dtype), "torch")
+        kern, grid, stream, args = backward.prepare_launch(dtype, 0, ov, dov, dv, interop.flat_view(zf, "zf"), 7, dl,
+                                                           interop.flat_view(lse, "lse"),
+                                                           interop.flat_view(lse2, "lse2"))
         kern(grid, stream, *args)
         assert (as64(zf) == 0).all()
+        lt = np.float64 if dtype == "float64" else np.float32       # the kernel's product, one rounding
+        want = (as64(lse).astype(lt) * lt(LOG2E)).astype(np.float64)
+        want[0, 1, 2] = math.inf
+        np.testing.assert_array_equal(as64(lse2), want, err_msg="lse2 = lse * log2(e), +inf for -inf")
         if ref is None:
             ref = copy(dvec)
             expect = np.einsum("bnhd,bnhd->bhn", as64(o), as64(do)) - as64(dlse)

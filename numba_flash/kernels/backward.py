@@ -29,8 +29,9 @@ the streamed buffers are never written while read.
 Launch contract (`launch`): the kernels in that order on one stream; grids walk.tile_grid (Tr or Tc,
 nheads, batch; causal: nheads, batch, Tr or Tc, the longest tiles first),
 the prepare kernel's (blocks of query rows, nheads, batch), the dQ conversion's 1-D; D is a (batch,
-nheads, seqlen_q) scratch vector of the lse's dtype and the dQ accumulator a (batch, seqlen_q, nheads,
-DP) float32 scratch, both allocated through `alloc`.
+nheads, seqlen_q) scratch vector of the lse's dtype, so is lse2 (lse in the log2 domain, which the dK/dV
+kernel streams in lse's place), and the dQ accumulator a (batch, seqlen_q, nheads, DP) float32 scratch,
+all allocated through `alloc`.
 """
 import math
 from functools import lru_cache
@@ -67,8 +68,10 @@ def prepare_lanes(headdim, dtype_name):
 
 @lru_cache(maxsize=None)
 def make_prepare_kernel(headdim, dtype_name, vector, threads=128):
-    """D[b, h, r] = sum_c dO[b, r, h, c] * O[b, r, h, c] - dlse[b, h, r] (if has_dlse); and zf[:nzf] = 0
-    over the whole grid (the fused dQ's accumulator).
+    """D[b, h, r] = sum_c dO[b, r, h, c] * O[b, r, h, c] - dlse[b, h, r] (if has_dlse); lse2[b, h, r] =
+    lse[b, h, r] * log2(e), or +inf where lse is -inf (a row that saw no key: its P is then 0), the form
+    the dK/dV kernel streams (so it converts nothing per tile); and zf[:nzf] = 0 over the whole grid (the
+    fused dQ's accumulator). lse, lse2 and D share their (batch, head) strides (all (B, H, Nq) contiguous).
 
     A row is read by TPR consecutive lanes (prepare_lanes), each taking CH = prepare_chunk consecutive
     elements at a time, so a warp's loads cover whole rows; the lanes' partial sums meet in a butterfly of
@@ -81,6 +84,7 @@ def make_prepare_kernel(headdim, dtype_name, vector, threads=128):
     FlashAttention-2's kernel for it 70 (tools/kernel_times.py, 2026-12-04); lanes along rows with a 1-D
     grid (a 64-bit division per index), 87 µs."""
     ACC = acc_type(dtype_name)
+    INF, NEG_INF, LOG2E_ACC = (acc_constant(dtype_name, x) for x in (math.inf, -math.inf, LOG2E))
     load_elem = loader(dtype_name)
     CH = prepare_chunk(dtype_name)
     TPR = prepare_lanes(headdim, dtype_name)
@@ -90,7 +94,7 @@ def make_prepare_kernel(headdim, dtype_name, vector, threads=128):
     ROWS = threads // TPR        # rows per block
 
     @cuda.jit
-    def bwd_prepare(o, do, dvec, nq, o_st, do_st, d_st, zf, nzf, dlse, has_dlse):
+    def bwd_prepare(o, do, dvec, nq, o_st, do_st, d_st, zf, nzf, dlse, has_dlse, lse, lse2):
         # grid (row blocks, heads, batch): no integer division by run-time values (a 64-bit division is
         # some 70 instructions, which here would cost more than the loads)
         tid = cuda.threadIdx.x
@@ -122,18 +126,20 @@ def make_prepare_kernel(headdim, dtype_name, vector, threads=128):
             if has_dlse:     # lse's gradient: dS = P (dP - D + dlse), the same as D - dlse for D (api.py)
                 acc -= dlse[di]
             dvec[di] = acc
+            lr = lse[di]
+            lse2[di] = lr * LOG2E_ACC if lr != NEG_INF else INF
 
     return Launchable(bwd_prepare, threads, 0)
 
 
-def prepare_launch(dtype_name, stream, out, dout, dvec, zf, nzf, dlse):
+def prepare_launch(dtype_name, stream, out, dout, dvec, zf, nzf, dlse, lse, lse2):
     """(kernel, grid, stream, args) of the prepare kernel for (B, Nq, H, d) views out, dout, the
-    (B, H, Nq) view dvec (and dlse, or None), zeroing zf[:nzf]."""
+    (B, H, Nq) views dvec, lse and lse2 (and dlse, or None), zeroing zf[:nzf]."""
     B, nq, H, d = out.shape
     kern = make_prepare_kernel(d, dtype_name, prepare_vector(dtype_name, d, out, dout))
     return (kern, (-(-nq * prepare_lanes(d, dtype_name) // kern.threads), H, B), stream,
             (out.flat, dout.flat, dvec.flat, nq, strides3(out), strides3(dout), (dvec.strides[0], dvec.strides[1]),
-             zf.flat, nzf, (dlse if dlse is not None else dvec).flat, dlse is not None))
+             zf.flat, nzf, (dlse if dlse is not None else dvec).flat, dlse is not None, lse.flat, lse2.flat))
 
 
 @lru_cache(maxsize=None)
@@ -249,10 +255,9 @@ def make_dkdv_kernel(plan):
                         dpt[i, j] = ZERO
                 mm_nt(smem, kvf, 0, stage, 0, st, tid)                   # S^T = K Q^T
             # The columns are queries: their lse (log2 domain; +inf for rows that saw no key, so their
-            # P is 0) and D come from the streamed vectors, read where used.
+            # P is 0: the prepare kernel's lse2) and D come from the streamed vectors, read where used.
             for j in range(C):
-                lr = vec(smem, stage, 0, col_of(tid, j))
-                lse2 = lr * LOG2E_ACC if lr != NEG_INF else INF
+                lse2 = vec(smem, stage, 0, col_of(tid, j))
                 for i in range(R):
                     st[i, j] = exp2(st[i, j] * sl2 - lse2)
             if needs_mask(row0, col0, nq, nk, offset):
@@ -409,6 +414,7 @@ def launches(plan, stream, dout, q, k, v, out, lse, dq, dk, dv, nq, nk, scale, o
     fused = plan.dq_mode == "atomic"
     t = plan.dkdv
     dvec = alloc((B, H, nq), lse.dtype)
+    lse2 = alloc((B, H, nq), lse.dtype)       # lse in the log2 domain (make_prepare_kernel), for dK/dV
     if fused:
         dp = t.padded_headdim(d)
         acc = alloc((B, nq, H, dp), "float32")
@@ -419,10 +425,10 @@ def launches(plan, stream, dout, q, k, v, out, lse, dq, dk, dv, nq, nk, scale, o
     common = (nq, nk, strides3(q), strides3(k), strides3(v), strides3(dout))
     out_ = []
     if nq > 0:
-        out_.append(prepare_launch(plan.dtype, stream, out, dout, dvec, acc, nzero, dlse))
+        out_.append(prepare_launch(plan.dtype, stream, out, dout, dvec, acc, nzero, dlse, lse, lse2))
     if nk > 0:
         out_.append((make_dkdv_kernel(plan), tile_grid(plan.causal, nk, t.bc, H, B, "seqlen_k"), stream,
-                     (q.flat, k.flat, v.flat, dout.flat, lse.flat, dvec.flat, dk.flat, dv.flat, *common,
+                     (q.flat, k.flat, v.flat, dout.flat, lse2.flat, dvec.flat, dk.flat, dv.flat, *common,
                       strides3(dk), strides3(dv), lse_st, scale, scale * LOG2E, offset,
                       *masks.lists(t.br, t.bc, True), acc.flat, acc_st)))
     if nq > 0 and fused:
