@@ -191,8 +191,7 @@ def make_dkdv_kernel(plan):
     R, C, CO = ops.frag.rows, ops.frag.cols, ops.frag.out_cols
     col_of = ops.frag.col
     ACC = acc_type(plan.dtype)
-    INF, NEG_INF, ZERO, ONE, LOG2E_ACC = (acc_constant(plan.dtype, x)
-                                          for x in (math.inf, -math.inf, 0.0, 1.0, LOG2E))
+    ZERO, ONE = acc_constant(plan.dtype, 0.0), acc_constant(plan.dtype, 1.0)
     load_res, resident_ready, mm_nt, mm_pv, vec = (ops.load_resident, ops.resident_ready, ops.mm_nt,
                                                    ops.mm_pv, ops.vec)
     exp2 = ops.exp2

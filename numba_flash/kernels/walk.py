@@ -148,34 +148,29 @@ def make_fill_invisible(frag, visible_cols, narrow=False):
     # Columns relative to the thread's first one, col_of(tid, j) - col_of(tid, 0), are constants in
     # both layouts: comparing those against the row's interval keeps nothing per column live (LLVM had
     # hoisted 16 64-bit column values out of the loop, which spilled).
-    if not narrow:
-        @inline_device
-        def fill(s, value, tid, this0, other0, nq, nk, offset):
-            c0 = col_of(tid, 0)
-            for i in range(R):
-                lo, hi = visible_cols(this0 + row_of(tid, i), other0, nq, nk, offset)
-                for j in range(C):
-                    c = col_of(tid, j) - c0
-                    if c < lo - c0 or c >= hi - c0:
-                        s[i, j] = value
-            return
-        return fill
-
     # narrow: the interval's ends clamped to [-1, 2^20] (a relative column is in [0, tile width)) keep
     # every comparison's outcome, and the comparisons become 32-bit (a 64-bit one is two instructions).
     # wgmma, sm_90a: the dQ kernel's registers 236 -> 216 (d=64), its spills 36 -> 0 B (d=128); on the
-    # mma.sync forward at d=128 it cost 28 B of spills instead, so the mma and SIMT paths keep the above.
+    # mma.sync forward at d=128 it cost 28 B of spills instead, so the mma and SIMT paths compare in 64.
+    if narrow:
+        @inline_device
+        def rel(x, c0):
+            return int32(min(max(x - c0, -1), LIM))
+    else:
+        @inline_device
+        def rel(x, c0):
+            return x - c0
+
     @inline_device
-    def fill_narrow(s, value, tid, this0, other0, nq, nk, offset):
+    def fill(s, value, tid, this0, other0, nq, nk, offset):
         c0 = col_of(tid, 0)
         for i in range(R):
             lo, hi = visible_cols(this0 + row_of(tid, i), other0, nq, nk, offset)
-            lo_r = int32(min(max(lo - c0, -1), LIM))
-            hi_r = int32(min(max(hi - c0, -1), LIM))
+            lo_r, hi_r = rel(lo, c0), rel(hi, c0)
             for j in range(C):
-                c = int32(col_of(tid, j) - c0)
+                c = rel(col_of(tid, j), c0)
                 if c < lo_r or c >= hi_r:
                     s[i, j] = value
         return
 
-    return fill_narrow
+    return fill
