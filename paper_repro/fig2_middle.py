@@ -3,13 +3,16 @@
 The paper's FlashAttention walks query blocks inside key/value blocks, so its HBM traffic falls with the
 key/value block size. numba_flash has FlashAttention-2's loop order: a block keeps its query tile (Br
 rows) and streams K and V past it, so what K and V cost is set by the query tile: they are read N / Br
-times. Both tile sizes are swept here (Br with 64-key tiles; Bc with 128-query tiles), as far as shared
-memory and registers allow, with the time of one forward, the DRAM bytes (ncu), the bytes the SMs
-read from L2 (the re-reads the paper's model counts) and that model (common.flash_hbm_bytes).
+times. Both tile sizes are swept here (Br with the path's default key tile; Bc with 128-query tiles),
+as far as shared memory and registers allow, with the time of one forward, the DRAM bytes (ncu), the
+bytes the SMs read from L2 (the re-reads the paper's model counts) and that model (common.flash_hbm_bytes).
 
-The tiles are set through the kernels' tuning hook, NUMBA_FLASH_FWD_TILES "br,bc,warps,a_regs" (tensor
-cores): 32 query rows per warp, Q in registers. Under the simulator tiles are fixed, so a simulated run
-shows the model only.
+The tiles are set through the kernels' tuning hook, NUMBA_FLASH_FWD_TILES, for the path the default
+dispatch takes here (float16, d = 64): on compute capability 9.0 the warpgroup (wgmma) forward,
+"br,bc,warps,a_regs,min_blocks,ring,pingpong" with 16 query rows per warp, the default's producer
+warpgroup and 2-stage ring, and the ping-pong wherever two warpgroups compute; elsewhere the mma.sync
+forward, "br,bc,warps,a_regs" with 32 query rows per warp and Q in registers. Each sweep holds the other
+tile at the default's. Under the simulator tiles are fixed, so a simulated run shows the model only.
 """
 from __future__ import annotations
 
@@ -24,8 +27,27 @@ PAPER = {"setting": "GPT-2 medium attention forward (seq. length 1024, head dim 
                     "about 256, where arithmetic and other resources bound it"}
 
 
-def sweep(ctx):
-    """[(series, tile, NUMBA_FLASH_FWD_TILES value, Br, Bc)]."""
+def default_path(ctx):
+    """The path numba_flash's default dispatch takes for this figure's problem (float16, d = 64) here."""
+    if ctx.simulate:
+        return "mma"
+    import torch
+
+    from numba_flash.kernels import configs
+    return configs.resolve_backend("auto", "float16", torch.cuda.get_device_capability(), 64, "fwd")
+
+
+def sweep(ctx, path="mma"):
+    """[(series, tile, NUMBA_FLASH_FWD_TILES value, Br, Bc)] for the forward on `path`."""
+    if path == "wgmma":
+        # one warpgroup per 64 query rows, a producer warpgroup and a 2-stage ring (the d = 64 default,
+        # configs._wgmma_tiles); the ping-pong takes two computing warpgroups
+        def tiles(br, bc):
+            return f"{br},{bc},{br // 16},0,0,2,{int(br == 128)}"
+        brs = (64, 128)
+        bcs = (64, 128) if ctx.quick else (64, 128, 192)
+        out = [("query tile Br", br, tiles(br, 128), br, 128) for br in brs]
+        return out + [("key tile Bc", bc, tiles(128, bc), 128, bc) for bc in bcs]
     brs = (32, 64, 128) if ctx.quick else (16, 32, 64, 128)
     bcs = (32, 64) if ctx.quick else (16, 32, 64, 128)
     out = [("query tile Br", br, f"{br},64,{max(1, br // 32)},1", br, 64) for br in brs]
@@ -37,7 +59,8 @@ def run(ctx):
     s = dict(B=1, H=2, N=64, d=16) if ctx.simulate else dict(B=64, H=16, N=1024, d=64)
     cfg = common.config(s["B"], s["N"], s["H"], s["d"])
     rows = []
-    configs = sweep(ctx)
+    path = default_path(ctx)
+    configs = sweep(ctx, path)
     for series, tile, env, br, bc in ctx.progress(configs, NAME):
         if not ctx.simulate:
             os.environ["NUMBA_FLASH_FWD_TILES"] = env
@@ -57,7 +80,7 @@ def run(ctx):
         row["dram_gb"] = (m["dram_read"] + m["dram_write"]) / 1e9 if ok else None
         row["l2_gb"] = ((m["l2_read"] or 0) + (m["l2_write"] or 0)) / 1e9 if ok and m["l2_read"] is not None \
             else None
-    return {"sizes": s, "rows": rows, "hbm_note": why, "paper": PAPER,
+    return {"sizes": s, "path": path, "rows": rows, "hbm_note": why, "paper": PAPER,
             "simulated_tiles_fixed": ctx.simulate}
 
 
@@ -89,7 +112,8 @@ def summary(result):
         [[r["series"], r["tile"], r["tiles"], common.fmt(r["ms"], "{:.3f}") if r["status"] == "ok" else r["status"],
           common.fmt(r.get("dram_gb"), "{:.3f}"), common.fmt(r.get("l2_gb"), "{:.3f}"),
           common.fmt(r["model_gb"], "{:.3f}")] for r in rows])
-    lines = [table, ""]
+    lines = [f"numba_flash path: {result.get('path', 'mma')} (the default dispatch's for float16, d = 64 here).",
+             "", table, ""]
     br = [r for r in rows if r["series"] == "query tile Br" and r.get("l2_gb")]
     if common.simulated(result):
         lines.append(common.SIMULATED_RATIOS)

@@ -7,6 +7,10 @@ for standard attention bytes = a * N d + b * N^2. Both are fitted by least squar
 one forward at several N, d and Br (batch 1, 16 heads, float16), twice: to the DRAM bytes, and to the
 bytes the SMs read from and write to L2 (the level in front of HBM, where a re-read tile is counted
 whether or not L2 still holds it). The fits' constants and relative RMS residuals are reported.
+
+numba_flash runs its mma.sync forward here on every GPU (backend="mma"): its query tile sweeps 32 to 128
+rows, the warpgroup (wgmma) forward's only 64 and 128, and the theorem is about the algorithm's traffic,
+which the two share (FlashAttention-2's loop order, K and V streamed past a resident query tile).
 """
 from __future__ import annotations
 
@@ -36,7 +40,8 @@ def _tiles(d, br):
 
 def run(ctx):
     pts = grid(ctx)
-    cases = [dict(impl=p["impl"], B=1, H=H, N=p["N"], d=p["d"], dtype="float16", causal=False, passes="fwd",
+    impls = {"numba_flash": "numba_flash_mma", "naive": "naive"}
+    cases = [dict(impl=impls[p["impl"]], B=1, H=H, N=p["N"], d=p["d"], dtype="float16", causal=False, passes="fwd",
                   fwd_tiles=_tiles(p["d"], p["br"]) if p["br"] else None) for p in pts]
     rows = []
     for p in pts:

@@ -82,3 +82,27 @@ def test_report_is_built_from_saved_results_and_names_the_paper_numbers(tmp_path
     (folder / "fig2_left.json").write_text(json.dumps({"meta": meta, "rows": rows, "paper": {}}))
     text = report.build(tmp_path / "results")
     assert "## some-gpu" in text and "66.6" in text and "5.0x faster" in text and "27.3x fewer" in text
+
+
+@pytest.mark.parametrize("quick", [True, False])
+@pytest.mark.parametrize("path", ["mma", "wgmma"])
+def test_fig2_middle_sweeps_tiles_its_path_builds(path, quick, monkeypatch):
+    """Every NUMBA_FLASH_FWD_TILES value Figure 2 middle sets parses into tiles of the swept size that the
+    path's forward builds its operations for (the simulator fixes tiles, so the GPU run is the first to
+    launch them: a value the path refuses must fail here, not there)."""
+    from types import SimpleNamespace
+
+    from numba_flash.kernels import configs, tc_tiles, wgmma_tiles
+    from paper_repro import fig2_middle
+
+    rows = fig2_middle.sweep(SimpleNamespace(quick=quick, simulate=False), path)
+    assert {r[0] for r in rows} == {"query tile Br", "key tile Bc"}
+    for series, tile, env, br, bc in rows:
+        monkeypatch.setenv("NUMBA_FLASH_FWD_TILES", env)
+        t = configs._override(path, "fwd")
+        assert (t.br, t.bc) == (br, bc) and tile == (br if series == "query tile Br" else bc), (env, t)
+        if path == "wgmma":
+            assert t.ring == 2 and t.pingpong == (t.warps == 8), t      # the d = 64 default's producer
+            wgmma_tiles.make_wgmma_ops("fwd", t, 64, "float16", True)
+        else:
+            tc_tiles.make_tc_ops("fwd", t, 64, "float16", True)
