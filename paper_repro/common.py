@@ -72,9 +72,23 @@ def environment(ctx: Context) -> dict:
     meta["command"] = " ".join(["python -m paper_repro", *ctx.argv])
     meta["quick"] = ctx.quick
     meta["simulated"] = ctx.simulate
+    meta["numba_flash_paths"] = default_paths(ctx)
     if ctx.simulate:
         meta["note"] = NOT_A_MEASUREMENT
     return meta
+
+
+def default_paths(ctx: Context) -> str:
+    """The kernel paths numba_flash's default dispatch takes here for float16 at the head dims the
+    experiments use, e.g. "d=64: fwd wgmma, bwd wgmma; d=128: fwd wgmma, bwd wgmma"."""
+    from numba_flash.kernels import configs
+    if ctx.simulate:
+        cap = None
+    else:
+        import torch
+        cap = torch.cuda.get_device_capability()
+    return "; ".join(f"d={d}: " + ", ".join(f"{p} {configs.resolve_backend('auto', 'float16', cap, d, p)}"
+                                            for p in configs.PASSES) for d in (64, 128))
 
 
 def save(ctx: Context, name: str, result: dict):

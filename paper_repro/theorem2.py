@@ -69,7 +69,7 @@ def run(ctx):
                 feats = [[r["N"] * r["d"], r["N"] ** 2] for r in pts_]
             coef, resid = common.lstsq(feats, [r[key] for r in pts_])
             fits[f"{impl}:{key}"] = {"coef": coef, "rel_rms_residual": resid, "points": len(pts_)}
-    return {"heads": H, "rows": rows, "fits": fits, "hbm_note": why, "paper": PAPER}
+    return {"heads": H, "rows": rows, "fits": fits, "hbm_note": why, "paper": PAPER, "numba_flash_backend": "mma"}
 
 
 def plot(result, path, simulated):
@@ -110,7 +110,9 @@ def summary(result):
         [[r["impl"], r["N"], r["d"], r["br"] or "—", common.fmt((r.get("dram_bytes") or 0) / 1e9 or None, "{:.4f}"),
           common.fmt((r.get("l2_bytes") or 0) / 1e9 or None, "{:.4f}"), common.fmt(r["model_bytes"] / 1e9, "{:.4f}"),
           common.fmt(r["minimal_bytes"] / 1e9, "{:.4f}")] for r in rows])
-    lines = [f"One forward, batch 1, {result['heads']} heads, float16.", "", table, ""]
+    lines = [f"One forward, batch 1, {result['heads']} heads, float16"
+             + (f"; numba_flash on backend={result['numba_flash_backend']!r}" if result.get("numba_flash_backend")
+                else "") + ".", "", table, ""]
     fits = result["fits"]
     desc = {"numba_flash": "a·N²d²/M + b·N·d (M = Br·d)", "naive": "a·N·d + b·N²"}
     frows = [[k.split(":")[0], k.split(":")[1].replace("_bytes", ""), desc[k.split(":")[0]],
