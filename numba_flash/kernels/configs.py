@@ -73,7 +73,10 @@ class MmaTiles:
     # wgmma forward: the wait for P_j-1 V_j-1 in a basic block of its own after the softmax of S_j (wgmma_tiles
     # wait_pv), so the softmax runs while that product does. False: a plain wait, which ptxas moves up to
     # just after the wait for S_j, before the exponentials (SASS, sm_90a, every wgmma forward variant).
-    late_pv_wait: bool = True
+    # False by default: measured slower, though the SASS overlaps as designed (H100, fp16, N=4096, one run,
+    # tools/tune.py 2026-12-05, TFLOP/s late / plain: d=64 294 / 372, causal 224 / 263; d=128 500 / 554,
+    # causal 419 / 439; benchmarks/results/h100-2026-12-05-*).
+    late_pv_wait: bool = False
 
     def padded_headdim(self, headdim):
         return -(-headdim // 16) * 16

@@ -16,8 +16,9 @@ Paths whose products are asynchronous (TileOps.pipe: wgmma) run the same algorit
 as FlashAttention-3 does within a warpgroup: at key tile j the products S_j = Q K_j^T and O += P_{j-1}
 V_{j-1} are issued together, the softmax of S_j (row max, P_j, the rescale factor) runs while the tensor
 cores still multiply P_{j-1} V_{j-1}, and O is rescaled once that product is complete (the wait for it is
-TileOps.pipe.wait_pv, which keeps it after the softmax in the SASS: hopper.py, "Where ptxas puts the
-waits"). K_{j+1} and V_j are copied during tile j into the buffers K_{j-1} and V_{j-2} left, so one
+TileOps.pipe.wait_pv; ptxas moves a plain wait up to the one for S_j, before the softmax, which is the
+default because it measured faster; MmaTiles.late_pv_wait keeps it after the softmax in the SASS:
+hopper.py, "Where ptxas puts the waits"). K_{j+1} and V_j are copied during tile j into the buffers K_{j-1} and V_{j-2} left, so one
 barrier per tile suffices.
 
 Warp-specialised (TileOps.ws: wgmma tiles with `ring` > 0, FlashAttention-3's structure): one more
