@@ -35,6 +35,23 @@ def backward_case(rng, B, Nq, Nk, H, d, dtype="float32", framework=None, layout=
     return q, k, v, dout
 
 
+@pytest.mark.parametrize("backend", ["simt", "mma"])
+def test_a_second_identical_call_builds_no_kernel(rng, backend):
+    """Every kernel factory is cached on its plan: a repeated forward + backward builds nothing (on a GPU
+    an uncached factory recompiles each call, ~1.7 s a step, which no correctness test notices)."""
+    from numba_flash.kernels import backward, forward
+
+    factories = [forward.make_forward_kernel, backward.make_prepare_kernel, backward.make_dkdv_kernel,
+                 backward.make_dq_kernel, backward.make_dq_convert_kernel]
+    assert all(hasattr(f, "cache_info") for f in factories)
+    dtype = "float32" if backend == "simt" else "float16"
+    q, k, v, dout = backward_case(rng, 1, 17, 17, 1, 16, dtype)
+    fwd_bwd(q, k, v, dout, backend=backend)
+    built = [f.cache_info().misses for f in factories]
+    fwd_bwd(q, k, v, dout, backend=backend)
+    assert [f.cache_info().misses for f in factories] == built
+
+
 # --------------------------------------------------------------------------------------------------
 # flash_attn_backward: shapes, causal, layouts, dtypes
 # --------------------------------------------------------------------------------------------------
