@@ -16,7 +16,8 @@
 #                                              (copy its JSON/PNG into paper_repro/results/<gpu>/ and run
 #                                              python -m paper_repro --report-only to update REPORT.md)
 #
-# Every stage writes its log (and the benchmark's .md/.json) under OUT and prints a summary line. The GPU
+# Every stage writes its log (and the benchmark's .md/.json) under OUT and prints a summary line. The device
+# tool returns only a few files from its $OUT: give the stages a folder elsewhere and tar it into $OUT. The GPU
 # image's numpy must be < 2.5 (numba-cuda 0.30 calls np.row_stack); the stage refuses to run otherwise.
 set -uo pipefail
 cd "$(dirname "$0")/.."
