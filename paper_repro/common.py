@@ -78,17 +78,22 @@ def environment(ctx: Context) -> dict:
     return meta
 
 
-def default_paths(ctx: Context) -> str:
-    """The kernel paths numba_flash's default dispatch takes here for float16 at the head dims the
-    experiments use, e.g. "d=64: fwd wgmma, bwd wgmma; d=128: fwd wgmma, bwd wgmma"."""
+def default_path(ctx: Context, d: int, pass_: str = "fwd") -> str:
+    """The kernel path numba_flash's default dispatch takes here for float16 at head dim d."""
     from numba_flash.kernels import configs
     if ctx.simulate:
         cap = None
     else:
         import torch
         cap = torch.cuda.get_device_capability()
-    return "; ".join(f"d={d}: " + ", ".join(f"{p} {configs.resolve_backend('auto', 'float16', cap, d, p)}"
-                                            for p in configs.PASSES) for d in (64, 128))
+    return configs.resolve_backend("auto", "float16", cap, d, pass_)
+
+
+def default_paths(ctx: Context) -> str:
+    """default_path at the head dims the experiments use, e.g. "d=64: fwd wgmma, bwd wgmma; d=128: ..."."""
+    from numba_flash.kernels import configs
+    return "; ".join(f"d={d}: " + ", ".join(f"{p} {default_path(ctx, d, p)}" for p in configs.PASSES)
+                     for d in (64, 128))
 
 
 def save(ctx: Context, name: str, result: dict):

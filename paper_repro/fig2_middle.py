@@ -27,27 +27,21 @@ PAPER = {"setting": "GPT-2 medium attention forward (seq. length 1024, head dim 
                     "about 256, where arithmetic and other resources bound it"}
 
 
-def default_path(ctx):
-    """The path numba_flash's default dispatch takes for this figure's problem (float16, d = 64) here."""
-    if ctx.simulate:
-        return "mma"
-    import torch
-
-    from numba_flash.kernels import configs
-    return configs.resolve_backend("auto", "float16", torch.cuda.get_device_capability(), 64, "fwd")
-
-
 def sweep(ctx, path="mma"):
     """[(series, tile, NUMBA_FLASH_FWD_TILES value, Br, Bc)] for the forward on `path`."""
     if path == "wgmma":
-        # one warpgroup per 64 query rows, a producer warpgroup and a 2-stage ring (the d = 64 default,
-        # configs._wgmma_tiles); the ping-pong takes two computing warpgroups
+        # the d = 64 default's tiles (configs: a producer warpgroup and its ring) with one warpgroup per
+        # 64 query rows; the ping-pong only where two warpgroups compute
+        from numba_flash.kernels import configs
+        t = configs._wgmma_tiles("fwd", 64)          # the GPU default (tiles() would give the simulator's)
+
         def tiles(br, bc):
-            return f"{br},{bc},{br // 16},0,0,2,{int(br == 128)}"
+            return (f"{br},{bc},{br // 16},{int(t.a_regs)},{t.min_blocks},{t.ring},"
+                    f"{int(t.pingpong and br == 128)}")
         brs = (64, 128)
         bcs = (64, 128) if ctx.quick else (64, 128, 192)
-        out = [("query tile Br", br, tiles(br, 128), br, 128) for br in brs]
-        return out + [("key tile Bc", bc, tiles(128, bc), 128, bc) for bc in bcs]
+        out = [("query tile Br", br, tiles(br, t.bc), br, t.bc) for br in brs]
+        return out + [("key tile Bc", bc, tiles(t.br, bc), t.br, bc) for bc in bcs]
     brs = (32, 64, 128) if ctx.quick else (16, 32, 64, 128)
     bcs = (32, 64) if ctx.quick else (16, 32, 64, 128)
     out = [("query tile Br", br, f"{br},64,{max(1, br // 32)},1", br, 64) for br in brs]
@@ -59,7 +53,7 @@ def run(ctx):
     s = dict(B=1, H=2, N=64, d=16) if ctx.simulate else dict(B=64, H=16, N=1024, d=64)
     cfg = common.config(s["B"], s["N"], s["H"], s["d"])
     rows = []
-    path = default_path(ctx)
+    path = common.default_path(ctx, 64)
     configs = sweep(ctx, path)
     for series, tile, env, br, bc in ctx.progress(configs, NAME):
         if not ctx.simulate:

@@ -102,7 +102,8 @@ def test_fig2_middle_sweeps_tiles_its_path_builds(path, quick, monkeypatch):
         t = configs._override(path, "fwd")
         assert (t.br, t.bc) == (br, bc) and tile == (br if series == "query tile Br" else bc), (env, t)
         if path == "wgmma":
-            assert t.ring == 2 and t.pingpong == (t.warps == 8), t      # the d = 64 default's producer
+            default = configs._wgmma_tiles("fwd", 64)
+            assert t.ring == default.ring == 2 and t.pingpong == (t.warps == 8), t   # the d = 64 default's ring
             wgmma_tiles.make_wgmma_ops("fwd", t, 64, "float16", True)
         else:
             tc_tiles.make_tc_ops("fwd", t, 64, "float16", True)

@@ -18,8 +18,8 @@ V_{j-1} are issued together, the softmax of S_j (row max, P_j, the rescale facto
 cores still multiply P_{j-1} V_{j-1}, and O is rescaled once that product is complete (the wait for it is
 TileOps.pipe.wait_pv; ptxas moves a plain wait up to the one for S_j, before the softmax, which is the
 default because it measured faster; MmaTiles.late_pv_wait keeps it after the softmax in the SASS:
-hopper.py, "Where ptxas puts the waits"). K_{j+1} and V_j are copied during tile j into the buffers K_{j-1} and V_{j-2} left, so one
-barrier per tile suffices.
+hopper.py, "Where ptxas puts the waits"). K_{j+1} and V_j are copied during tile j into the buffers
+K_{j-1} and V_{j-2} left, so one barrier per tile suffices.
 
 Warp-specialised (TileOps.ws: wgmma tiles with `ring` > 0, FlashAttention-3's structure): one more
 warpgroup, the producer, copies Q once and then K_j, V_j into stage j mod S of a ring of S buffers, and
