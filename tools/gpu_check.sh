@@ -12,6 +12,11 @@
 #   tools/gpu_check.sh ncu      OUT [D...]     ncu --clock-control none on one forward and one backward per
 #                                              head dim (default 64 128; fp16, N=4096): duration, tensor-pipe
 #                                              and issue utilisation, warp stall reasons (~60 s per kernel)
+#   tools/gpu_check.sh profile  OUT IMPL D CAUSAL PASS
+#                                              ncu --set full (source counters included) on one call's kernels
+#                                              (tools/profile_step.py: IMPL numba_flash, sdpa_cudnn or sdpa_flash;
+#                                              PASS fwd or bwd; N=4096, fp16): the report, its details page and
+#                                              its per-SASS-instruction source page (csv) (~30-60 s per kernel)
 #   tools/gpu_check.sh paper    OUT NAME...    python -m paper_repro --quick --only NAME... into OUT/paper
 #                                              (copy its JSON/PNG into paper_repro/results/<gpu>/ and run
 #                                              python -m paper_repro --report-only to update REPORT.md)
@@ -83,6 +88,19 @@ ncu)
         echo "ncu d=$d exit $?: $(grep -c -E '^ +flash_' "$out/ncu-d$d.txt") kernels profiled"
         grep -E "^ +flash_|Duration|gmma_cycles_active|pipe_xu|Issue Slots Busy|No Eligible|Stall" "$out/ncu-d$d.txt" | head -40
     done
+    ;;
+profile)
+    [ $# -eq 4 ] || { echo "profile: IMPL D CAUSAL PASS"; exit 2; }
+    tag="$1-d$2-c$3-$4"
+    timeout 300 ncu --clock-control none --nvtx --nvtx-include "prof/" --set full --import-source no \
+        -f -o "$out/prof-$tag" python3 tools/profile_step.py --impl "$1" --d "$2" --causal "$3" --pass "$4" \
+        > "$out/prof-$tag.log" 2>&1
+    echo "profile $tag exit $?"
+    ncu --import "$out/prof-$tag.ncu-rep" --page details > "$out/prof-$tag-details.txt" 2>&1
+    ncu --import "$out/prof-$tag.ncu-rep" --page source --print-source sass --csv \
+        > "$out/prof-$tag-sass.csv" 2>&1
+    grep -E "^  [a-zA-Z_].*\(|Duration|Registers Per|Issue Slots Busy|No Eligible|Achieved Occupancy" \
+        "$out/prof-$tag-details.txt" | head -30
     ;;
 paper)
     [ $# -gt 0 ] || { echo "paper: name the experiments (python -m paper_repro --help)"; exit 2; }
