@@ -231,32 +231,36 @@ def test_flash_attn_func_resolves_auto_per_pass(rng, monkeypatch):
 # The warp-specialised forward (tiles.ring > 0: a producer warpgroup and an mbarrier ring)
 # --------------------------------------------------------------------------------------------------
 
-def use_ring(monkeypatch, ring, d=32, pingpong=False, late_pv_wait=None):
+def use_ring(monkeypatch, ring, d=32, pingpong=False, late_pv_wait=None, consumers=None, persistent=False):
     """Make the wgmma forward warp-specialised with a `ring`-stage ring (0: the kernel without warp
     specialisation): under the simulator one consumer warpgroup (64 queries; two with the ping-pong) and
     32-key tiles, on a GPU the default tiles' shape with two consumer warpgroups (tuning runs reach it the
-    same way, through NUMBA_FLASH_FWD_TILES). late_pv_wait: MmaTiles.late_pv_wait (None: its default)."""
+    same way, through NUMBA_FLASH_FWD_TILES). late_pv_wait: MmaTiles.late_pv_wait (None: its default).
+    consumers: that many computing warpgroups (64 query rows each) instead. persistent: MmaTiles.persistent
+    (under the simulator the grid then has launch.SIM_RESIDENT_BLOCKS blocks)."""
     from numba_flash.kernels import configs
     if late_pv_wait is None:
         late_pv_wait = configs.MmaTiles.late_pv_wait
     if SIMULATOR:
-        warps = 8 if pingpong else 4
+        warps = 4 * consumers if consumers else 8 if pingpong else 4
         monkeypatch.setitem(configs._SIM["wgmma"], "fwd",
                             configs.MmaTiles(16 * warps, 32, warps, a_regs=False, ring=ring, pingpong=pingpong,
-                                             late_pv_wait=late_pv_wait))
+                                             late_pv_wait=late_pv_wait, persistent=persistent))
     else:
         t = configs._wgmma_tiles("fwd", d)
+        br, warps = (64 * consumers, 4 * consumers) if consumers else (t.br, t.warps)
         monkeypatch.setenv("NUMBA_FLASH_FWD_TILES",
-                           f"{t.br},{t.bc},{t.warps},0,0,{ring},{int(pingpong)},{int(late_pv_wait)}")
+                           f"{br},{t.bc},{warps},0,0,{ring},{int(pingpong)},{int(late_pv_wait)},"
+                           f"{int(persistent)}")
 
 
-def check_ring_matches_default_bitwise(monkeypatch, q, k, v, dtype, ring, pingpong=False, **kw):
+def check_ring_matches_default_bitwise(monkeypatch, q, k, v, dtype, ring, pingpong=False, consumers=None, **kw):
     """The warp-specialised forward does the two-warpgroup kernel's arithmetic in its order: the same bits;
     and within the error budget of the reference."""
     d = q.shape[-1]
-    use_ring(monkeypatch, 0, d, pingpong)          # the kernel without warp specialisation, same tiles
+    use_ring(monkeypatch, 0, d, pingpong, consumers=consumers)   # without warp specialisation, same tiles
     want = run_wgmma(q, k, v, dtype, **kw)
-    use_ring(monkeypatch, ring, d, pingpong)
+    use_ring(monkeypatch, ring, d, pingpong, consumers=consumers)
     got = run_wgmma(q, k, v, dtype, **kw)
     for name, x, y in zip(("out", "lse"), got, want):
         assert_bitwise_equal(x, y, name)
@@ -290,6 +294,46 @@ def test_wgmma_warp_specialised_forward_with_ping_pong_matches_default_bitwise(r
     different numbers of key tiles, so a barrier left unbalanced would hang (the simulator raises)."""
     q, k, v = make_qkv_arrays(rng, 1, 150, 100, 1, 16, "bfloat16", FW)
     check_ring_matches_default_bitwise(monkeypatch, q, k, v, "bfloat16", 2, pingpong=True, causal=True)
+
+
+@pytest.mark.parametrize("ring,pingpong,causal,Nq,Nk,H,d", [
+    (2, True, True, 150, 100, 2, 16), (3, False, False, 100, 70, 3, 32), (2, False, True, 200, 50, 1, 16)])
+def test_wgmma_persistent_forward_matches_default_bitwise_across_work_tiles(rng, monkeypatch, ring, pingpong,
+                                                                           causal, Nq, Nk, H, d):
+    """A persistent grid (MmaTiles.persistent): each block walks several work tiles (query tiles of several
+    heads), the ring's stages and phases, Q's reload and the ping-pong's turns carried from one to the next,
+    causal tiles longest first, and query tiles that see no key (the last case: two whole tiles); same bits
+    as one block per tile. On the GPU at real sizes with the default tiles' shape."""
+    B = 1
+    if not SIMULATOR:
+        B, Nq, Nk, H, d = 2, 10 * Nq, 10 * Nk, 16, 64
+    q, k, v = make_qkv_arrays(rng, B, Nq, Nk, H, d, "float16", FW)
+    use_ring(monkeypatch, ring, d, pingpong)
+    want = run_wgmma(q, k, v, "float16", causal=causal)
+    use_ring(monkeypatch, ring, d, pingpong, persistent=True)
+    got = run_wgmma(q, k, v, "float16", causal=causal)
+    for name, x, y in zip(("out", "lse"), got, want):
+        assert_bitwise_equal(x, y, name)
+
+
+def test_tile_override_reads_the_persistent_field(monkeypatch):
+    from numba_flash.kernels import configs
+    monkeypatch.setenv("NUMBA_FLASH_FWD_TILES", "128,128,8,0,0,2,1,0,1")
+    assert configs._override("wgmma", "fwd") == configs.MmaTiles(128, 128, 8, a_regs=False, ring=2, pingpong=True,
+                                                                   persistent=True)
+
+
+@pytest.mark.parametrize("ring,causal", [(2, True), (3, False)])
+def test_wgmma_warp_specialised_forward_with_three_consumer_warpgroups_matches_default_bitwise(rng, monkeypatch,
+                                                                                            ring, causal):
+    """Three computing warpgroups (192-query tiles, setmaxnreg's split for 512 threads): ragged query and key
+    tiles, causal query tiles that see few or no keys."""
+    nq, nk = (100, 70) if SIMULATOR else (1000, 1100)
+    q, k, v = make_qkv_arrays(rng, 1, nq, nk, 1, 16 if SIMULATOR else 64, "float16", FW)
+    out, lse = check_ring_matches_default_bitwise(monkeypatch, q, k, v, "float16", ring, consumers=3,
+                                                  causal=causal)
+    if causal and nq > nk:
+        assert (as64(out)[:, :nq - nk] == 0).all() and np.isneginf(as64(lse)[:, :, :nq - nk]).all()
 
 
 @pytest.mark.parametrize("ring", [0, 2])

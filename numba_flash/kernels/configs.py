@@ -77,6 +77,10 @@ class MmaTiles:
     # tools/tune.py 2026-12-05, TFLOP/s late / plain: d=64 294 / 372, causal 224 / 263; d=128 500 / 554,
     # causal 419 / 439; benchmarks/results/h100-2026-12-05-*).
     late_pv_wait: bool = False
+    # warp-specialised forward only: a persistent grid (one block per SM that can hold one) whose blocks
+    # take query tiles (work tiles) in turn, so the producer copies the next work tile's Q and first K
+    # while the consumers finish the last one (its final P V and the epilogue) (forward.py)
+    persistent: bool = False
 
     def padded_headdim(self, headdim):
         return -(-headdim // 16) * 16
@@ -166,7 +170,7 @@ _ENV = {"fwd": ("NUMBA_FLASH_FWD_TILES",), "dkdv": ("NUMBA_FLASH_DKDV_TILES", "N
         "dq": ("NUMBA_FLASH_DQ_TILES", "NUMBA_FLASH_BWD_TILES")}
 
 
-def _wgmma_tiles(role, headdim):
+def _wgmma_tiles(role, headdim, causal=False):
     # The warpgroup kernels (wgmma_tiles.py): one warpgroup per 64 rows of the resident tile (queries;
     # keys in dK/dV), every operand in shared memory. Forward: a thread holds Bc/2 score and d/2 output
     # floats. Backward: two score fragments of (streamed rows)/2 floats and d/2 (dQ) or d (dK and dV)
@@ -179,10 +183,16 @@ def _wgmma_tiles(role, headdim):
         # ping-pong 371 / 310. 2026-12-04, same tool: d=128 ring 3 494 / 458, ring 3 with the ping-pong
         # 565 / 477 (benchmarks/results/h200-2026-12-04-tuning-and-tests.md). Other head dims were not
         # measured warp-specialised (and d=256 spills).
+        # Persistent (H100, same tool, 2026-12-06, N=4096, default / persistent): d=64 372 / 382, causal
+        # 264 / 265, causal N=1024 174 / 200; d=128 514 / 530, causal 437 / 436. The benchmark in the same
+        # lease (benchmarks/results/h100-2026-12-06-*): d=128 causal N = 1k, 2k, 4k, 16k 243, 299, 445, 526
+        # against 252, 315, 437, 488 persistent: its blocks take work tiles round-robin from the longest,
+        # so block 0 ends with ~6% more key tiles than block 131 at N=16k. Not persistent there until an
+        # order balances it (next step: every other round reversed).
         if headdim == 128:
-            return MmaTiles(128, 128, 8, a_regs=False, ring=3, pingpong=True)
+            return MmaTiles(128, 128, 8, a_regs=False, ring=3, pingpong=True, persistent=not causal)
         if headdim == 64:
-            return MmaTiles(128, 128, 8, a_regs=False, ring=2, pingpong=True)
+            return MmaTiles(128, 128, 8, a_regs=False, ring=2, pingpong=True, persistent=True)
         if headdim <= 128:
             return MmaTiles(128, 128, 8, a_regs=False)
         return MmaTiles(128, 64, 8, a_regs=False)
@@ -199,7 +209,7 @@ def _wgmma_tiles(role, headdim):
 
 def _override(path, role):
     """Tile overrides for tuning runs only: NUMBA_FLASH_{FWD,DQ,DKDV,BWD}_TILES = "br,bc,ty,tx[,min_blocks]"
-    (simt) or "br,bc,warps,a_regs[,min_blocks[,ring[,pingpong[,late_pv_wait]]]]" (mma, wgmma)."""
+    (simt) or "br,bc,warps,a_regs[,min_blocks[,ring[,pingpong[,late_pv_wait[,persistent]]]]]" (mma, wgmma)."""
     for var in _ENV[role]:
         v = os.environ.get(var)
         if v:
@@ -207,13 +217,14 @@ def _override(path, role):
             return SimtTiles(*fields) if path == "simt" else MmaTiles(fields[0], fields[1], fields[2],
                                                                        *(bool(x) for x in fields[3:4]),
                                                                        *fields[4:6],
-                                                                       *(bool(x) for x in fields[6:8]))
+                                                                       *(bool(x) for x in fields[6:9]))
     return None
 
 
-def tiles(path, role, headdim, block_k=None):
+def tiles(path, role, headdim, block_k=None, causal=False):
     """Tiles of kernel `role` ("fwd", "dkdv", "dq", or "dkdv_atomic": the dK/dV kernel with the fused
-    dQ). block_k: a block mask's key block size, which the key tiles must divide (None: dense)."""
+    dQ). block_k: a block mask's key block size, which the key tiles must divide (None: dense). causal:
+    the forward's wgmma tiles differ (persistent or not)."""
     if SIMULATOR:
         sim = _SIM[path]
         return sim[role] if role in sim else sim["dkdv" if role == "dkdv_atomic" else role]
@@ -221,7 +232,8 @@ def tiles(path, role, headdim, block_k=None):
     if t is None:
         if path == "wgmma" and role == "dkdv_atomic":
             role = "dkdv"                            # the fused dQ runs on the dK/dV kernel's tiles
-        t = {"simt": _simt_tiles, "mma": _mma_tiles, "wgmma": _wgmma_tiles}[path](role, headdim)
+        t = (_wgmma_tiles(role, headdim, causal) if path == "wgmma"
+             else {"simt": _simt_tiles, "mma": _mma_tiles}[path](role, headdim))
         if role == "dkdv_atomic" and block_k is not None and block_k % t.bc:
             t = _mma_tiles("dkdv", headdim)          # the mask's key blocks are narrower than 128
     return t
@@ -290,7 +302,8 @@ def backward_path(path, headdim):
 
 
 def forward_plan(path, headdim, dtype_name, causal, aligned, positive_scale=True):
-    return Plan(path, headdim, dtype_name, bool(causal), bool(aligned), fwd=tiles(path, "fwd", headdim),
+    return Plan(path, headdim, dtype_name, bool(causal), bool(aligned), fwd=tiles(path, "fwd", headdim,
+                                                                                  causal=causal),
                 positive_scale=bool(positive_scale))
 
 

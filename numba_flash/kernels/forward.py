@@ -26,12 +26,17 @@ warpgroup, the producer, copies Q once and then K_j, V_j into stage j mod S of a
 the computing warpgroups run the pipelined body above with mbarrier waits in place of its block
 barriers: a "full" mbarrier per buffer says its tile has landed, an "empty" one that every computing
 thread is done reading it. setmaxnreg moves registers from the producer to the consumers. The
-arithmetic, and so every output bit, is the pipelined body's.
+arithmetic, and so every output bit, is the pipelined body's. Persistent (MmaTiles.persistent, the default
+of the warp-specialised tiles): as many blocks as the GPU holds at once, each taking query tiles (work
+tiles) in turn (walk.make_work_order); the ring's stages and phases run on from one work tile to the next,
+and the consumers release Q (an mbarrier) once their last S product is complete, so the producer copies
+the next work tile's Q and first K, V while they finish the last one's P V and epilogue.
 
 Launch contract (`launch`): grid walk.tile_grid (Tr, nheads, batch; causal: nheads, batch, Tr, the longest
-tiles first); arguments q, k, v, out, lse as flat arrays with
-(batch, seqlen, head) element strides, the sequence lengths, scale * log2(e), the causal offset, and the
-mask lists (api.TileLists.lists).
+tiles first), or for a persistent kernel walk.persistent_grid (launch.resident_blocks blocks); arguments
+q, k, v, out, lse as flat arrays with (batch, seqlen, head) element strides, the sequence lengths, scale *
+log2(e), the causal offset, the mask lists (api.TileLists.lists), and `work` = (Tr, nheads, batch) for a
+persistent kernel ((0, 0, 0) otherwise, unused).
 """
 from functools import lru_cache
 
@@ -39,11 +44,11 @@ from numba import cuda, uint32, uint64
 
 from .convert import acc_constant, acc_type, storer
 from .fragments import make_store_rows, pair_packer
-from .launch import Launchable, inline_device, kernel, strides3
+from .launch import Launchable, inline_device, kernel, resident_blocks, strides3
 from .pipeline import make_pipeline
 from .softmax import LOG2E, make_softmax
 from .tiles import make_ops
-from .walk import make_walk, tile_grid
+from .walk import make_walk, make_work_order, persistent_grid, tile_grid
 
 
 def _make_epilogue(plan, ops, finalize):
@@ -83,6 +88,8 @@ def make_forward_kernel(plan):
                       narrow_mask=ops.path == "wgmma")
     scale_and_mask, online_update, update, rescale = sm.scale_and_mask, sm.online_update, sm.update, sm.rescale
     epilogue = _make_epilogue(plan, ops, sm.finalize)
+    assert ops.ws is not None or not getattr(plan.fwd, "persistent", False), \
+        ("a persistent forward is warp-specialised (wgmma, ring > 0)", plan.fwd)
     if ops.ws is not None:
         return _make_specialized(plan, ops, walk, scale_and_mask, update, rescale, epilogue)
     if ops.pipe is not None:
@@ -92,7 +99,7 @@ def make_forward_kernel(plan):
 
     @kernel(ops.threads, ops.smem_bytes, ops.min_blocks, ops.min_regs)
     def flash_fwd(q, k, v, o, lse, nq, nk, q_st, k_st, v_st, o_st, lse_st, scale_log2, offset,
-                  kv_count, kv_index, mask_sh, mask_maxk, q_per_blk, k_per_blk):
+                  kv_count, kv_index, mask_sh, mask_maxk, q_per_blk, k_per_blk, work):
         smem = cuda.shared.array(0, ACC)
         i_tile, h, b = block_coords()
         tid = cuda.threadIdx.x
@@ -177,7 +184,7 @@ def _make_pipelined(plan, ops, walk, scale_and_mask, update, rescale, epilogue):
 
     @kernel(ops.threads, ops.smem_bytes, ops.min_blocks, ops.min_regs)
     def flash_fwd(q, k, v, o, lse, nq, nk, q_st, k_st, v_st, o_st, lse_st, scale_log2, offset,
-                  kv_count, kv_index, mask_sh, mask_maxk, q_per_blk, k_per_blk):
+                  kv_count, kv_index, mask_sh, mask_maxk, q_per_blk, k_per_blk, work):
         smem = cuda.shared.array(0, ACC)
         i_tile, h, b = block_coords()
         tid = cuda.threadIdx.x
@@ -276,45 +283,53 @@ def _make_specialized(plan, ops, walk, scale_and_mask, update, rescale, epilogue
     pp, ws = ops.pipe, ops.ws
     KK, S, P, NB = pp.steps, ws.stages, ws.producers, ws.nbars
     PING = ws.pingpong
-    FULL_K, FULL_V, EMPTY = 1, 1 + S, 1 + 2 * S
+    PERSIST = plan.fwd.persistent
+    FULL_K, FULL_V, EMPTY, Q_EMPTY = 1, 1 + S, 1 + 2 * S, 1 + 3 * S
+    work_first, work_more, work_step, work_coords = make_work_order(walk, plan.causal, PERSIST)
     softmax_j, output_j = _make_tile_step(pp, needs_mask, scale_and_mask, update, rescale)
 
     @kernel(ops.threads, ops.smem_bytes, ops.min_blocks, ops.min_regs)
     def flash_fwd(q, k, v, o, lse, nq, nk, q_st, k_st, v_st, o_st, lse_st, scale_log2, offset,
-                  kv_count, kv_index, mask_sh, mask_maxk, q_per_blk, k_per_blk):
+                  kv_count, kv_index, mask_sh, mask_maxk, q_per_blk, k_per_blk, work):
         smem = cuda.shared.array(0, ACC)
         bars = cuda.shared.array(NB, uint64)
-        i_tile, h, b = block_coords()
         tid = cuda.threadIdx.x
-        row0 = i_tile * BR
-        kv = (k, b * k_st[0] + h * k_st[2], k_st[1], v, b * v_st[0] + h * v_st[2], v_st[1])
         if tid == 0:
             ws.init(bars)
         cuda.syncthreads()
-        mrow, nblk, t, sub, base, col0 = first_tile(kv_count, kv_index, h, i_tile, mask_sh, mask_maxk,
-                                                    q_per_blk, k_per_blk, row0, nq, nk, offset)
+        w = work_first()
         if tid < P:
             # ---------------- producer ----------------
             ws.reg_producer()
-            ws.load_q(smem, q, b * q_st[0] + h * q_st[2], row0, nq - row0, q_st[1], tid)
-            stage, phase = 0, 0
-            pstage = -1                                        # stage of the V to mark full; -1: Q
-            while t < nblk:
-                ws.wait(bars, EMPTY + stage, phase ^ 1)        # tile j - S released (at once for j < S)
-                ws.load_k(smem, stage, col0, nk, kv, tid)
-                ws.landed1()                                   # V_j-1 (or Q) landed
+            stage, phase, qphase = 0, 0, 0                     # ring position and Q's phase, across work tiles
+            while work_more(w, work):
+                i_tile, h, b = work_coords(w, work)
+                row0 = i_tile * BR
+                kv = (k, b * k_st[0] + h * k_st[2], k_st[1], v, b * v_st[0] + h * v_st[2], v_st[1])
+                mrow, nblk, t, sub, base, col0 = first_tile(kv_count, kv_index, h, i_tile, mask_sh, mask_maxk,
+                                                            q_per_blk, k_per_blk, row0, nq, nk, offset)
+                if PERSIST:
+                    ws.wait(bars, Q_EMPTY, qphase ^ 1)         # the last work tile's S products are done
+                ws.load_q(smem, q, b * q_st[0] + h * q_st[2], row0, nq - row0, q_st[1], tid)
+                pstage = -1                                    # stage of the V to mark full; -1: Q
+                while t < nblk:
+                    ws.wait(bars, EMPTY + stage, phase ^ 1)    # tile j - S released (at once for j < S)
+                    ws.load_k(smem, stage, col0, nk, kv, tid)
+                    ws.landed1()                               # V_j-1 (or Q) landed
+                    ws.arrive(bars, 0 if pstage < 0 else FULL_V + pstage)
+                    ws.load_v(smem, stage, col0, nk, kv, tid)
+                    ws.landed1()                               # K_j landed
+                    ws.arrive(bars, FULL_K + stage)
+                    t, sub, base, col0 = next_tile(kv_index, mrow, mask_maxk, k_per_blk, nblk, t, sub, base,
+                                                   row0, nq, nk, offset)
+                    pstage = stage
+                    stage += 1
+                    if stage == S:
+                        stage, phase = 0, phase ^ 1
+                ws.landed0()                                   # the last V (or Q: no tiles)
                 ws.arrive(bars, 0 if pstage < 0 else FULL_V + pstage)
-                ws.load_v(smem, stage, col0, nk, kv, tid)
-                ws.landed1()                                   # K_j landed
-                ws.arrive(bars, FULL_K + stage)
-                t, sub, base, col0 = next_tile(kv_index, mrow, mask_maxk, k_per_blk, nblk, t, sub, base, row0,
-                                               nq, nk, offset)
-                pstage = stage
-                stage += 1
-                if stage == S:
-                    stage, phase = 0, phase ^ 1
-            ws.landed0()                                       # the last V (or Q: no tiles)
-            ws.arrive(bars, 0 if pstage < 0 else FULL_V + pstage)
+                qphase ^= 1
+                w = work_step(w)
         else:
             # ---------------- consumers ----------------
             ws.reg_consumer()
@@ -326,59 +341,78 @@ def _make_specialized(plan, ops, walk, scale_and_mask, update, rescale, epilogue
             acc = cuda.local.array((R, CO), ACC)
             s = cuda.local.array((R, C), ACC)
             pk = cuda.local.array((KK, 4), uint32)
-            for i in range(R):
-                m[i] = NEG_INF
-                l[i] = ZERO
-                for j in range(CO):
-                    acc[i, j] = ZERO
-            if t < nblk:
-                if PING and ctid >= 128:
-                    ws.your_turn(ctid)                                         # warpgroup 0 issues first
-                ws.wait(bars, 0, 0)                                            # Q
-                ws.wait(bars, FULL_K, 0)                                       # K_0
-                if PING:
-                    ws.my_turn(ctid)
-                pend_s = pp.s_issue(smem, 0, ctid)
-                if PING:
-                    ws.your_turn(ctid)
-                pp.wait0()
-                pp.s_finish(s, pend_s)
-                scale_and_mask(s, sl2, needs_mask(row0, col0, nq, nk, offset), ctid, row0, col0, nq, nk,
-                               offset)
-                update(s, m, l, alpha, sl2)                                    # acc is zero: no rescale
-                pp.pack(s, pk)
-                t, sub, base, col0 = next_tile(kv_index, mrow, mask_maxk, k_per_blk, nblk, t, sub, base, row0,
-                                               nq, nk, offset)
-                pstage, pphase = 0, 0                                          # tile j - 1
-                stage, phase = 1, 0                                            # S >= 2
-                while t < nblk:
-                    ws.wait(bars, FULL_K + stage, phase)                       # K_j
-                    ws.wait(bars, FULL_V + pstage, pphase)                     # V_j-1
+            stage, phase, qphase = 0, 0, 0
+            while work_more(w, work):
+                i_tile, h, b = work_coords(w, work)
+                row0 = i_tile * BR
+                mrow, nblk, t, sub, base, col0 = first_tile(kv_count, kv_index, h, i_tile, mask_sh, mask_maxk,
+                                                            q_per_blk, k_per_blk, row0, nq, nk, offset)
+                for i in range(R):
+                    m[i] = NEG_INF
+                    l[i] = ZERO
+                    for j in range(CO):
+                        acc[i, j] = ZERO
+                if t < nblk:
+                    if PING and ctid >= 128:
+                        ws.your_turn(ctid)                                     # warpgroup 0 issues first
+                    ws.wait(bars, 0, qphase)                                   # Q
+                    ws.wait(bars, FULL_K + stage, phase)                       # K_0
                     if PING:
                         ws.my_turn(ctid)
-                    pend_s = pp.s_issue(smem, stage, ctid)                     # S_j = Q K_j^T
-                    pend_o = pp.pv_issue(smem, pk, pstage, acc, False)         # O += P_j-1 V_j-1
+                    pend_s = pp.s_issue(smem, stage, ctid)
                     if PING:
                         ws.your_turn(ctid)
-                    moved = softmax_j(s, pend_s, m, l, alpha, sl2, ctid, row0, col0, nq, nk, offset)
-                    pp.wait_pv(col0 < nk)                                      # P_j-1 V_j-1 complete
-                    ws.arrive(bars, EMPTY + pstage)                            # K_j-1, V_j-1 read
-                    output_j(acc, pend_o, alpha, moved, s, pk)
+                    pp.wait0()
+                    pp.s_finish(s, pend_s)
+                    scale_and_mask(s, sl2, needs_mask(row0, col0, nq, nk, offset), ctid, row0, col0, nq, nk,
+                                   offset)
+                    update(s, m, l, alpha, sl2)                                # acc is zero: no rescale
+                    pp.pack(s, pk)
                     t, sub, base, col0 = next_tile(kv_index, mrow, mask_maxk, k_per_blk, nblk, t, sub, base,
                                                    row0, nq, nk, offset)
-                    pstage, pphase = stage, phase
+                    pstage, pphase = stage, phase                              # tile j - 1
                     stage += 1
                     if stage == S:
                         stage, phase = 0, phase ^ 1
-                ws.wait(bars, FULL_V + pstage, pphase)                         # V_last
-                if PING:
-                    ws.my_turn(ctid)
-                pend_o = pp.pv_issue(smem, pk, pstage, acc, True)
-                if PING and ctid < 128:
-                    ws.your_turn(ctid)              # warpgroup 1 issues last: no turn to hand over
-                pp.wait0()
-                pp.o_finish(acc, pend_o)
-            epilogue(m, l, acc, sl2, o, lse, b, h, row0, nq, o_st, lse_st, ctid)
+                    while t < nblk:
+                        ws.wait(bars, FULL_K + stage, phase)                   # K_j
+                        ws.wait(bars, FULL_V + pstage, pphase)                 # V_j-1
+                        if PING:
+                            ws.my_turn(ctid)
+                        pend_s = pp.s_issue(smem, stage, ctid)                 # S_j = Q K_j^T
+                        pend_o = pp.pv_issue(smem, pk, pstage, acc, False)     # O += P_j-1 V_j-1
+                        if PING:
+                            ws.your_turn(ctid)
+                        moved = softmax_j(s, pend_s, m, l, alpha, sl2, ctid, row0, col0, nq, nk, offset)
+                        pp.wait_pv(col0 < nk)                                  # P_j-1 V_j-1 complete
+                        ws.arrive(bars, EMPTY + pstage)                        # K_j-1, V_j-1 read
+                        output_j(acc, pend_o, alpha, moved, s, pk)
+                        t, sub, base, col0 = next_tile(kv_index, mrow, mask_maxk, k_per_blk, nblk, t, sub,
+                                                       base, row0, nq, nk, offset)
+                        pstage, pphase = stage, phase
+                        stage += 1
+                        if stage == S:
+                            stage, phase = 0, phase ^ 1
+                    if PERSIST:
+                        ws.arrive(bars, Q_EMPTY)                               # every S product complete
+                    ws.wait(bars, FULL_V + pstage, pphase)                     # V_last
+                    if PING:
+                        ws.my_turn(ctid)
+                    pend_o = pp.pv_issue(smem, pk, pstage, acc, True)
+                    if PING and ctid < 128:
+                        ws.your_turn(ctid)          # warpgroup 1 issues last: no turn to hand over
+                    pp.wait0()
+                    pp.o_finish(acc, pend_o)
+                    if PERSIST:
+                        ws.arrive(bars, EMPTY + pstage)                        # K_last, V_last read
+                elif PERSIST:
+                    # Q is unused, but its phase is waited for: a producer thread that left it for the next
+                    # work tile's Q would otherwise arrive there before a slower one arrived here
+                    ws.wait(bars, 0, qphase)
+                    ws.arrive(bars, Q_EMPTY)
+                epilogue(m, l, acc, sl2, o, lse, b, h, row0, nq, o_st, lse_st, ctid)
+                qphase ^= 1
+                w = work_step(w)
 
     return Launchable(flash_fwd, ops.threads, ops.smem_bytes, ops.min_blocks, ops.min_regs)
 
@@ -387,10 +421,15 @@ def launches(plan, stream, q, k, v, out, lse, nq, nk, scale, offset, masks):
     """[(kernel, grid, stream, args)] of the forward pass. q, k, v, out: interop.View of (B, N, H, d); lse:
     View of (B, H, Nq); masks.lists(br, bc, transpose) gives the walk arguments for the kernel's tiles."""
     B, H = q.shape[0], q.shape[2]
+    kern = make_forward_kernel(plan)
+    if getattr(plan.fwd, "persistent", False):
+        grid, work = persistent_grid(nq, plan.fwd.br, H, B, resident_blocks(kern))
+    else:
+        grid, work = tile_grid(plan.causal, nq, plan.fwd.br, H, B, "seqlen_q"), (0, 0, 0)
     args = (q.flat, k.flat, v.flat, out.flat, lse.flat, nq, nk, strides3(q), strides3(k), strides3(v),
             strides3(out), (lse.strides[0], lse.strides[1]), scale * LOG2E, offset,
-            *masks.lists(plan.fwd.br, plan.fwd.bc, False))
-    return [(make_forward_kernel(plan), tile_grid(plan.causal, nq, plan.fwd.br, H, B, "seqlen_q"), stream, args)]
+            *masks.lists(plan.fwd.br, plan.fwd.bc, False), work)
+    return [(kern, grid, stream, args)]
 
 
 def launch(*args):

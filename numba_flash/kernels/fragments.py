@@ -148,7 +148,7 @@ WsOps = namedtuple("WsOps", [
     "producers",       # threads of the producer warpgroup: threads 0 .. producers-1; the rest compute
     "regs",            # (producer, consumer) registers per thread for setmaxnreg, or None (left as compiled)
     "nbars",           # mbarriers (a uint64 shared array of this many): [Q, full K x stages, full V x
-                       # stages, empty x stages]
+                       # stages, empty x stages, Q empty (a persistent kernel's consumers are done with Q)]
     "init",            # (bars): one thread initialises them (then a block barrier)
     "arrive", "wait",  # (bars, idx), (bars, idx, parity): mbarrier arrival, wait for a phase of that parity
     "load_q",          # (smem, g, base, row0, nrows, stride, ptid): the producer copies Q (commits)

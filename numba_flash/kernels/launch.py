@@ -5,6 +5,7 @@ Tiles for head dims >= 64 need more than the 48 KiB a block gets by default; Hop
 the function's MAX_DYNAMIC_SHARED_SIZE_BYTES attribute is raised. numba-cuda exposes no setter for it,
 so it is set here through the driver on the compiled function, once per (overload, device).
 """
+import os
 import threading
 from dataclasses import dataclass, field
 
@@ -113,6 +114,31 @@ class Launchable:
                 f"allows {limit}")
         attr = cu.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
         driver.cuKernelSetAttribute(attr, self.smem_bytes, cufunc.handle, cufunc.device.id)
+
+
+SIM_RESIDENT_BLOCKS = 2    # a persistent grid under the simulator: few blocks, so each loops over several tiles
+_FALLBACK_SMS = 132        # without a device (tools/ptx_report.py): an H100 SXM's
+
+
+RESIDENT_BLOCKS_ENV = "NUMBA_FLASH_RESIDENT_BLOCKS"   # checks only: a smaller persistent grid
+
+
+def resident_blocks(launchable):
+    """How many blocks of `launchable` the current GPU runs at once (its SMs times the blocks per SM its
+    launch bounds promise): a persistent kernel's grid. NUMBA_FLASH_RESIDENT_BLOCKS overrides it (the
+    sanitizer runs small problems on a few blocks, so each one loops)."""
+    forced = os.environ.get(RESIDENT_BLOCKS_ENV, "").strip()
+    if forced:
+        return int(forced)
+    if SIMULATOR:
+        return SIM_RESIDENT_BLOCKS
+    per_sm = launch_bounds(launchable.threads, launchable.smem_bytes, launchable.min_blocks,
+                           launchable.min_regs)[1]
+    try:
+        sms = cuda.get_current_device().MULTIPROCESSOR_COUNT
+    except Exception:          # no driver: compiling only
+        sms = _FALLBACK_SMS
+    return sms * per_sm
 
 
 def stream_handle(stream):

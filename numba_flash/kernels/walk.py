@@ -20,7 +20,9 @@ differs (query tile i of a forward or dQ block sees i + 1 key tiles, key tile j 
 Tr - j query tiles), and the blocks launched last decide how long the end of the grid leaves SMs idle.
 So the causal grid is (nheads, batch, tiles), which the GPU hands out heads fastest and tiles slowest,
 and block z takes the z-th longest tile: every (head, batch) of the longest tile first, the one-tile
-blocks last (a greedy longest-processing-time order, as FlashAttention-3's scheduler does).
+blocks last (a greedy longest-processing-time order, as FlashAttention-3's scheduler does). A persistent
+kernel (persistent_grid, make_work_order) launches only as many blocks as run at once and has each take
+work tiles in that same order, x, x + G, x + 2G, ...
 """
 from collections import namedtuple
 from functools import lru_cache
@@ -33,6 +35,7 @@ MAX_GRID_Z = 65535      # CUDA's limit on gridDim.y and gridDim.z
 LIM = 1 << 20           # beyond any column offset inside a tile (make_fill_invisible)
 
 Walk = namedtuple("Walk", "first_tile next_tile needs_mask visible_cols block_coords")
+WorkOrder = namedtuple("WorkOrder", "first more step coords")
 
 
 def tile_grid(causal, seqlen, rows, nheads, batch, name):
@@ -135,6 +138,73 @@ def make_walk(br, bc, causal, over_keys):
             return cuda.blockIdx.x, cuda.blockIdx.y, cuda.blockIdx.z
 
     return Walk(first_tile, next_tile, needs_mask, visible_cols, block_coords)
+
+
+def persistent_grid(seqlen, rows, nheads, batch, blocks):
+    """(grid, work) of a persistent kernel whose blocks own `rows`-row tiles of a length-`seqlen` side:
+    at most `blocks` blocks (as many as the GPU holds at once), and the work argument make_work_order's
+    pieces read: (tiles, nheads, batch)."""
+    tiles = -(-seqlen // rows)
+    return (max(1, min(tiles * nheads * batch, blocks)), 1, 1), (tiles, nheads, batch)
+
+
+@lru_cache(maxsize=None)
+def make_work_order(walk, causal, persistent):
+    """The work tiles a block owns, as a loop: w = first(); while more(w, work): (tile, head, batch) =
+    coords(w, work) ... w = step(w). Not persistent: one pass, the block's walk.block_coords (work unused).
+    Persistent (grid and work from persistent_grid): block x takes work tiles x, x + G, x + 2G, ... (G
+    blocks) in block_coords' order: tiles fastest, or with `causal` the longest tile of every (head, batch)
+    first. A few integer divisions per work tile, never per key tile."""
+    if not persistent:
+        block_coords = walk.block_coords
+
+        @inline_device
+        def first():
+            return 0
+
+        @inline_device
+        def more(w, work):
+            return w < 1
+
+        @inline_device
+        def step(w):
+            return 1
+
+        @inline_device
+        def coords(w, work):
+            return block_coords()
+
+        return WorkOrder(first, more, step, coords)
+
+    @inline_device
+    def first():
+        return int32(cuda.blockIdx.x)
+
+    @inline_device
+    def more(w, work):
+        return w < int32(work[0]) * int32(work[1]) * int32(work[2])
+
+    @inline_device
+    def step(w):
+        return w + int32(cuda.gridDim.x)
+
+    if causal:
+        @inline_device
+        def coords(w, work):
+            tiles, heads, batch = int32(work[0]), int32(work[1]), int32(work[2])
+            z = w // (heads * batch)
+            r = w - z * (heads * batch)
+            hh = r // heads
+            return tiles - 1 - z, r - hh * heads, hh
+    else:
+        @inline_device
+        def coords(w, work):
+            tiles, heads = int32(work[0]), int32(work[1])
+            hb = w // tiles
+            hh = hb // heads
+            return w - hb * tiles, hb - hh * heads, hh
+
+    return WorkOrder(first, more, step, coords)
 
 
 @lru_cache(maxsize=None)

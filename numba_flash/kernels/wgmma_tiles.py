@@ -322,8 +322,10 @@ def make_wgmma_ops(role, tiles, headdim, dtype_name, aligned, fused_dq=False):
 # (384, 1) leave 168 registers per thread at entry; the producer gives most of its share to the two
 # consumers. ptxas sm_90a, fp16, causal or not (2026-12-02): at (56, 224) no spills at d=64 and 128 (the
 # consumers use up to 207 at d=128); at (40, 232) the producer spills 4 / 56 bytes, at (24, 240) 64 / 132.
-# One consumer warpgroup (256 threads) already has 255; other counts are left as compiled.
-WS_REGS = {2: (56, 224)}
+# One consumer warpgroup (256 threads) already has 255. Three (192-query tiles, 512 threads, 128 registers
+# at entry; a tuning option): 32 + 3 x 160 fills the register file; d=64 then spills 20 bytes (ptxas
+# 13.5; 64 at (24, 160), 48 at (40, 152)), so that count is not a default.
+WS_REGS = {2: (56, 224), 3: (32, 160)}
 
 
 def _make_ws_ops(ring, consumers, bm, bn, dp, headdim, aligned, off_b, t_bytes, pingpong):
@@ -331,8 +333,8 @@ def _make_ws_ops(ring, consumers, bm, bn, dp, headdim, aligned, off_b, t_bytes, 
     warpgroup of 128 threads copies by 16-byte cp.async (ordinary loads where rows are not 16-byte
     aligned) into the same swizzled images, buffer `stage` of the ring being the pipelined body's buffer."""
     P = hopper.WARPGROUP
-    NB = 1 + 3 * ring
-    FULL_K, FULL_V, EMPTY = 1, 1 + ring, 1 + 2 * ring
+    NB = 2 + 3 * ring
+    FULL_K, FULL_V, EMPTY, Q_EMPTY = 1, 1 + ring, 1 + 2 * ring, 1 + 3 * ring
     CONSUMER_THREADS = 128 * consumers
     regs = WS_REGS.get(consumers)
     P_REGS, C_REGS = regs if regs else (None, None)
@@ -345,6 +347,7 @@ def _make_ws_ops(ring, consumers, bm, bn, dp, headdim, aligned, off_b, t_bytes, 
             hopper.mbarrier_init(bars, FULL_K + s, P)
             hopper.mbarrier_init(bars, FULL_V + s, P)
             hopper.mbarrier_init(bars, EMPTY + s, CONSUMER_THREADS)   # every consumer thread done reading
+        hopper.mbarrier_init(bars, Q_EMPTY, CONSUMER_THREADS)         # persistent: done with Q
         hopper.fence_mbarrier_init()
 
     @inline_device
