@@ -16,7 +16,8 @@
 #                                              ncu --set full (source counters included) on one call's kernels
 #                                              (tools/profile_step.py: IMPL numba_flash, sdpa_cudnn or sdpa_flash;
 #                                              PASS fwd or bwd; N=4096, fp16): the report, its details page and
-#                                              its per-SASS-instruction source page (csv) (~30-60 s per kernel)
+#                                              its per-SASS-instruction source page (csv) (~30-60 s per kernel;
+#                                              python tools/ncu_sass_stats.py summarises the csv)
 #   tools/gpu_check.sh paper    OUT NAME...    python -m paper_repro --quick --only NAME... into OUT/paper
 #                                              (copy its JSON/PNG into paper_repro/results/<gpu>/ and run
 #                                              python -m paper_repro --report-only to update REPORT.md)
