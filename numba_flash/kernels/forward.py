@@ -80,20 +80,21 @@ def make_forward_kernel(plan):
     BR, BC = plan.fwd.br, plan.fwd.bc
     R, C, CO = ops.frag.rows, ops.frag.cols, ops.frag.out_cols
     ACC = acc_type(plan.dtype)
-    NEG_INF, ZERO = acc_constant(plan.dtype, -float("inf")), acc_constant(plan.dtype, 0.0)
+    ZERO = acc_constant(plan.dtype, 0.0)
     walk = make_walk(BR, BC, plan.causal, over_keys=True)
     first_tile, next_tile, needs_mask, visible_cols, block_coords = walk
     begin, acquire = make_pipeline(ops)
     sm = make_softmax(ops.frag, plan.dtype, ops.exp2, visible_cols, plan.positive_scale,
                       narrow_mask=ops.path == "wgmma")
     scale_and_mask, online_update, update, rescale = sm.scale_and_mask, sm.online_update, sm.update, sm.rescale
+    start = sm.start
     epilogue = _make_epilogue(plan, ops, sm.finalize)
     assert ops.ws is not None or not getattr(plan.fwd, "persistent", False), \
         ("a persistent forward is warp-specialised (wgmma, ring > 0)", plan.fwd)
     if ops.ws is not None:
-        return _make_specialized(plan, ops, walk, scale_and_mask, update, rescale, epilogue)
+        return _make_specialized(plan, ops, walk, scale_and_mask, update, rescale, start, epilogue)
     if ops.pipe is not None:
-        return _make_pipelined(plan, ops, walk, scale_and_mask, update, rescale, epilogue)
+        return _make_pipelined(plan, ops, walk, scale_and_mask, update, rescale, start, epilogue)
     load_q, resident_ready, mm_nt, mm_pv = ops.load_resident, ops.resident_ready, ops.mm_nt, ops.mm_pv
     A_SHAPE, A_DT = ops.a_shape, ops.a_dtype
 
@@ -118,11 +119,7 @@ def make_forward_kernel(plan):
         l = cuda.local.array(R, ACC)
         acc = cuda.local.array((R, CO), ACC)
         s = cuda.local.array((R, C), ACC)
-        for i in range(R):
-            m[i] = NEG_INF
-            l[i] = ZERO
-            for j in range(CO):
-                acc[i, j] = ZERO
+        start(m, l, acc)
 
         stage = 0
         while t < nblk:
@@ -168,14 +165,13 @@ def _make_tile_step(pp, needs_mask, scale_and_mask, update, rescale):
     return softmax_j, output_j
 
 
-def _make_pipelined(plan, ops, walk, scale_and_mask, update, rescale, epilogue):
+def _make_pipelined(plan, ops, walk, scale_and_mask, update, rescale, start, epilogue):
     """The forward with asynchronous products (module docstring): same arguments, walk, softmax, epilogue."""
     first_tile, next_tile, needs_mask, block_coords = walk.first_tile, walk.next_tile, walk.needs_mask, \
         walk.block_coords
     BR = plan.fwd.br
     R, C, CO = ops.frag.rows, ops.frag.cols, ops.frag.out_cols
     ACC = acc_type(plan.dtype)
-    NEG_INF, ZERO = acc_constant(plan.dtype, -float("inf")), acc_constant(plan.dtype, 0.0)
     pp = ops.pipe
     KK = pp.steps
     load_q = ops.load_resident
@@ -202,11 +198,7 @@ def _make_pipelined(plan, ops, walk, scale_and_mask, update, rescale, epilogue):
         acc = cuda.local.array((R, CO), ACC)
         s = cuda.local.array((R, C), ACC)
         pk = cuda.local.array((KK, 4), uint32)
-        for i in range(R):
-            m[i] = NEG_INF
-            l[i] = ZERO
-            for j in range(CO):
-                acc[i, j] = ZERO
+        start(m, l, acc)
         if t < nblk:
             pp.stream_k(smem, 0, col0, nk, kv, tid)
             commit()
@@ -255,7 +247,7 @@ def _make_pipelined(plan, ops, walk, scale_and_mask, update, rescale, epilogue):
     return Launchable(flash_fwd, ops.threads, ops.smem_bytes, ops.min_blocks, ops.min_regs)
 
 
-def _make_specialized(plan, ops, walk, scale_and_mask, update, rescale, epilogue):
+def _make_specialized(plan, ops, walk, scale_and_mask, update, rescale, start, epilogue):
     """The warp-specialised forward (module docstring; ops.ws: fragments.WsOps): threads 0..127 are the
     producer warpgroup, which copies Q and then K_j, V_j into ring stage j mod S; the others compute
     exactly as the pipelined body does, with mbarrier waits where it has block barriers. Same arguments,
@@ -279,7 +271,6 @@ def _make_specialized(plan, ops, walk, scale_and_mask, update, rescale, epilogue
     BR = plan.fwd.br
     R, C, CO = ops.frag.rows, ops.frag.cols, ops.frag.out_cols
     ACC = acc_type(plan.dtype)
-    NEG_INF, ZERO = acc_constant(plan.dtype, -float("inf")), acc_constant(plan.dtype, 0.0)
     pp, ws = ops.pipe, ops.ws
     KK, S, P, NB = pp.steps, ws.stages, ws.producers, ws.nbars
     PING = ws.pingpong
@@ -347,11 +338,7 @@ def _make_specialized(plan, ops, walk, scale_and_mask, update, rescale, epilogue
                 row0 = i_tile * BR
                 mrow, nblk, t, sub, base, col0 = first_tile(kv_count, kv_index, h, i_tile, mask_sh, mask_maxk,
                                                             q_per_blk, k_per_blk, row0, nq, nk, offset)
-                for i in range(R):
-                    m[i] = NEG_INF
-                    l[i] = ZERO
-                    for j in range(CO):
-                        acc[i, j] = ZERO
+                start(m, l, acc)
                 if t < nblk:
                     if PING and ctid >= 128:
                         ws.your_turn(ctid)                                     # warpgroup 0 issues first

@@ -63,7 +63,7 @@ def group_reducer(group, op):
     return reduce
 
 
-Softmax = namedtuple("Softmax", "scale_and_mask online_update finalize row_sum update rescale")
+Softmax = namedtuple("Softmax", "scale_and_mask online_update finalize row_sum update rescale start")
 
 
 @lru_cache(maxsize=None)
@@ -213,4 +213,14 @@ def make_softmax(frag, dtype_name, exp2, visible_cols, positive_scale=True, lazy
                 lse[i] = NEG_INF
         return
 
-    return Softmax(scale_and_mask, online_update, finalize, row_sum, update, rescale)
+    @inline_device
+    def start(m, l, acc):
+        """A query tile's state before its first key tile: m = -inf, l = 0, acc = 0."""
+        for i in range(R):
+            m[i] = NEG_INF
+            l[i] = ZERO
+            for d in range(CO):
+                acc[i, d] = ZERO
+        return
+
+    return Softmax(scale_and_mask, online_update, finalize, row_sum, update, rescale, start)
