@@ -316,6 +316,14 @@ def test_wgmma_persistent_forward_matches_default_bitwise_across_work_tiles(rng,
         assert_bitwise_equal(x, y, name)
 
 
+def test_persistent_grid_is_at_most_the_resident_blocks_and_refuses_a_32_bit_overflow():
+    from numba_flash.kernels.walk import persistent_grid
+    assert persistent_grid(1000, 128, 16, 2, 132) == ((132, 1, 1), (8, 16, 2))
+    assert persistent_grid(100, 128, 1, 1, 132) == ((1, 1, 1), (1, 1, 1))
+    with pytest.raises(ValueError, match="seqlen = 1048576"):
+        persistent_grid(1 << 20, 1, 1 << 11, 1, 132)
+
+
 def test_tile_override_reads_the_persistent_field(monkeypatch):
     from numba_flash.kernels import configs
     monkeypatch.setenv("NUMBA_FLASH_FWD_TILES", "128,128,8,0,0,2,1,0,1")

@@ -145,6 +145,9 @@ def persistent_grid(seqlen, rows, nheads, batch, blocks):
     at most `blocks` blocks (as many as the GPU holds at once), and the work argument make_work_order's
     pieces read: (tiles, nheads, batch)."""
     tiles = -(-seqlen // rows)
+    if tiles * nheads * batch >= 1 << 31:     # the kernel counts work tiles in 32 bits
+        raise ValueError(f"seqlen = {seqlen} with {nheads} heads and batch {batch} is {tiles * nheads * batch} "
+                         f"tiles of {rows} rows; the persistent forward counts at most 2**31 - 1")
     return (max(1, min(tiles * nheads * batch, blocks)), 1, 1), (tiles, nheads, batch)
 
 
