@@ -266,8 +266,7 @@ def _make_specialized(plan, ops, walk, scale_and_mask, update, rescale, start, e
     and then hands the turn to the other, so the two alternate on the tensor cores and each one's softmax
     runs during the other's products. Warpgroup 1 hands warpgroup 0 the first turn and keeps its last,
     so every barrier phase completes (both walk the same tiles)."""
-    first_tile, next_tile, needs_mask, block_coords = walk.first_tile, walk.next_tile, walk.needs_mask, \
-        walk.block_coords
+    first_tile, next_tile, needs_mask = walk.first_tile, walk.next_tile, walk.needs_mask
     BR = plan.fwd.br
     R, C, CO = ops.frag.rows, ops.frag.cols, ops.frag.out_cols
     ACC = acc_type(plan.dtype)
