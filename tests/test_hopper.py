@@ -646,6 +646,128 @@ def test_mbarrier_reused_over_phases_with_parity(rng):
     np.testing.assert_array_equal(out, G)
 
 
+# ------------------------------------------------------------------------------------------------------
+# TMA: cp.async.bulk.tensor by tensor maps (tma.py encodes them: the driver on a GPU, its own format here)
+# ------------------------------------------------------------------------------------------------------
+
+TMA_WORDS = 4096                 # 16 KiB of shared destination past the first 1024-byte-aligned address
+TMA_SMEM_WORDS = TMA_WORDS + 256  # and room to align it (a constant name: Numba types the shape from it)
+
+
+@cuda.jit
+def _tma_kernel(G, maps, boxes, out):
+    """boxes[i] = (map, c0, c1, c2, c3, shared byte offset past the aligned start): thread 0 expects the
+    boxes' bytes (boxes[0, 6] in total) and issues them; everyone waits, then the shared image is copied
+    out."""
+    sm = cuda.shared.array(TMA_SMEM_WORDS, np.uint32)
+    bars = cuda.shared.array(1, np.uint64)
+    t = cuda.threadIdx.x
+    for i in range(t, TMA_SMEM_WORDS, cuda.blockDim.x):
+        sm[i] = 0xFFFFFFFF
+    if t == 0:
+        hopper.mbarrier_init(bars, 0, 1)
+        hopper.fence_mbarrier_init()
+    hopper.fence_proxy_async_shared()
+    cuda.syncthreads()
+    at = (1024 - hopper.shared_address(sm) % 1024) % 1024
+    if t == 0:
+        hopper.mbarrier_arrive_expect_tx(bars, 0, boxes[0, 6])
+        for i in range(boxes.shape[0]):
+            hopper.tma_load_4d(sm, at + boxes[i, 5], maps, boxes[i, 0], G, boxes[i, 1], boxes[i, 2],
+                               boxes[i, 3], boxes[i, 4], bars, 0)
+    hopper.mbarrier_wait_parity(bars, 0, 0)
+    for i in range(t, TMA_WORDS, cuda.blockDim.x):
+        out[i] = sm[at // 4 + i]
+
+
+def _device_ptr(a):
+    """Address of a device array's first element (the simulator's: its numpy array's)."""
+    return a._ary.__array_interface__["data"][0] if SIMULATOR else a.__cuda_array_interface__["data"][0]
+
+
+def _tma_reference(T, box, coords, swizzle):
+    """The box of T (a (B, N, H, d) uint16 array) at coords (c0 column, c1 head, c2 row, c3 batch) as its
+    shared image: rows of box[0] elements (b3 x b2 x b1 of them, zero bits outside T), then with a swizzle of
+    S bytes each 16-byte chunk c of row r moved to chunk c ^ ((r * rowbytes // 128) % (S // 16)) -- the
+    ISA's statement for 128 bytes (c ^ r % 8 in 8-row atoms), 64 (c ^ (r // 2) % 4) and 32 (c ^ (r // 4) % 2)."""
+    B, N, H, d = T.shape
+    b0, b1, b2, b3 = box
+    img = np.zeros((b3, b2, b1, b0), np.uint16)
+    for i3 in range(b3):
+        for i2 in range(b2):
+            for i1 in range(b1):
+                x1, x2, x3 = coords[1] + i1, coords[2] + i2, coords[3] + i3
+                if 0 <= x1 < H and 0 <= x2 < N and 0 <= x3 < B:
+                    for i0 in range(b0):
+                        x0 = coords[0] + i0
+                        if 0 <= x0 < d:
+                            img[i3, i2, i1, i0] = T[x3, x2, x1, x0]
+    rows = img.reshape(-1, b0)
+    if not swizzle:
+        return rows.reshape(-1)
+    cpr = b0 * 2 // 16
+    out = np.empty_like(rows)
+    for r in range(rows.shape[0]):
+        for c in range(cpr):
+            cc = c ^ ((r * b0 * 2 // 128) % (swizzle // 16))
+            out[r, 8 * cc:8 * cc + 8] = rows[r, 8 * c:8 * c + 8]
+    return out.reshape(-1)
+
+
+@needs_sm90
+def test_tma_load_4d_copies_boxes_swizzled_with_zeros_outside_the_tensor(rng):
+    """Three tensor maps of one strided (B, N, H, d) tensor (rows padded, heads interleaved): boxes of
+    64 / 32 / 16 columns with the 128 / 64 / 32-byte swizzles, some reaching past the last row, past the
+    head dim and before row 0 (zeros there). On a GPU this checks tma.py's map layout and the simulator's
+    swizzle against the hardware."""
+    from numba_flash.kernels import tma
+    B, N, H, d = 2, 37, 3, 56
+    row_pad = 8                                                       # strides stay multiples of 16 bytes
+    storage = rng.integers(0, 2**16, B * N * H * (d + row_pad), dtype=np.uint64).astype(np.uint16)
+    T = np.lib.stride_tricks.as_strided(storage, (B, N, H, d),
+                                        tuple(2 * x for x in (N * H * (d + row_pad), H * (d + row_pad),
+                                                              d + row_pad, 1)))
+    dev = cuda.to_device(storage)
+    ptr = _device_ptr(dev)
+    st = (2 * (d + row_pad), 2 * H * (d + row_pad), 2 * N * H * (d + row_pad))
+    specs = [((64, 1, 32, 1), 128), ((32, 1, 16, 1), 64), ((16, 1, 8, 1), 32)]
+    maps = [tma.encode(ptr, 2, (d, H, N, B), st, box, sw) for box, sw in specs]
+    assert all(m is not None for m in maps)
+    # (map, c0, c1, c2, c3, shared byte offset)
+    boxes = [(0, 0, 1, 20, 1, 0), (0, 0, 2, 0, 0, 4096), (1, 32, 0, 30, 1, 8192), (2, 48, 2, -3, 1, 9216),
+             (1, 0, 1, -5, 0, 10240)]
+    want = np.full(TMA_WORDS * 2, 0xFFFF, np.uint16)
+    total = 0
+    for m, c0, c1, c2, c3, off in boxes:
+        box, sw = specs[m]
+        img = _tma_reference(T, box, (c0, c1, c2, c3), sw)
+        want[off // 2:off // 2 + img.size] = img
+        total += 2 * img.size
+    arr = np.array([(*b, total) for b in boxes], np.int64)
+    out = np.full(TMA_WORDS, U32_POISON, np.uint32)
+    dmaps = cuda.to_device(np.concatenate(maps))
+    dboxes, dout = cuda.to_device(arr), cuda.to_device(out)
+    _tma_kernel[1, WG](dev, dmaps, dboxes, dout)
+    np.testing.assert_array_equal(dout.copy_to_host().view(np.uint16), want)
+
+
+def test_tma_encode_refuses_what_tma_cannot_express():
+    """Strides or an address off 16 bytes, a box row wider than its swizzle: None (the kernels then copy by
+    cp.async). Under the simulator tma.py checks these itself; on a GPU the driver refuses them."""
+    from numba_flash.kernels import tma
+    if not SIMULATOR and tma._driver_encode() is None:
+        pytest.skip("no CUDA driver with cuTensorMapEncodeTiled")
+    ok = dict(ptr=1 << 20, itemsize=2, dims=(64, 2, 100, 1), strides=(128, 256, 25600), box=(64, 1, 64, 1),
+              swizzle=128)
+    if not SIMULATOR:   # a real address for the driver
+        keep = cuda.device_array(1 << 16, np.uint16)
+        ok["ptr"] = _device_ptr(keep)
+    assert tma.encode(**ok) is not None
+    assert tma.encode(**{**ok, "strides": (136, 272, 27200)}) is None           # 136: not a multiple of 16
+    assert tma.encode(**{**ok, "ptr": ok["ptr"] + 8}) is None
+    assert tma.encode(**{**ok, "box": (128, 1, 64, 1)}) is None                # 256-byte rows, 128B swizzle
+
+
 @cuda.jit
 def _misaligned_bulk_kernel(G, out):
     sm = cuda.shared.array(64, np.uint32)

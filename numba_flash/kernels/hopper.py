@@ -33,6 +33,8 @@ warpgroup through `simwarp.exchange_group`.
     mbarrier_arrive_expect_tx(bars, idx, tx_bytes),
     mbarrier_try_wait_parity(bars, idx, parity) -> bool, mbarrier_wait_parity(bars, idx, parity)
     cp_async_bulk_g2s(sarr, s_byte_offset, garr, g_elem_index, nbytes, bars, bar_idx)
+    tma_load_4d(sarr, s_byte_offset, maps, map_idx, garr, c0, c1, c2, c3, bars, bar_idx)
+                                                     a box of a 4-D tensor by its tensor map (TMA, below)
     named_barrier_sync(idx, nthreads), named_barrier_arrive(idx, nthreads)
                                                      a hardware barrier over some warps (see below)
 
@@ -130,6 +132,23 @@ cp_async_bulk_g2s copies `nbytes` (a multiple of 16) from element `g_elem_index`
 `nbytes` of transactions on the mbarrier. The data may be read once a wait on the mbarrier phase it was
 expected in has succeeded. The simulator copies at once and completes the transactions immediately.
 
+Tensor copies (TMA; PTX ISA, "cp.async.bulk.tensor"; CUDA driver API, "Tensor Map Object Management")
+-------------------------------------------------------------------------------------------------------
+tma_load_4d copies one box of a 4-D tensor from global to shared memory through the asynchronous proxy
+and completes the box's bytes of transactions on an mbarrier, as cp_async_bulk_g2s does. What is copied
+is described by a tensor map (tma.py makes them on the host): the tensor's address, its dims d0..d3
+(d0 contiguous), the byte strides of d1..d3 (multiples of 16), the box b0..b3 and a swizzle (none, 32,
+64 or 128 bytes). The map is row `map_idx` (16 uint64 words, 128 bytes, 64-byte aligned) of the flat
+uint64 array `maps` in global memory: Numba cannot pass a __grid_constant__ kernel parameter, and a map
+written there before the launch needs no fence. The box at coordinates (c0..c3) (element indices, int32)
+lands at byte `s_byte_offset` of `sarr` as b3 x b2 x b1 rows of b0 elements, consecutive, elements
+outside the tensor read as zero bits; with a swizzle of S bytes, each 16-byte chunk of a row goes to
+chunk (its index) XOR (address bits 7.. of its row) within the S-byte span, computed on the absolute
+shared address: the swizzled K-major image wgmma reads (wgmma_tiles.py) when the destination is aligned
+to the swizzle's 8-row atom. `garr` is the array the map describes: unused on a GPU (the map holds the
+address), read by the simulator, which decodes its own map format (tma.py; the driver's is opaque),
+checks that the map lies inside `garr`, copies at once and completes the transactions immediately.
+
 Named barriers (PTX ISA, "bar.sync", "bar.arrive"; sm_70 and later, here for warpgroup scheduling)
 ----------------------------------------------------------------------------------------------------
 Barrier `idx` (1 .. 15: 0 is cuda.syncthreads') completes a phase when `nthreads` threads (a multiple
@@ -156,6 +175,11 @@ SWIZZLE_32B = 3
 
 WARPGROUP = 128
 MBARRIER_MAX_COUNT = (1 << 20) - 1
+
+# The simulator's tensor maps (tma.py encodes them; on a GPU the driver's opaque format is used instead):
+# 16 uint64 words: magic, address, item size, swizzle bytes, dims d0..d3, byte strides of d1..d3, box b0..b3
+SIM_TMAP_MAGIC = 0x4E465F544D415031      # "NF_TMAP1"
+TMAP_WORDS = 16
 
 
 def _check_acc_n(n, what):
@@ -760,6 +784,58 @@ if SIMULATOR:
             m.tx -= n
             blk.settle(m)
 
+    def tma_load_4d(sarr, s_byte_offset, maps, map_idx, garr, c0, c1, c2, c3, bars, bar_idx):
+        what = "tma_load_4d"
+        blk = _block()
+        words = _ndarray(maps).reshape(-1)
+        i = int(map_idx) * TMAP_WORDS
+        if i < 0 or i + TMAP_WORDS > words.size:
+            raise IndexError(f"{what}: map {int(map_idx)} outside an array of {words.size // TMAP_WORDS} maps")
+        w = [int(x) for x in words[i:i + TMAP_WORDS]]
+        if w[0] != SIM_TMAP_MAGIC:
+            raise ValueError(f"{what}: map {int(map_idx)} is not a tensor map (tma.py encodes them)")
+        addr, item, sw = w[1], w[2], w[3]
+        dims, strides, box = w[4:8], [item] + w[8:11], w[11:15]
+        g = _ndarray(garr)
+        src = _bytes(garr)
+        gptr = g.__array_interface__["data"][0]
+        if not gptr <= addr < gptr + src.size:
+            raise ValueError(f"{what}: the tensor map's address is not inside the array passed as garr")
+        nbytes = box[0] * box[1] * box[2] * box[3] * item
+        dst = blk.address(sarr, what) + int(s_byte_offset)
+        atom = 8 * sw if sw else 128
+        if dst % atom:
+            raise ValueError(f"{what}: shared destination {dst:#x} is not {atom}-byte aligned")
+        buf, off = blk.locate(dst, nbytes, f"{what} destination")
+        row = box[0] * item
+        if sw and row > sw or row % 16:
+            raise ValueError(f"{what}: a box row of {row} bytes: a multiple of 16, at most the swizzle's {sw}")
+        xmask = {0: 0, 32: 1, 64: 3, 128: 7}[sw]
+        coords = (int(c0), int(c1), int(c2), int(c3))
+        x0 = coords[0] + _np.arange(box[0])
+        ok0 = (x0 >= 0) & (x0 < dims[0])
+        img = _np.zeros(nbytes, _np.uint8)
+        r = 0
+        for i3 in range(box[3]):
+            for i2 in range(box[2]):
+                for i1 in range(box[1]):
+                    x = (coords[1] + i1, coords[2] + i2, coords[3] + i3)
+                    if all(0 <= x[k] < dims[k + 1] for k in range(3)):
+                        base = addr - gptr + sum(x[k] * strides[k + 1] for k in range(3))
+                        for e in _np.nonzero(ok0)[0]:
+                            o = base + int(x0[e]) * item
+                            img[r * row + e * item:r * row + (e + 1) * item] = src[o:o + item]
+                    r += 1
+        for ch in range(nbytes // 16):
+            a = dst + 16 * ch
+            a ^= ((a >> 7) & xmask) << 4
+            buf[off + a - dst:off + a - dst + 16] = img[16 * ch:16 * ch + 16]
+        bar = blk.mbarrier_addr(bars, bar_idx, what)
+        with blk.cond:
+            m = blk.mbarrier(bar, what)
+            m.tx -= nbytes
+            blk.settle(m)
+
 
 else:
     from llvmlite import ir as _ir
@@ -768,7 +844,7 @@ else:
     from numba.cuda.extending import intrinsic as _intrinsic
 
     # the inline-asm and address helpers of the sm_80 intrinsics
-    from .ptx import _asm, _global_ptr, _is_array, _is_int, _make_void_asm, _shared_addr
+    from .ptx import _asm, _elem_ptr, _global_ptr, _is_array, _is_int, _make_void_asm, _shared_addr
 
     _I32 = _ir.IntType(32)
     _I64 = _ir.IntType(64)
@@ -1136,6 +1212,29 @@ else:
             return context.get_dummy_value()
 
         return _types.void(sarr, s_byte_offset, garr, g_elem_index, nbytes, bars, bar_idx), codegen
+
+    @_intrinsic
+    def tma_load_4d(typingctx, sarr, s_byte_offset, maps, map_idx, garr, c0, c1, c2, c3, bars, bar_idx):
+        if not (_is_array(sarr) and _is_int(s_byte_offset) and _is_array(maps) and _is_int(map_idx)
+                and _is_array(garr) and all(_is_int(c) for c in (c0, c1, c2, c3)) and _is_array(bars)
+                and _is_int(bar_idx)):
+            return None
+        text = ("cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes "
+                "[$0], [$1, {$2, $3, $4, $5}], [$6];")
+
+        def codegen(context, builder, signature, args):
+            t = signature.args
+            dst = _shared_addr(context, builder, t[0], args[0], _types.intp, _ir.Constant(_I64, 0))
+            dst = builder.add(dst, builder.trunc(_to(context, builder, args[1], t[1], _types.int64), _I32))
+            word = builder.mul(_to(context, builder, args[3], t[3], _types.int64), _ir.Constant(_I64, TMAP_WORDS))
+            tmap = builder.ptrtoint(_elem_ptr(context, builder, t[2], args[2], _types.int64, word), _I64)
+            cs = [builder.trunc(_to(context, builder, args[k], t[k], _types.int64), _I32) for k in range(5, 9)]
+            bar = _shared_addr(context, builder, t[9], args[9], t[10], args[10])
+            _asm(builder, _ir.VoidType(), [_I32, _I64, _I32, _I32, _I32, _I32, _I32], text,
+                 "r,l,r,r,r,r,r,~{memory}", [dst, tmap, *cs, bar], side_effect=True)
+            return context.get_dummy_value()
+
+        return _types.void(sarr, s_byte_offset, maps, map_idx, garr, c0, c1, c2, c3, bars, bar_idx), codegen
 
     def _make_named(name, op):
         @_intrinsic
