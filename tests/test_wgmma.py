@@ -231,13 +231,14 @@ def test_flash_attn_func_resolves_auto_per_pass(rng, monkeypatch):
 # The warp-specialised forward (tiles.ring > 0: a producer warpgroup and an mbarrier ring)
 # --------------------------------------------------------------------------------------------------
 
-def use_ring(monkeypatch, ring, d=32, pingpong=False, late_pv_wait=None, consumers=None, persistent=False):
+def use_ring(monkeypatch, ring, d=32, pingpong=False, late_pv_wait=None, consumers=None, persistent=False,
+             tma=False):
     """Make the wgmma forward warp-specialised with a `ring`-stage ring (0: the kernel without warp
     specialisation): under the simulator one consumer warpgroup (64 queries; two with the ping-pong) and
     32-key tiles, on a GPU the default tiles' shape with two consumer warpgroups (tuning runs reach it the
     same way, through NUMBA_FLASH_FWD_TILES). late_pv_wait: MmaTiles.late_pv_wait (None: its default).
     consumers: that many computing warpgroups (64 query rows each) instead. persistent: MmaTiles.persistent
-    (under the simulator the grid then has launch.SIM_RESIDENT_BLOCKS blocks)."""
+    (under the simulator the grid then has launch.SIM_RESIDENT_BLOCKS blocks). tma: MmaTiles.tma."""
     from numba_flash.kernels import configs
     if late_pv_wait is None:
         late_pv_wait = configs.MmaTiles.late_pv_wait
@@ -245,13 +246,13 @@ def use_ring(monkeypatch, ring, d=32, pingpong=False, late_pv_wait=None, consume
         warps = 4 * consumers if consumers else 8 if pingpong else 4
         monkeypatch.setitem(configs._SIM["wgmma"], "fwd",
                             configs.MmaTiles(16 * warps, 32, warps, a_regs=False, ring=ring, pingpong=pingpong,
-                                             late_pv_wait=late_pv_wait, persistent=persistent))
+                                             late_pv_wait=late_pv_wait, persistent=persistent, tma=tma))
     else:
         t = configs._wgmma_tiles("fwd", d)
         br, warps = (64 * consumers, 4 * consumers) if consumers else (t.br, t.warps)
         monkeypatch.setenv("NUMBA_FLASH_FWD_TILES",
                            f"{br},{t.bc},{warps},0,0,{ring},{int(pingpong)},{int(late_pv_wait)},"
-                           f"{int(persistent)}")
+                           f"{int(persistent)},{int(tma)}")
 
 
 def check_ring_matches_default_bitwise(monkeypatch, q, k, v, dtype, ring, pingpong=False, consumers=None, **kw):
@@ -329,6 +330,9 @@ def test_tile_override_reads_the_persistent_field(monkeypatch):
     monkeypatch.setenv("NUMBA_FLASH_FWD_TILES", "128,128,8,0,0,2,1,0,1")
     assert configs._override("wgmma", "fwd") == configs.MmaTiles(128, 128, 8, a_regs=False, ring=2, pingpong=True,
                                                                    persistent=True)
+    monkeypatch.setenv("NUMBA_FLASH_FWD_TILES", "128,128,8,0,0,3,1,0,0,1")
+    assert configs._override("wgmma", "fwd") == configs.MmaTiles(128, 128, 8, a_regs=False, ring=3, pingpong=True,
+                                                                   tma=True)
 
 
 @pytest.mark.parametrize("ring,causal", [(2, True), (3, False)])
@@ -380,6 +384,61 @@ def test_wgmma_warp_specialised_forward_block_sparse_unaligned_and_negative_scal
     bufs = [random_array(rng, (1, 70, 1, 32 + 8), "bfloat16", FW) for _ in range(3)]
     q, k, v = (b[..., 2:34] for b in bufs)
     check_ring_matches_default_bitwise(monkeypatch, q, k, v, "bfloat16", 2, causal=True, softmax_scale=-0.3)
+
+
+def spy_tma_maps(monkeypatch):
+    """Record what forward.tma_maps answers (None: the launch fell back to cp.async)."""
+    from numba_flash.kernels import forward
+    made, real = [], forward.tma_maps
+
+    def spy(*a):
+        made.append(real(*a))
+        return made[-1]
+    monkeypatch.setattr(forward, "tma_maps", spy)
+    return made
+
+
+def check_tma_matches_cp_async_bitwise(monkeypatch, q, k, v, dtype, ring, tma_expected, pingpong=False,
+                                       persistent=False, **kw):
+    """The TMA producer (MmaTiles.tma) fills the ring with the cp.async producer's images: the same bits.
+    tma_expected: whether the launch can use TMA (aligned inputs whose maps the driver encodes)."""
+    d = q.shape[-1]
+    use_ring(monkeypatch, ring, d, pingpong, persistent=persistent)
+    want = run_wgmma(q, k, v, dtype, **kw)
+    made = spy_tma_maps(monkeypatch)
+    use_ring(monkeypatch, ring, d, pingpong, persistent=persistent, tma=True)
+    got = run_wgmma(q, k, v, dtype, **kw)
+    if tma_expected:
+        assert made and all(m is not None for m in made), "the launch did not copy by TMA"
+    else:
+        assert all(m is None for m in made), "maps were made for inputs TMA cannot express"
+    for name, x, y in zip(("out", "lse"), got, want):
+        assert_bitwise_equal(x, y, name)
+
+
+@pytest.mark.parametrize("ring,causal,persistent,Nq,Nk,H,d", [
+    (2, False, False, 70, 100, 1, 32), (3, True, True, 65, 90, 2, 64), (2, True, False, 33, 65, 1, 48)])
+def test_wgmma_tma_producer_matches_cp_async_bitwise_ragged_swizzles_persistent(rng, monkeypatch, ring, causal,
+                                                                                 persistent, Nq, Nk, H, d):
+    """Ragged query and key tiles (zeros from the boxes past the last row), the 64-, 128- and 32-byte
+    swizzles (d = 32, 64, 48: one, one and three boxes per tile), causal tiles that see no key, and a
+    persistent grid (Q reloaded per work tile by TMA)."""
+    q, k, v = make_qkv_arrays(rng, 1, Nq, Nk, H, d, "float16", FW)
+    check_tma_matches_cp_async_bitwise(monkeypatch, q, k, v, "float16", ring, True, persistent=persistent,
+                                       causal=causal)
+
+
+def test_wgmma_tma_producer_falls_back_to_cp_async_where_tma_cannot_express_the_inputs(rng, monkeypatch):
+    """Rows that are not 16-byte aligned: the plan is not aligned, no maps are made and the producer copies
+    by ordinary loads; maps the driver refuses (encode answering None): cp.async. Same bits either way."""
+    from numba_flash.kernels import tma
+    bufs = [random_array(rng, (1, 40, 1, 32 + 8), "bfloat16", FW) for _ in range(3)]
+    q, k, v = (b[..., 1:33] for b in bufs)
+    check_tma_matches_cp_async_bitwise(monkeypatch, q, k, v, "bfloat16", 2, False, causal=True)
+    q, k, v = make_qkv_arrays(rng, 1, 40, 40, 1, 16, "float16", FW)
+    monkeypatch.setattr(tma, "encode", lambda *a, **kw: None)
+    monkeypatch.setattr(tma, "_cache", type(tma._cache)())     # no maps kept from earlier calls
+    check_tma_matches_cp_async_bitwise(monkeypatch, q, k, v, "float16", 2, False)
 
 
 # GPU: real sizes
@@ -456,3 +515,15 @@ def test_gpu_wgmma_warp_specialised_forward_matches_default_bitwise(rng, monkeyp
                                                                     pingpong):
     q, k, v = make_qkv_arrays(rng, 2, 1000, 777, 2, d, dtype, "torch")
     check_ring_matches_default_bitwise(monkeypatch, q, k, v, dtype, ring, pingpong, causal=causal)
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.parametrize("ring,pingpong,persistent", [(2, True, True), (3, True, False), (3, False, True)])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("dtype,d", [("float16", 64), ("bfloat16", 128)])
+def test_gpu_wgmma_tma_producer_matches_cp_async_bitwise(rng, monkeypatch, d, dtype, causal, ring, pingpong,
+                                                         persistent):
+    q, k, v = make_qkv_arrays(rng, 2, 1000, 777, 2, d, dtype, "torch")
+    check_tma_matches_cp_async_bitwise(monkeypatch, q, k, v, dtype, ring, True, pingpong, persistent,
+                                       causal=causal)

@@ -13,7 +13,7 @@ tensor cores, rows that are 16-byte aligned (cp.async) and rows that are not (pl
 seqlen_q != seqlen_k, a block-sparse mask, and both ways the tensor-core backward computes dQ (the
 separate "kernel" by default, and "atomic", fused into dK/dV; configs.DQ_MODES), and the
 warp-specialised wgmma forward (MmaTiles.ring: a producer warpgroup and mbarriers), and the wgmma dK/dV
-kernel's own dQ in both of its warpgroup splits, the persistent forward and three consumer warpgroups. Every result is checked
+kernel's own dQ in both of its warpgroup splits, the persistent forward, three consumer warpgroups and the TMA producer. Every result is checked
 against the float64 reference, so a configuration that silently did nothing fails here too. Exit status
 1 on a mismatch.
 """
@@ -80,6 +80,12 @@ CASES = [
          block=(128, 128), ring=3, pingpong=True, persistent=True),
     dict(path="wgmma", d=64, dtype="float16", causal=True, nq=400, nk=333, aligned=True, sparse=False, ring=2,
          consumers=3),
+    # the producer copying by TMA (MmaTiles.tma: one thread, tensor maps, mbarrier transaction counts):
+    # persistent on 2 blocks with the ping-pong, and a 3-stage ring on a block mask
+    dict(path="wgmma", d=64, dtype="float16", causal=True, nq=333, nk=200, aligned=True, sparse=False, ring=2,
+         pingpong=True, persistent=True, tma=True),
+    dict(path="wgmma", d=128, dtype="bfloat16", causal=False, nq=300, nk=333, aligned=True, sparse=True,
+         block=(128, 128), ring=3, pingpong=True, tma=True),
 ]
 
 
@@ -101,7 +107,7 @@ def run(c):
         t = configs.tiles(c["path"], "fwd", c["d"])
         br, warps = (64 * c["consumers"], 4 * c["consumers"]) if c.get("consumers") else (t.br, t.warps)
         os.environ["NUMBA_FLASH_FWD_TILES"] = (f"{br},{t.bc},{warps},0,0,{c['ring']},{int(c.get('pingpong', 0))},"
-                                               f"0,{int(c.get('persistent', 0))}")
+                                               f"0,{int(c.get('persistent', 0))},{int(c.get('tma', 0))}")
     g = torch.Generator(device="cuda").manual_seed(0)
     dt = getattr(torch, c["dtype"])
     pad = 0 if c["aligned"] else 2          # views 2 elements into their rows: no 16-byte alignment

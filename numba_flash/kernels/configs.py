@@ -81,6 +81,10 @@ class MmaTiles:
     # take query tiles (work tiles) in turn, so the producer copies the next work tile's Q and first K
     # while the consumers finish the last one (its final P V and the epilogue) (forward.py)
     persistent: bool = False
+    # warp-specialised forward only: the producer copies by TMA (one thread, boxes described by tensor maps,
+    # tma.py) instead of its 128 threads' cp.async; used only where the inputs are aligned and the driver
+    # encodes their maps (forward.launches falls back to cp.async otherwise)
+    tma: bool = False
 
     def padded_headdim(self, headdim):
         return -(-headdim // 16) * 16
@@ -190,9 +194,9 @@ def _wgmma_tiles(role, headdim, causal=False):
         # so block 0 ends with ~6% more key tiles than block 131 at N=16k. Not persistent there until an
         # order balances it (next step: every other round reversed).
         if headdim == 128:
-            return MmaTiles(128, 128, 8, a_regs=False, ring=3, pingpong=True, persistent=not causal)
+            return MmaTiles(128, 128, 8, a_regs=False, ring=3, pingpong=True, persistent=not causal, tma=True)
         if headdim == 64:
-            return MmaTiles(128, 128, 8, a_regs=False, ring=2, pingpong=True, persistent=True)
+            return MmaTiles(128, 128, 8, a_regs=False, ring=2, pingpong=True, persistent=True, tma=True)
         if headdim <= 128:
             return MmaTiles(128, 128, 8, a_regs=False)
         return MmaTiles(128, 64, 8, a_regs=False)
@@ -209,7 +213,8 @@ def _wgmma_tiles(role, headdim, causal=False):
 
 def _override(path, role):
     """Tile overrides for tuning runs only: NUMBA_FLASH_{FWD,DQ,DKDV,BWD}_TILES = "br,bc,ty,tx[,min_blocks]"
-    (simt) or "br,bc,warps,a_regs[,min_blocks[,ring[,pingpong[,late_pv_wait[,persistent]]]]]" (mma, wgmma)."""
+    (simt) or "br,bc,warps,a_regs[,min_blocks[,ring[,pingpong[,late_pv_wait[,persistent[,tma]]]]]]" (mma,
+    wgmma)."""
     for var in _ENV[role]:
         v = os.environ.get(var)
         if v:
@@ -217,7 +222,7 @@ def _override(path, role):
             return SimtTiles(*fields) if path == "simt" else MmaTiles(fields[0], fields[1], fields[2],
                                                                        *(bool(x) for x in fields[3:4]),
                                                                        *fields[4:6],
-                                                                       *(bool(x) for x in fields[6:9]))
+                                                                       *(bool(x) for x in fields[6:10]))
     return None
 
 

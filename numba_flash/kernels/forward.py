@@ -22,7 +22,8 @@ hopper.py, "Where ptxas puts the waits"). K_{j+1} and V_j are copied during tile
 K_{j-1} and V_{j-2} left, so one barrier per tile suffices.
 
 Warp-specialised (TileOps.ws: wgmma tiles with `ring` > 0, FlashAttention-3's structure): one more
-warpgroup, the producer, copies Q once and then K_j, V_j into stage j mod S of a ring of S buffers, and
+warpgroup, the producer, copies Q once and then K_j, V_j into stage j mod S of a ring of S buffers (by its
+threads' cp.async, or with MmaTiles.tma by TMA boxes one thread issues, tma.py), and
 the computing warpgroups run the pipelined body above with mbarrier waits in place of its block
 barriers: a "full" mbarrier per buffer says its tile has landed, an "empty" one that every computing
 thread is done reading it. setmaxnreg moves registers from the producer to the consumers. The
@@ -35,13 +36,17 @@ the next work tile's Q and first K, V while they finish the last one's P V and e
 Launch contract (`launch`): grid walk.tile_grid (Tr, nheads, batch; causal: nheads, batch, Tr, the longest
 tiles first), or for a persistent kernel walk.persistent_grid (launch.resident_blocks blocks); arguments
 q, k, v, out, lse as flat arrays with (batch, seqlen, head) element strides, the sequence lengths, scale *
-log2(e), the causal offset, the mask lists (api.TileLists.lists), and `work` = (Tr, nheads, batch) for a
-persistent kernel ((0, 0, 0) otherwise, unused).
+log2(e), the causal offset, the mask lists (api.TileLists.lists), `work` = (Tr, nheads, batch) for a
+persistent kernel ((0, 0, 0) otherwise, unused), and `maps`: the tensor maps of q, k, v (flat uint64, tma.py)
+for a producer that copies by TMA (MmaTiles.tma), else one zero map (unused).
 """
+from dataclasses import replace
 from functools import lru_cache
 
+import numpy as np
 from numba import cuda, uint32, uint64
 
+from . import tma
 from .convert import acc_constant, acc_type, storer
 from .fragments import make_store_rows, pair_packer
 from .launch import Launchable, inline_device, kernel, resident_blocks, strides3
@@ -49,6 +54,7 @@ from .pipeline import make_pipeline
 from .softmax import LOG2E, make_softmax
 from .tiles import make_ops
 from .walk import make_walk, make_work_order, persistent_grid, tile_grid
+from .wgmma_tiles import swizzle_width
 
 
 def _make_epilogue(plan, ops, finalize):
@@ -100,7 +106,7 @@ def make_forward_kernel(plan):
 
     @kernel(ops.threads, ops.smem_bytes, ops.min_blocks, ops.min_regs)
     def flash_fwd(q, k, v, o, lse, nq, nk, q_st, k_st, v_st, o_st, lse_st, scale_log2, offset,
-                  kv_count, kv_index, mask_sh, mask_maxk, q_per_blk, k_per_blk, work):
+                  kv_count, kv_index, mask_sh, mask_maxk, q_per_blk, k_per_blk, work, maps):
         smem = cuda.shared.array(0, ACC)
         i_tile, h, b = block_coords()
         tid = cuda.threadIdx.x
@@ -180,7 +186,7 @@ def _make_pipelined(plan, ops, walk, scale_and_mask, update, rescale, start, epi
 
     @kernel(ops.threads, ops.smem_bytes, ops.min_blocks, ops.min_regs)
     def flash_fwd(q, k, v, o, lse, nq, nk, q_st, k_st, v_st, o_st, lse_st, scale_log2, offset,
-                  kv_count, kv_index, mask_sh, mask_maxk, q_per_blk, k_per_blk, work):
+                  kv_count, kv_index, mask_sh, mask_maxk, q_per_blk, k_per_blk, work, maps):
         smem = cuda.shared.array(0, ACC)
         i_tile, h, b = block_coords()
         tid = cuda.threadIdx.x
@@ -256,7 +262,10 @@ def _make_specialized(plan, ops, walk, scale_and_mask, update, rescale, start, e
 
     Producer, tile j (stage s): wait until stage s is empty (the consumers finished tile j - S), copy K_j;
     once V_{j-1} (Q, for j = 0) has landed, mark it full; copy V_j; once K_j has landed, mark it full.
-    So two tiles' copies are in flight and a tile is marked as soon as it is complete. Consumers, tile j:
+    So two tiles' copies are in flight and a tile is marked as soon as it is complete. With TMA
+    (MmaTiles.tma, ws.fillers = 1) one producer thread does this alone: it announces each tile's bytes on
+    the tile's "full" mbarrier and issues the tile's boxes, and the mbarrier completes when they have
+    landed (wgmma_tiles._make_ws_ops). Consumers, tile j:
     wait for K_j and V_{j-1}, issue S_j with P_{j-1} V_{j-1}, run the softmax of S_j, and once P_{j-1}
     V_{j-1} is complete mark stage j-1 empty. Neither side waits for a phase the other can only
     complete after it: the producer's wait for stage s needs tile j - S released, which the consumers do
@@ -280,7 +289,7 @@ def _make_specialized(plan, ops, walk, scale_and_mask, update, rescale, start, e
 
     @kernel(ops.threads, ops.smem_bytes, ops.min_blocks, ops.min_regs)
     def flash_fwd(q, k, v, o, lse, nq, nk, q_st, k_st, v_st, o_st, lse_st, scale_log2, offset,
-                  kv_count, kv_index, mask_sh, mask_maxk, q_per_blk, k_per_blk, work):
+                  kv_count, kv_index, mask_sh, mask_maxk, q_per_blk, k_per_blk, work, maps):
         smem = cuda.shared.array(0, ACC)
         bars = cuda.shared.array(NB, uint64)
         tid = cuda.threadIdx.x
@@ -291,35 +300,32 @@ def _make_specialized(plan, ops, walk, scale_and_mask, update, rescale, start, e
         if tid < P:
             # ---------------- producer ----------------
             ws.reg_producer()
-            stage, phase, qphase = 0, 0, 0                     # ring position and Q's phase, across work tiles
-            while work_more(w, work):
-                i_tile, h, b = work_coords(w, work)
-                row0 = i_tile * BR
-                kv = (k, b * k_st[0] + h * k_st[2], k_st[1], v, b * v_st[0] + h * v_st[2], v_st[1])
-                mrow, nblk, t, sub, base, col0 = first_tile(kv_count, kv_index, h, i_tile, mask_sh, mask_maxk,
-                                                            q_per_blk, k_per_blk, row0, nq, nk, offset)
-                if PERSIST:
-                    ws.wait(bars, Q_EMPTY, qphase ^ 1)         # the last work tile's S products are done
-                ws.load_q(smem, q, b * q_st[0] + h * q_st[2], row0, nq - row0, q_st[1], tid)
-                pstage = -1                                    # stage of the V to mark full; -1: Q
-                while t < nblk:
-                    ws.wait(bars, EMPTY + stage, phase ^ 1)    # tile j - S released (at once for j < S)
-                    ws.load_k(smem, stage, col0, nk, kv, tid)
-                    ws.landed1()                               # V_j-1 (or Q) landed
-                    ws.arrive(bars, 0 if pstage < 0 else FULL_V + pstage)
-                    ws.load_v(smem, stage, col0, nk, kv, tid)
-                    ws.landed1()                               # K_j landed
-                    ws.arrive(bars, FULL_K + stage)
-                    t, sub, base, col0 = next_tile(kv_index, mrow, mask_maxk, k_per_blk, nblk, t, sub, base,
-                                                   row0, nq, nk, offset)
-                    pstage = stage
-                    stage += 1
-                    if stage == S:
-                        stage, phase = 0, phase ^ 1
-                ws.landed0()                                   # the last V (or Q: no tiles)
-                ws.arrive(bars, 0 if pstage < 0 else FULL_V + pstage)
-                qphase ^= 1
-                w = work_step(w)
+            if tid < ws.fillers:
+                stage, phase, qphase = 0, 0, 0                 # ring position and Q's phase, across work tiles
+                while work_more(w, work):
+                    i_tile, h, b = work_coords(w, work)
+                    row0 = i_tile * BR
+                    kv = ws.kv_src(k, k_st, v, v_st, maps, b, h)
+                    mrow, nblk, t, sub, base, col0 = first_tile(kv_count, kv_index, h, i_tile, mask_sh,
+                                                                mask_maxk, q_per_blk, k_per_blk, row0, nq, nk,
+                                                                offset)
+                    if PERSIST:
+                        ws.wait(bars, Q_EMPTY, qphase ^ 1)     # the last work tile's S products are done
+                    ws.put_q(smem, bars, ws.q_src(q, q_st, maps, b, h), row0, nq, tid)
+                    pstage = -1                                # stage of the V to mark full; -1: Q
+                    while t < nblk:
+                        ws.wait(bars, EMPTY + stage, phase ^ 1)    # tile j - S released (at once for j < S)
+                        ws.put_k(smem, bars, stage, pstage, col0, nk, kv, tid)
+                        ws.put_v(smem, bars, stage, col0, nk, kv, tid)
+                        t, sub, base, col0 = next_tile(kv_index, mrow, mask_maxk, k_per_blk, nblk, t, sub,
+                                                       base, row0, nq, nk, offset)
+                        pstage = stage
+                        stage += 1
+                        if stage == S:
+                            stage, phase = 0, phase ^ 1
+                    ws.put_last(bars, pstage)
+                    qphase ^= 1
+                    w = work_step(w)
         else:
             # ---------------- consumers ----------------
             ws.reg_consumer()
@@ -405,8 +411,17 @@ def _make_specialized(plan, ops, walk, scale_and_mask, update, rescale, start, e
 
 def launches(plan, stream, q, k, v, out, lse, nq, nk, scale, offset, masks):
     """[(kernel, grid, stream, args)] of the forward pass. q, k, v, out: interop.View of (B, N, H, d); lse:
-    View of (B, H, Nq); masks.lists(br, bc, transpose) gives the walk arguments for the kernel's tiles."""
+    View of (B, H, Nq); masks.lists(br, bc, transpose) gives the walk arguments for the kernel's tiles.
+    A plan whose producer copies by TMA (MmaTiles.tma) runs without it where the tensor maps of q, k, v
+    cannot be made (tma_maps)."""
     B, H = q.shape[0], q.shape[2]
+    maps = None
+    if _uses_tma(plan):
+        maps = tma_maps(plan, q, k, v)
+        if maps is None:
+            plan = replace(plan, fwd=replace(plan.fwd, tma=False))
+    if maps is None:
+        maps = np.zeros(tma.hopper.TMAP_WORDS, np.uint64) if q.framework == "numpy" else tma.placeholder(q.device)
     kern = make_forward_kernel(plan)
     if getattr(plan.fwd, "persistent", False):
         grid, work = persistent_grid(nq, plan.fwd.br, H, B, resident_blocks(kern))
@@ -414,8 +429,26 @@ def launches(plan, stream, q, k, v, out, lse, nq, nk, scale, offset, masks):
         grid, work = tile_grid(plan.causal, nq, plan.fwd.br, H, B, "seqlen_q"), (0, 0, 0)
     args = (q.flat, k.flat, v.flat, out.flat, lse.flat, nq, nk, strides3(q), strides3(k), strides3(v),
             strides3(out), (lse.strides[0], lse.strides[1]), scale * LOG2E, offset,
-            *masks.lists(plan.fwd.br, plan.fwd.bc, False), work)
+            *masks.lists(plan.fwd.br, plan.fwd.bc, False), work, maps)
     return [(kern, grid, stream, args)]
+
+
+def _uses_tma(plan):
+    return plan.path == "wgmma" and plan.aligned and plan.fwd.ring > 0 and plan.fwd.tma
+
+
+def tma_maps(plan, q, k, v):
+    """The kernel's `maps` argument for a TMA producer: the tensor maps of Q (box: the query tile), K and V
+    (the key tile), one swizzle span of columns per box (tma.py), where the kernels run; None where one
+    cannot be made. Views of the "numpy" framework (tools/ptx_report.py compiles without a GPU) get zero
+    maps."""
+    dp = plan.fwd.padded_headdim(plan.headdim)
+    sw = swizzle_width(dp)
+    if q.framework == "numpy":
+        return np.zeros(3 * tma.hopper.TMAP_WORDS, np.uint64)
+    specs = tuple(tma.head_tile_spec(x, rows, sw // 2, sw) for x, rows in ((q, plan.fwd.br), (k, plan.fwd.bc),
+                                                                          (v, plan.fwd.bc)))
+    return tma.device_maps(specs, q.device)
 
 
 def launch(*args):

@@ -146,15 +146,20 @@ elementwise work of the previous one, then wait (wgmma_tiles.make_wgmma_bwd_ops)
 WsOps = namedtuple("WsOps", [
     "stages",          # depth of the K, V ring
     "producers",       # threads of the producer warpgroup: threads 0 .. producers-1; the rest compute
+    "fillers",         # producer threads 0 .. fillers-1 copy and arrive (128 by cp.async, 1 by TMA)
     "regs",            # (producer, consumer) registers per thread for setmaxnreg, or None (left as compiled)
     "nbars",           # mbarriers (a uint64 shared array of this many): [Q, full K x stages, full V x
                        # stages, empty x stages, Q empty (a persistent kernel's consumers are done with Q)]
     "init",            # (bars): one thread initialises them (then a block barrier)
     "arrive", "wait",  # (bars, idx), (bars, idx, parity): mbarrier arrival, wait for a phase of that parity
-    "load_q",          # (smem, g, base, row0, nrows, stride, ptid): the producer copies Q (commits)
-    "load_k", "load_v",   # (smem, stage, t0, n_other, operands, ptid): a K or V tile into the ring (commits)
-    "landed1", "landed0",   # (): all but the newest / all of this producer thread's copies have landed and
-                            # are visible to the products (then it may arrive)
+    "q_src",           # (q, q_st, maps, b, h) -> the Q source put_q takes
+    "kv_src",          # (k, k_st, v, v_st, maps, b, h) -> the K, V source put_k and put_v take
+    "put_q",           # (smem, bars, src, row0, nq, ptid): copy Q; its "full" mbarrier (0) completes once
+                       # it has landed (by cp.async: after put_k of the first tile, or put_last)
+    "put_k",           # (smem, bars, stage, pstage, t0, nk, src, ptid): K of keys t0.. into ring stage
+                       # `stage`; by cp.async also marks V of stage pstage (Q where pstage < 0) full
+    "put_v",           # (smem, bars, stage, t0, nk, src, ptid): V likewise; by cp.async marks K full
+    "put_last",        # (bars, pstage): by cp.async, marks the last V (Q where pstage < 0) full
     "reg_producer", "reg_consumer",   # (): setmaxnreg of the role (no-ops where regs is None)
     "pingpong",        # the two computing warpgroups take turns to issue their products
     "my_turn", "your_turn",   # (ctid): wait for this warpgroup's turn / hand the turn to the other one

@@ -309,7 +309,8 @@ def make_wgmma_ops(role, tiles, headdim, dtype_name, aligned, fused_dq=False):
     min_regs = min(255, max(128, NACC_S + NACC_O + BN // 4 + 64))
     ws, threads, min_blocks = None, NTHREADS, tiles.min_blocks
     if RING:
-        ws = _make_ws_ops(RING, W // 4, BM, BN, DP, headdim, aligned, OFF_B, T_BYTES, tiles.pingpong)
+        ws = _make_ws_ops(RING, W // 4, BM, BN, DP, headdim, aligned, OFF_B, T_BYTES, tiles.pingpong,
+                          tiles.tma and aligned)
         threads, min_blocks = NTHREADS + ws.producers, 1
     return TileOps(
         path="wgmma", stages=2, threads=threads, smem_bytes=SMEM, min_blocks=min_blocks,
@@ -328,24 +329,31 @@ def make_wgmma_ops(role, tiles, headdim, dtype_name, aligned, fused_dq=False):
 WS_REGS = {2: (56, 224), 3: (32, 160)}
 
 
-def _make_ws_ops(ring, consumers, bm, bn, dp, headdim, aligned, off_b, t_bytes, pingpong):
-    """WsOps of the warp-specialised forward (fragments.WsOps; forward.py's _make_specialized): a producer
-    warpgroup of 128 threads copies by 16-byte cp.async (ordinary loads where rows are not 16-byte
-    aligned) into the same swizzled images, buffer `stage` of the ring being the pipelined body's buffer."""
+def _make_ws_ops(ring, consumers, bm, bn, dp, headdim, aligned, off_b, t_bytes, pingpong, tma):
+    """WsOps of the warp-specialised forward (fragments.WsOps; forward.py's _make_specialized), buffer
+    `stage` of the ring being the pipelined body's buffer. The producer warpgroup fills the same swizzled
+    images in one of two ways:
+    cp.async (tma False): its 128 threads copy 16-byte chunks (ordinary loads where rows are not 16-byte
+        aligned), each waits for its own copies to land and arrives on the tile's "full" mbarrier (count
+        128) once they have;
+    TMA (tma True; tma.py, hopper.tma_load_4d): one thread copies each tile as boxes of one swizzle span
+        of columns (one per column block of the image), announcing the tile's bytes on its "full" mbarrier
+        (count 1), which completes when they have landed; the other producer threads only give up their
+        registers. The host falls back to cp.async where TMA cannot express the inputs (forward.launches)."""
     P = hopper.WARPGROUP
     NB = 2 + 3 * ring
     FULL_K, FULL_V, EMPTY, Q_EMPTY = 1, 1 + ring, 1 + 2 * ring, 1 + 3 * ring
     CONSUMER_THREADS = 128 * consumers
+    FILLERS = 1 if tma else P                              # producer threads that copy and arrive
     regs = WS_REGS.get(consumers)
     P_REGS, C_REGS = regs if regs else (None, None)
-    copy_q, copy_t = (make_swizzled_copy(rows, dp, headdim, aligned, P, fixed_passes=True) for rows in (bm, bn))
 
     @inline_device
     def init(bars):
-        hopper.mbarrier_init(bars, 0, P)                     # Q: every producer thread's copies landed
+        hopper.mbarrier_init(bars, 0, FILLERS)               # Q has landed
         for s in range(ring):
-            hopper.mbarrier_init(bars, FULL_K + s, P)
-            hopper.mbarrier_init(bars, FULL_V + s, P)
+            hopper.mbarrier_init(bars, FULL_K + s, FILLERS)
+            hopper.mbarrier_init(bars, FULL_V + s, FILLERS)
             hopper.mbarrier_init(bars, EMPTY + s, CONSUMER_THREADS)   # every consumer thread done reading
         hopper.mbarrier_init(bars, Q_EMPTY, CONSUMER_THREADS)         # persistent: done with Q
         hopper.fence_mbarrier_init()
@@ -358,22 +366,85 @@ def _make_ws_ops(ring, consumers, bm, bn, dp, headdim, aligned, off_b, t_bytes, 
     def wait(bars, idx, parity):
         hopper.mbarrier_wait_parity(bars, idx, parity)
 
-    @inline_device
-    def load_q(smem, g, base, row0, nrows, stride, ptid):
-        copy_q(smem, 0, g, base, row0, nrows, stride, ptid)
-        ptx.cp_async_commit()
+    if tma:
+        sw = swizzle_width(dp)
+        CB = sw // 2                                       # columns per box (16-bit elements)
+        NCB = dp // CB                                     # boxes per tile: one per column block
+        Q_BYTES, T_BYTES = 2 * bm * dp, 2 * bn * dp
 
-    load_k, load_v = make_tile_streams(copy_t, off_b, t_bytes, ptx.cp_async_commit)   # a commit group each
+        @inline_device
+        def q_src(q, q_st, maps, b, h):
+            return maps, q, h, b
 
-    @inline_device
-    def landed1():
-        ptx.cp_async_wait_group(1)
-        hopper.fence_proxy_async_shared()
+        @inline_device
+        def kv_src(k, k_st, v, v_st, maps, b, h):
+            return maps, k, v, h, b
 
-    @inline_device
-    def landed0():
-        ptx.cp_async_wait_group(0)
-        hopper.fence_proxy_async_shared()
+        @inline_device
+        def put_q(smem, bars, src, row0, nq, ptid):
+            maps, g, h, b = src
+            hopper.mbarrier_arrive_expect_tx(bars, 0, Q_BYTES)
+            at = base_bytes(smem)
+            for c in range(NCB):
+                hopper.tma_load_4d(smem, at + c * bm * sw, maps, 0, g, c * CB, h, row0, b, bars, 0)
+
+        @inline_device
+        def _put(smem, bars, idx, off, m, g, t0, h, b, maps):
+            hopper.mbarrier_arrive_expect_tx(bars, idx, T_BYTES)
+            at = base_bytes(smem) + off
+            for c in range(NCB):
+                hopper.tma_load_4d(smem, at + c * bn * sw, maps, m, g, c * CB, h, t0, b, bars, idx)
+
+        @inline_device
+        def put_k(smem, bars, stage, pstage, t0, nk, src, ptid):
+            maps, k, v, h, b = src
+            _put(smem, bars, FULL_K + stage, off_b + 2 * stage * t_bytes, 1, k, t0, h, b, maps)
+
+        @inline_device
+        def put_v(smem, bars, stage, t0, nk, src, ptid):
+            maps, k, v, h, b = src
+            _put(smem, bars, FULL_V + stage, off_b + (2 * stage + 1) * t_bytes, 2, v, t0, h, b, maps)
+
+        @inline_device
+        def put_last(bars, pstage):
+            return
+    else:
+        copy_q, copy_t = (make_swizzled_copy(rows, dp, headdim, aligned, P, fixed_passes=True) for rows in (bm, bn))
+        load_k, load_v = make_tile_streams(copy_t, off_b, t_bytes, ptx.cp_async_commit)   # a commit group each
+
+        @inline_device
+        def q_src(q, q_st, maps, b, h):
+            return q, b * q_st[0] + h * q_st[2], q_st[1]
+
+        @inline_device
+        def kv_src(k, k_st, v, v_st, maps, b, h):
+            return k, b * k_st[0] + h * k_st[2], k_st[1], v, b * v_st[0] + h * v_st[2], v_st[1]
+
+        @inline_device
+        def put_q(smem, bars, src, row0, nq, ptid):
+            g, base, stride = src
+            copy_q(smem, 0, g, base, row0, nq - row0, stride, ptid)
+            ptx.cp_async_commit()                          # Q's barrier: at put_k of tile 0 (or put_last)
+
+        @inline_device
+        def put_k(smem, bars, stage, pstage, t0, nk, src, ptid):
+            load_k(smem, stage, t0, nk, src, ptid)
+            ptx.cp_async_wait_group(1)                     # V_j-1 (or Q) landed
+            hopper.fence_proxy_async_shared()
+            hopper.mbarrier_arrive(bars, 0 if pstage < 0 else FULL_V + pstage)
+
+        @inline_device
+        def put_v(smem, bars, stage, t0, nk, src, ptid):
+            load_v(smem, stage, t0, nk, src, ptid)
+            ptx.cp_async_wait_group(1)                     # K_j landed
+            hopper.fence_proxy_async_shared()
+            hopper.mbarrier_arrive(bars, FULL_K + stage)
+
+        @inline_device
+        def put_last(bars, pstage):
+            ptx.cp_async_wait_group(0)                     # the last V (or Q: no tiles)
+            hopper.fence_proxy_async_shared()
+            hopper.mbarrier_arrive(bars, 0 if pstage < 0 else FULL_V + pstage)
 
     if regs:
         @inline_device
@@ -411,9 +482,9 @@ def _make_ws_ops(ring, consumers, bm, bn, dp, headdim, aligned, off_b, t_bytes, 
         else:
             hopper.named_barrier_arrive(1, TURN)
 
-    return WsOps(stages=ring, producers=P, regs=regs, nbars=NB, init=init, arrive=arrive, wait=wait,
-                 load_q=load_q, load_k=load_k, load_v=load_v, landed1=landed1, landed0=landed0,
-                 reg_producer=reg_producer, reg_consumer=reg_consumer, pingpong=bool(pingpong),
+    return WsOps(stages=ring, producers=P, fillers=FILLERS, regs=regs, nbars=NB, init=init, arrive=arrive,
+                 wait=wait, q_src=q_src, kv_src=kv_src, put_q=put_q, put_k=put_k, put_v=put_v,
+                 put_last=put_last, reg_producer=reg_producer, reg_consumer=reg_consumer, pingpong=bool(pingpong),
                  my_turn=my_turn, your_turn=your_turn)
 
 
