@@ -7,7 +7,9 @@ numba_flash/kernels/configs.py).
 Each configuration is KERNEL[@DQ]=TILES with KERNEL one of fwd, dkdv, dq, bwd (both backward kernels),
 TILES as the NUMBA_FLASH_*_TILES variables take them: "br,bc,ty,tx[,min_blocks]" (simt) or
 "br,bc,warps,a_regs[,min_blocks]" (mma), and DQ how the backward computes dQ (kernel or atomic:
-NUMBA_FLASH_DQ_MODE, kernels/configs.py), e.g. dkdv@atomic=64,128,8,1,1. A fwd configuration times
+NUMBA_FLASH_DQ_MODE, kernels/configs.py), e.g. dkdv@atomic=64,128,8,1,1, optionally followed by
+";NAME=VALUE" environment settings of that configuration's process (e.g. "fwd=;NUMBA_FLASH_WORK_ORDER=cyclic":
+the default tiles, the cyclic work order). A fwd configuration times
 flash_attn_forward; the others time flash_attn_backward. Every configuration gets its own process, so
 all of them compile at once; then they time one after another (a barrier and a lock keep the GPU to one
 at a time). Each is checked
@@ -27,7 +29,11 @@ VARS = {"fwd": ["NUMBA_FLASH_FWD_TILES"], "dkdv": ["NUMBA_FLASH_DKDV_TILES"],
 
 
 def _work(cfg, a, barrier, lock, results):
-    kernel, _, tiles = cfg.partition("=")
+    spec, *env = cfg.split(";")
+    for assignment in env:                   # ;NAME=VALUE: an environment variable of this configuration
+        name, _, value = assignment.partition("=")
+        os.environ[name] = value
+    kernel, _, tiles = spec.partition("=")
     kernel, _, mode = kernel.partition("@")
     if mode:
         os.environ["NUMBA_FLASH_DQ_MODE"] = mode
