@@ -30,7 +30,7 @@ import pytest  # noqa: E402
 from numba import cuda  # noqa: E402
 
 from numba_flash.kernels import hopper  # noqa: E402
-from numba_flash.kernels.launch import SIMULATOR  # noqa: E402
+from numba_flash.kernels.launch import SIMULATOR, inline_device  # noqa: E402
 
 U32_POISON = np.uint32(0xFFFFFFFF)
 WG = 128
@@ -563,6 +563,20 @@ def test_mbarrier_transaction_count_gates_the_phase(rng):
 SMEM_WORDS = 2048               # 8 KiB of shared destination
 
 
+@inline_device
+def _poison_and_init_one_mbarrier(sm, nwords, bars):
+    """The copy tests' prologue: sm[:nwords] all-ones bits (unwritten words fail), mbarrier 0 initialised for
+    one arrival, both visible to the asynchronous proxy and to every thread."""
+    t = cuda.threadIdx.x
+    for i in range(t, nwords, cuda.blockDim.x):
+        sm[i] = 0xFFFFFFFF
+    if t == 0:
+        hopper.mbarrier_init(bars, 0, 1)
+        hopper.fence_mbarrier_init()
+    hopper.fence_proxy_async_shared()
+    cuda.syncthreads()
+
+
 @cuda.jit
 def _bulk_kernel(G, chunks, out):
     """chunks[c] = (global byte offset, shared byte offset, bytes): thread c % blockDim issues chunk c, all
@@ -570,13 +584,7 @@ def _bulk_kernel(G, chunks, out):
     sm = cuda.shared.array(SMEM_WORDS, np.uint32)
     bars = cuda.shared.array(1, np.uint64)
     t = cuda.threadIdx.x
-    for i in range(t, SMEM_WORDS, cuda.blockDim.x):
-        sm[i] = 0xFFFFFFFF
-    if t == 0:
-        hopper.mbarrier_init(bars, 0, 1)
-        hopper.fence_mbarrier_init()
-    hopper.fence_proxy_async_shared()
-    cuda.syncthreads()
+    _poison_and_init_one_mbarrier(sm, SMEM_WORDS, bars)
     if t == 0:
         total = 0
         for c in range(chunks.shape[0]):
@@ -662,13 +670,7 @@ def _tma_kernel(G, maps, boxes, out):
     sm = cuda.shared.array(TMA_SMEM_WORDS, np.uint32)
     bars = cuda.shared.array(1, np.uint64)
     t = cuda.threadIdx.x
-    for i in range(t, TMA_SMEM_WORDS, cuda.blockDim.x):
-        sm[i] = 0xFFFFFFFF
-    if t == 0:
-        hopper.mbarrier_init(bars, 0, 1)
-        hopper.fence_mbarrier_init()
-    hopper.fence_proxy_async_shared()
-    cuda.syncthreads()
+    _poison_and_init_one_mbarrier(sm, TMA_SMEM_WORDS, bars)
     at = (1024 - hopper.shared_address(sm) % 1024) % 1024
     if t == 0:
         hopper.mbarrier_arrive_expect_tx(bars, 0, boxes[0, 6])

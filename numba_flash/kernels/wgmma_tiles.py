@@ -370,7 +370,7 @@ def _make_ws_ops(ring, consumers, bm, bn, dp, headdim, aligned, off_b, t_bytes, 
         sw = swizzle_width(dp)
         CB = sw // 2                                       # columns per box (16-bit elements)
         NCB = dp // CB                                     # boxes per tile: one per column block
-        Q_BYTES, T_BYTES = 2 * bm * dp, 2 * bn * dp
+        Q_BYTES = 2 * bm * dp                              # (a K or V tile: t_bytes)
 
         @inline_device
         def q_src(q, q_st, maps, b, h):
@@ -390,7 +390,7 @@ def _make_ws_ops(ring, consumers, bm, bn, dp, headdim, aligned, off_b, t_bytes, 
 
         @inline_device
         def _put(smem, bars, idx, off, m, g, t0, h, b, maps):
-            hopper.mbarrier_arrive_expect_tx(bars, idx, T_BYTES)
+            hopper.mbarrier_arrive_expect_tx(bars, idx, t_bytes)
             at = base_bytes(smem) + off
             for c in range(NCB):
                 hopper.tma_load_4d(smem, at + c * bn * sw, maps, m, g, c * CB, h, t0, b, bars, idx)
