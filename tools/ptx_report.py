@@ -155,7 +155,8 @@ def report(name, kern, args, plan, arch, sass_dir, events=False):
             if done.returncode != 0 or not re.search(r"/\*[0-9a-f]{4}\*/", done.stdout):
                 print(f"{name}: {objdump} -sass printed no SASS: {done.stderr.strip()[:300]}")
             text = done.stdout
-            counts = {op: len(re.findall(rf"\b{op}\b", text)) for op in ("HMMA", "HGMMA", "LDSM", "LDGSTS", "LDL", "STL")}
+            ops = ("HMMA", "HGMMA", "LDSM", "LDGSTS", "UTMALDG", "LDL", "STL")
+            counts = {op: len(re.findall(rf"\b{op}\b", text)) for op in ops}
             sass = " | SASS " + " ".join(f"{k}={v}" for k, v in counts.items())
             if events:
                 sass += "\n      events: " + sass_events(text)
