@@ -191,8 +191,11 @@ def _wgmma_tiles(role, headdim, causal=False):
         # 264 / 265, causal N=1024 174 / 200; d=128 514 / 530, causal 437 / 436. The benchmark in the same
         # lease (benchmarks/results/h100-2026-12-06-*): d=128 causal N = 1k, 2k, 4k, 16k 243, 299, 445, 526
         # against 252, 315, 437, 488 persistent: its blocks take work tiles round-robin from the longest,
-        # so block 0 ends with ~6% more key tiles than block 131 at N=16k. Not persistent there until an
-        # order balances it (next step: every other round reversed).
+        # so block 0 ends with ~6% more key tiles than block 131 at N=16k. Every other round reversed
+        # ("snake") did not help (d=64 causal, 2026-12-06: 288.5 / 288.2 at N=4096, 246.3 / 251.0 at 2048)
+        # and d=128 causal persistent with TMA ran 495 against 545 at N=16384: not persistent there.
+        # TMA producer (MmaTiles.tma), H100, same tool, cp.async / TMA: d=64 381 / 402, causal 270 / 290;
+        # d=128 526 / 563, causal 462 / 484 (benchmarks/results/h100-2026-12-06b-tma-tests-tuning.md).
         if headdim == 128:
             return MmaTiles(128, 128, 8, a_regs=False, ring=3, pingpong=True, persistent=not causal, tma=True)
         if headdim == 64:
