@@ -3,7 +3,9 @@
 #
 #   tools/gpu_check.sh suite    OUT            GPU test suite without the sanitizer sweep (-n 16, ~290 s)
 #   tools/gpu_check.sh sanitize OUT CASE...    racecheck + memcheck of tools/sanitize.py cases, 6 processes
-#                                              at a time (~60-90 s per case and tool)
+#                                              at a time (~60-90 s per case and tool); SANITIZE_TOOLS="racecheck
+#                                              memcheck synccheck" adds synccheck (tests/test_sanitizer.py runs
+#                                              all three on every case)
 #   tools/gpu_check.sh bench    OUT [ARGS...]  fp16, d = 64 and 128, N = 1k/2k/4k/16k, causal and not, fwd
 #                                              and fwd+bwd, against naive, SDPA FlashAttention-2 and cuDNN
 #                                              (~130 s); ARGS replace those options (numba_flash.bench)
@@ -48,7 +50,7 @@ sanitize)
     [ $# -gt 0 ] || { echo "sanitize: name the cases (indices into tools/sanitize.py CASES)"; exit 2; }
     jobs_=()
     for c in "$@"; do
-        for tool in racecheck memcheck; do
+        for tool in ${SANITIZE_TOOLS:-racecheck memcheck}; do
             extra=(); [ "$tool" = racecheck ] && extra=(--racecheck-report hazard)
             ( timeout 540 compute-sanitizer --tool "$tool" "${extra[@]}" python3 tools/sanitize.py "$c" \
                 > "$out/sanitize-$c-$tool.log" 2>&1; echo "$?" > "$out/sanitize-$c-$tool.rc" ) &
