@@ -102,19 +102,23 @@ def device_maps(specs, device):
             _cache.move_to_end(key)
             return hit
     maps = [None if sp is None else encode(sp[0], 2, *sp[1:]) for sp in specs]
-    arr = None
-    if all(m is not None for m in maps):
-        from .. import interop
-        host = np.concatenate(maps)
-        arr = interop.to_device_like(host, "numba", device)
-        if not SIMULATOR:
-            from .driverlaunch import DeviceBuffer
-            arr = DeviceBuffer(arr.__cuda_array_interface__["data"][0], host.size, np.uint64, arr)
+    arr = _upload(np.concatenate(maps), device) if all(m is not None for m in maps) else None
     with _lock:
         _cache[key] = arr
         if len(_cache) > CACHE_SIZE:
             _cache.popitem(last=False)
     return arr
+
+
+def _upload(host, device):
+    """The uint64 words `host` where the kernels run, as the kernels take a flat array (a DeviceBuffer on a
+    GPU, which keeps the allocation alive)."""
+    from .. import interop
+    arr = interop.to_device_like(host, "numba", device)
+    if SIMULATOR:
+        return arr
+    from .driverlaunch import DeviceBuffer
+    return DeviceBuffer(arr.__cuda_array_interface__["data"][0], host.size, np.uint64, arr)
 
 
 def placeholder(device):
@@ -123,11 +127,7 @@ def placeholder(device):
     with _lock:
         hit = _cache.get(key)
     if hit is None:
-        from .. import interop
-        hit = interop.to_device_like(np.zeros(hopper.TMAP_WORDS, np.uint64), "numba", device)
-        if not SIMULATOR:
-            from .driverlaunch import DeviceBuffer
-            hit = DeviceBuffer(hit.__cuda_array_interface__["data"][0], hopper.TMAP_WORDS, np.uint64, hit)
+        hit = _upload(np.zeros(hopper.TMAP_WORDS, np.uint64), device)
         with _lock:
             _cache[key] = hit
     return hit
