@@ -950,6 +950,14 @@ _CODEGEN = textwrap.dedent('''
     ]
     # cc (9, 0, "a"): the architecture-specific target sm_90a that wgmma and setmaxnreg need (a cc 9.0
     # device gets it by default; compile_ptx without a device needs it spelled out)
+    # Device functions (the tests' shared prologues) compile for the current device when typed: give
+    # numba one without a driver, as tools/ptx_report.py does.
+    import numba.cuda.dispatcher as disp
+
+    class _Device:
+        compute_capability = (9, 0)
+
+    disp.get_current_device = lambda: _Device()
     for name, fn, args, bounds in kernels:
         text, _ = cuda.compile_ptx(fn, args, cc=(9, 0, "a"), launch_bounds=bounds)
         with open(f"{sys.argv[1]}/{name}.ptx", "w") as f:
