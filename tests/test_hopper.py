@@ -20,6 +20,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import time
 
 from numba_flash import runtime
 
@@ -819,6 +820,44 @@ def test_sim_mbarrier_misuse_fails_fast(kernel, exc, match):
     with pytest.raises(exc, match=match):
         kernel[1, 32](np.zeros(64, np.uint32), np.zeros(1, np.uint32))
     assert time.monotonic() - t < 10
+
+
+def _slow_arrival_kernel(bars_out, rounds, pause):
+    """Thread 0 waits for phase 0 of mbarrier 0; thread 1 first completes `rounds` phases of mbarrier 1,
+    one every `pause` seconds (host time: the simulator runs this as Python), then arrives at mbarrier 0."""
+    bars = cuda.shared.array(2, np.uint64)
+    t = cuda.threadIdx.x
+    if t == 0:
+        hopper.mbarrier_init(bars, 0, 1)
+        hopper.mbarrier_init(bars, 1, 1)
+    cuda.syncthreads()
+    if t == 0:
+        hopper.mbarrier_wait_parity(bars, 0, 0)
+        bars_out[0] = 1
+    else:
+        for _ in range(rounds):
+            time.sleep(pause)
+            hopper.mbarrier_arrive(bars, 1)
+        time.sleep(pause)
+        hopper.mbarrier_arrive(bars, 0)
+
+
+@sim_only
+def test_sim_mbarrier_wait_times_out_only_without_progress(monkeypatch):
+    """The simulator's last-resort time-out counts from the block's last completed barrier phase: a wait
+    longer than NUMBA_FLASH_SIMWARP_TIMEOUT while other barriers keep completing is no hang (a loaded test
+    run, one warpgroup computing a tile in Python while the other waits), a wait with none is."""
+    import time as _t
+    from numba_flash.kernels import simwarp
+    kern = cuda.jit(_slow_arrival_kernel)
+    monkeypatch.setattr(simwarp, "TIMEOUT_S", 1.0)
+    out = np.zeros(1, np.uint32)
+    kern[1, 2](out, 6, 0.4)            # waits ~2.8 s, a phase completes every 0.4 s
+    assert out[0] == 1
+    t = _t.monotonic()
+    with pytest.raises(RuntimeError, match="no other barrier of the block completed a phase"):
+        kern[1, 2](np.zeros(1, np.uint32), 0, 3.0)
+    assert _t.monotonic() - t < 10
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -278,6 +278,7 @@ if SIMULATOR:
                                     # its Condition]
             self.waiting = set()    # thread ids blocked in block_until (an mbarrier or named barrier)
             self.polling = {}       # thread id -> (first, last) time of its current run of false try_waits
+            self.progress = _time.monotonic()   # when a barrier of the block last completed a phase
             self.hold = 1.0 + 0.01 * self.nthreads
 
         # --- address map ---
@@ -339,6 +340,7 @@ if SIMULATOR:
             if m.pending == 0 and m.tx == 0:
                 m.phase += 1
                 m.pending = m.expected
+                self.progress = _time.monotonic()
                 m.cond.notify_all()
 
         def stuck(self, now):
@@ -352,7 +354,10 @@ if SIMULATOR:
             """Block the calling thread (holding the lock) until done(), waking on cond() (its barrier's
             Condition) or every _POLL_S. Raises deadlock() once every thread of the block has waited on a
             barrier or at syncthreads for a while (self.hold: the BlockManager clears a released thread's
-            syncthreads flag late) with no wake-up, and a timeout past NUMBA_FLASH_SIMWARP_TIMEOUT."""
+            syncthreads flag late) with no wake-up, and a timeout once neither this wait nor any other of the
+            block's barriers has completed for NUMBA_FLASH_SIMWARP_TIMEOUT seconds. (Measured from the
+            block's last progress, not from the start of this wait: in a loaded test run one warpgroup may
+            legitimately wait minutes while the other, many Python threads, computes a tile.)"""
             start = _time.monotonic()
             stuck_since = None
             self.waiting.add(thread.thread_id)
@@ -372,8 +377,9 @@ if SIMULATOR:
                             raise deadlock()
                     else:
                         stuck_since = None
-                    if now - start > _simwarp.TIMEOUT_S:
-                        raise RuntimeError(f"{what} did not complete within {_simwarp.TIMEOUT_S:g} s "
+                    if now - max(start, self.progress) > _simwarp.TIMEOUT_S:
+                        raise RuntimeError(f"{what} did not complete, and no other barrier of the block "
+                                           f"completed a phase, within {_simwarp.TIMEOUT_S:g} s "
                                            f"(NUMBA_FLASH_SIMWARP_TIMEOUT)")
             finally:
                 self.waiting.discard(thread.thread_id)
@@ -742,6 +748,7 @@ if SIMULATOR:
         if b[1] == nthreads:
             b[1] = 0
             b[2] += 1
+            blk.progress = _time.monotonic()
             b[3].notify_all()
         return blk, b, phase
 
