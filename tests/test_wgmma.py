@@ -441,6 +441,104 @@ def test_wgmma_tma_producer_falls_back_to_cp_async_where_tma_cannot_express_the_
     check_tma_matches_cp_async_bitwise(monkeypatch, q, k, v, "float16", 2, False)
 
 
+def use_bwd_tma(monkeypatch, d, on):
+    """The wgmma backward kernels copy their streamed tiles by TMA (MmaTiles.tma) or by cp.async, tiles
+    otherwise the default ones (under the simulator its small ones; on a GPU through the tile overrides,
+    as tuning runs do)."""
+    import dataclasses
+    from numba_flash.kernels import configs
+    if SIMULATOR:
+        for role in ("dkdv", "dq", "dkdv_atomic"):
+            monkeypatch.setitem(configs._SIM["wgmma"], role, dataclasses.replace(configs._SIM["wgmma"][role], tma=on))
+    else:
+        for role, var in (("dkdv", "NUMBA_FLASH_DKDV_TILES"), ("dq", "NUMBA_FLASH_DQ_TILES")):
+            t = configs._wgmma_tiles(role, d)
+            monkeypatch.setenv(var, f"{t.br},{t.bc},{t.warps},{int(t.a_regs)},{t.min_blocks},0,0,0,0,{int(on)}")
+
+
+def spy_bwd_tma_maps(monkeypatch):
+    """Record what backward.tma_maps answers per kernel role (None: that kernel fell back to cp.async)."""
+    from numba_flash.kernels import backward
+    made, real = [], backward.tma_maps
+
+    def spy(plan, role, *a):
+        made.append((role, real(plan, role, *a)))
+        return made[-1][1]
+    monkeypatch.setattr(backward, "tma_maps", spy)
+    return made
+
+
+def check_bwd_tma_matches_cp_async_bitwise(monkeypatch, q, k, v, dout, dtype, tma_expected, deterministic=True,
+                                           **kw):
+    """The backward's TMA streams land the cp.async copies' images: the same gradients, bitwise (the fused
+    dQ's unordered additions aside: within the error budget). tma_expected: whether both kernels (the
+    dK/dV kernel alone with the fused dQ) can copy by TMA."""
+    d = q.shape[-1]
+    use_bwd_tma(monkeypatch, d, False)
+    _, _, want = run_mma(q, k, v, dout, dtype, deterministic=deterministic, backend="wgmma", **kw)
+    made = spy_bwd_tma_maps(monkeypatch)
+    use_bwd_tma(monkeypatch, d, True)
+    out, _, got = run_mma(q, k, v, dout, dtype, deterministic=deterministic, backend="wgmma", **kw)
+    roles = [role for role, _ in made]
+    if tma_expected:
+        assert roles == (["dkdv", "dq"] if deterministic else ["dkdv"]), roles
+        assert all(m is not None for _, m in made), "a kernel did not copy by TMA"
+    else:
+        assert all(m is None for _, m in made), "maps were made for inputs TMA cannot express"
+    for name, x, y in zip(("dq", "dk", "dv"), got, want):
+        if name == "dq" and not deterministic:
+            continue
+        assert_bitwise_equal(x, y, name)
+    mask = kw.pop("block_mask", None)
+    if mask is not None:
+        kw["mask"] = mask.to_dense()
+    ref = nf.attention_reference_backward(dout, q, k, v, **kw)
+    theirs = torch_lowp(q, k, v, dout, dtype, **kw)[1:]
+    for name, ours, r, th in zip(("dq", "dk", "dv"), got, ref, theirs):
+        assert_within_budget(name, ours, r, th)
+
+
+@pytest.mark.parametrize("dtype,causal,Nq,Nk,H,d", [
+    ("float16", False, 70, 100, 1, 32), ("bfloat16", True, 100, 70, 2, 64), ("float16", True, 65, 40, 1, 48)])
+def test_wgmma_backward_tma_streams_match_cp_async_bitwise_ragged_and_swizzles(rng, monkeypatch, dtype, causal,
+                                                                                Nq, Nk, H, d):
+    """Ragged streamed tiles (zeros from the boxes past the last row), the 64-, 128- and 32-byte swizzles
+    (one, one and three boxes per tile), several heads, causal key tiles that see no query, and enough
+    streamed tiles per block (up to 4) that both buffers' mbarriers go through more than one phase."""
+    q, k, v = make_qkv_arrays(rng, 1, Nq, Nk, H, d, dtype, FW)
+    dout = random_array(rng, (1, Nq, H, d), dtype, FW)
+    check_bwd_tma_matches_cp_async_bitwise(monkeypatch, q, k, v, dout, dtype, True, causal=causal)
+
+
+def test_wgmma_backward_tma_streams_with_the_fused_dq_and_a_block_mask(rng, monkeypatch):
+    """The fused dQ's dK/dV kernel (it reads the streamed Q tile twice) and block-sparse walks with
+    skipped tiles: the buffers' phases follow the tiles walked, not the tile indices."""
+    q, k, v = make_qkv_arrays(rng, 1, 70, 100, 1, 32, "float16", FW)
+    dout = random_array(rng, (1, 70, 1, 32), "float16", FW)
+    check_bwd_tma_matches_cp_async_bitwise(monkeypatch, q, k, v, dout, "float16", True, deterministic=False,
+                                           causal=True)
+    b1, b2 = block_sizes(32, "bfloat16", "wgmma")
+    nq, nk = 3 * b1, 3 * b2
+    mask = BlockMask.random(0.5, nq, nk, (b1, b2), nheads=1, seed=int(rng.integers(1 << 31)))
+    q, k, v = make_qkv_arrays(rng, 1, nq, nk, 1, 32, "bfloat16", FW)
+    dout = random_array(rng, (1, nq, 1, 32), "bfloat16", FW)
+    check_bwd_tma_matches_cp_async_bitwise(monkeypatch, q, k, v, dout, "bfloat16", True, block_mask=mask)
+
+
+def test_wgmma_backward_tma_falls_back_to_cp_async_where_tma_cannot_express_the_inputs(rng, monkeypatch):
+    """Rows that are not 16-byte aligned (no maps made: ordinary loads) and maps the driver refuses
+    (cp.async): the same gradients either way."""
+    from numba_flash.kernels import tma
+    bufs = [random_array(rng, (1, 40, 1, 32 + 8), "bfloat16", FW) for _ in range(4)]
+    q, k, v, dout = (b[..., 1:33] for b in bufs)
+    check_bwd_tma_matches_cp_async_bitwise(monkeypatch, q, k, v, dout, "bfloat16", False, causal=True)
+    q, k, v = make_qkv_arrays(rng, 1, 40, 40, 1, 16, "float16", FW)
+    dout = random_array(rng, (1, 40, 1, 16), "float16", FW)
+    monkeypatch.setattr(tma, "encode", lambda *a, **kw: None)
+    monkeypatch.setattr(tma, "_cache", type(tma._cache)())     # no maps kept from earlier calls
+    check_bwd_tma_matches_cp_async_bitwise(monkeypatch, q, k, v, dout, "float16", False)
+
+
 # GPU: real sizes
 # --------------------------------------------------------------------------------------------------
 
@@ -527,3 +625,14 @@ def test_gpu_wgmma_tma_producer_matches_cp_async_bitwise(rng, monkeypatch, d, dt
     q, k, v = make_qkv_arrays(rng, 2, 1000, 777, 2, d, dtype, "torch")
     check_tma_matches_cp_async_bitwise(monkeypatch, q, k, v, dtype, ring, True, pingpong, persistent,
                                        causal=causal)
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.parametrize("deterministic", [True, False], ids=["dq-kernel", "fused-dq"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("dtype,d", [("float16", 64), ("bfloat16", 128)])
+def test_gpu_wgmma_backward_tma_streams_match_cp_async_bitwise(rng, monkeypatch, d, dtype, causal, deterministic):
+    q, k, v = make_qkv_arrays(rng, 2, 1000, 777, 2, d, dtype, "torch")
+    dout = random_array(rng, (2, 1000, 2, d), dtype, "torch")
+    check_bwd_tma_matches_cp_async_bitwise(monkeypatch, q, k, v, dout, dtype, True, deterministic, causal=causal)

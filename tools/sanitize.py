@@ -13,7 +13,8 @@ tensor cores, rows that are 16-byte aligned (cp.async) and rows that are not (pl
 seqlen_q != seqlen_k, a block-sparse mask, and both ways the tensor-core backward computes dQ (the
 separate "kernel" by default, and "atomic", fused into dK/dV; configs.DQ_MODES), and the
 warp-specialised wgmma forward (MmaTiles.ring: a producer warpgroup and mbarriers), and the wgmma dK/dV
-kernel's own dQ in both of its warpgroup splits, the persistent forward, three consumer warpgroups and the TMA producer. Every result is checked
+kernel's own dQ in both of its warpgroup splits, the persistent forward, three consumer warpgroups, the TMA
+producer and the backward's TMA streams. Every result is checked
 against the float64 reference, so a configuration that silently did nothing fails here too. Exit status
 1 on a mismatch.
 """
@@ -86,6 +87,12 @@ CASES = [
          pingpong=True, persistent=True, tma=True),
     dict(path="wgmma", d=128, dtype="bfloat16", causal=False, nq=300, nk=333, aligned=True, sparse=True,
          block=(128, 128), ring=3, pingpong=True, tma=True),
+    # the backward's streamed tiles copied by TMA (MmaTiles.tma on the dK/dV and dQ tiles: one thread,
+    # one mbarrier per buffer): both kernels, causal; the fused dQ's dK/dV kernel on a block mask
+    dict(path="wgmma", d=64, dtype="float16", causal=True, nq=333, nk=500, aligned=True, sparse=False,
+         bwd_tma=True),
+    dict(path="wgmma", d=128, dtype="bfloat16", causal=False, nq=300, nk=333, aligned=True, sparse=True,
+         block=(128, 128), dq="atomic", bwd_tma=True),
 ]
 
 
@@ -101,6 +108,12 @@ def run(c):
     os.environ["NUMBA_FLASH_DQ_MODE"] = c.get("dq", "")     # "": the default of the path
     os.environ["NUMBA_FLASH_FWD_TILES"] = ""
     os.environ["NUMBA_FLASH_DKDV_TILES"] = c.get("dkdv_tiles", "")
+    os.environ["NUMBA_FLASH_DQ_TILES"] = ""
+    if c.get("bwd_tma"):
+        from numba_flash.kernels import configs
+        for role, var in (("dkdv", "NUMBA_FLASH_DKDV_TILES"), ("dq", "NUMBA_FLASH_DQ_TILES")):
+            t = configs.tiles(c["path"], role, c["d"])
+            os.environ[var] = f"{t.br},{t.bc},{t.warps},{int(t.a_regs)},{t.min_blocks},0,0,0,0,1"
     os.environ["NUMBA_FLASH_RESIDENT_BLOCKS"] = "2" if c.get("persistent") else ""
     if c.get("ring"):
         from numba_flash.kernels import configs

@@ -31,14 +31,19 @@ nheads, batch; causal: nheads, batch, Tr or Tc, the longest tiles first),
 the prepare kernel's (blocks of query rows, nheads, batch), the dQ conversion's 1-D; D is a (batch,
 nheads, seqlen_q) scratch vector of the lse's dtype, so is lse2 (lse in the log2 domain, which the dK/dV
 kernel streams in lse's place), and the dQ accumulator a (batch, seqlen_q, nheads, DP) float32 scratch,
-all allocated through `alloc`.
+all allocated through `alloc`. The dK/dV and dQ kernels take a trailing `maps`: the tensor maps of their two
+streamed tensors (Q, dO; K, V) where they copy them by TMA (MmaTiles.tma, `tma_maps`; a kernel whose maps
+cannot be made runs without TMA), else a placeholder map they never read.
 """
 import math
+from dataclasses import replace
 from functools import lru_cache
 
-from numba import cuda, float32
+import numpy as np
 
-from . import ptx
+from numba import cuda, float32, uint64
+
+from . import ptx, tma
 from .convert import acc_constant, acc_type, loader, storage_dtype, storer
 from .fragments import make_store_rows, pair_packer
 from .launch import Launchable, kernel, strides3
@@ -208,15 +213,16 @@ def make_dkdv_kernel(plan):
     @kernel(ops.threads, ops.smem_bytes, ops.min_blocks, ops.min_regs)
     def flash_bwd_dkdv(q, k, v, do, lse, dvec, dk, dv, nq, nk, q_st, k_st, v_st, do_st, dk_st, dv_st,
                        lse_st, scale, scale_log2, offset, q_count, q_index, mask_sh, mask_maxq, q_per_blk,
-                       k_per_blk, dq_acc, acc_st):
+                       k_per_blk, dq_acc, acc_st, maps):
         smem = cuda.shared.array(0, ACC)
+        bars = cuda.shared.array(2, uint64)      # TMA streams (TileOps.landed): a buffer's tile has landed
         j_tile, h, b = block_coords()
         tid = cuda.threadIdx.x
         col0 = j_tile * BC
         sl2 = ACC(scale_log2)
         lse_base = b * lse_st[0] + h * lse_st[1]
         qdo = (q, b * q_st[0] + h * q_st[2], q_st[1], do, b * do_st[0] + h * do_st[2], do_st[1],
-               lse, lse_base, dvec, lse_base)
+               lse, lse_base, dvec, lse_base, maps, bars, h, b)
         acc_base = b * acc_st[0] + h * acc_st[2]
 
         kvf = cuda.local.array(A_SHAPE, A_DT)
@@ -238,10 +244,11 @@ def make_dkdv_kernel(plan):
                 dv_acc[i, j] = ZERO
 
         stage = 0
+        phase = 0
         while t < nblk:
             nt, nsub, nbase, nrow0 = next_tile(q_index, mcol, mask_maxq, q_per_blk, nblk, t, sub, base, col0,
                                                nq, nk, offset)
-            acquire(smem, stage, row0, nt < nblk, nrow0, nq, qdo, tid)
+            acquire(smem, stage, phase, row0, nt < nblk, nrow0, nq, qdo, tid)
             if ASYNC:
                 pend_s = nt_issue(smem, 0, stage, 0, tid)                # S^T = K Q^T
                 pend_dp = nt_issue(smem, 1, stage, 1, tid)               # dP^T = V dO^T, while P^T is made
@@ -296,7 +303,7 @@ def make_dkdv_kernel(plan):
                     mm_dq(smem, dqf, tid)                                # dQ_i (partial) = dS K_j
                     add_dq(dqf, dq_acc, acc_base, row0, nq - row0, acc_st[1], tid)
                 mm_pv(smem, dpt, stage, 0, dk_acc, tid, True)            # dK += dS^T Q
-            t, sub, base, row0, stage = nt, nsub, nbase, nrow0, 1 - stage
+            t, sub, base, row0, stage, phase = nt, nsub, nbase, nrow0, 1 - stage, phase ^ stage
 
         sc = cuda.local.array(R, ACC)
         one = cuda.local.array(R, ACC)
@@ -326,13 +333,14 @@ def make_dq_kernel(plan):
 
     @kernel(ops.threads, ops.smem_bytes, ops.min_blocks, ops.min_regs)
     def flash_bwd_dq(q, k, v, do, lse, dvec, dq, nq, nk, q_st, k_st, v_st, do_st, dq_st, lse_st, scale,
-                     scale_log2, offset, kv_count, kv_index, mask_sh, mask_maxk, q_per_blk, k_per_blk):
+                     scale_log2, offset, kv_count, kv_index, mask_sh, mask_maxk, q_per_blk, k_per_blk, maps):
         smem = cuda.shared.array(0, ACC)
+        bars = cuda.shared.array(2, uint64)      # TMA streams (TileOps.landed): a buffer's tile has landed
         i_tile, h, b = block_coords()
         tid = cuda.threadIdx.x
         row0 = i_tile * BR
         sl2 = ACC(scale_log2)
-        kv = (k, b * k_st[0] + h * k_st[2], k_st[1], v, b * v_st[0] + h * v_st[2], v_st[1])
+        kv = (k, b * k_st[0] + h * k_st[2], k_st[1], v, b * v_st[0] + h * v_st[2], v_st[1], maps, bars, h, b)
 
         qf = cuda.local.array(A_SHAPE, A_DT)
         load_res(smem, qf, 0, q, b * q_st[0] + h * q_st[2], row0, nq - row0, q_st[1], tid)
@@ -360,10 +368,11 @@ def make_dq_kernel(plan):
                 dq_acc[i, j] = ZERO
 
         stage = 0
+        phase = 0
         while t < nblk:
             nt, nsub, nbase, ncol0 = next_tile(kv_index, mrow, mask_maxk, k_per_blk, nblk, t, sub, base, row0,
                                                nq, nk, offset)
-            acquire(smem, stage, col0, nt < nblk, ncol0, nk, kv, tid)
+            acquire(smem, stage, phase, col0, nt < nblk, ncol0, nk, kv, tid)
             if ASYNC:
                 pend_s = nt_issue(smem, 0, stage, 0, tid)                # S = Q K^T
                 pend_dp = nt_issue(smem, 1, stage, 1, tid)               # dP = dO V^T, while P is made
@@ -393,7 +402,7 @@ def make_dq_kernel(plan):
                 o_finish(dq_acc, pend_dq)
             else:
                 mm_pv(smem, s, stage, 0, dq_acc, tid, False)             # dQ += dS K
-            t, sub, base, col0, stage = nt, nsub, nbase, ncol0, 1 - stage
+            t, sub, base, col0, stage, phase = nt, nsub, nbase, ncol0, 1 - stage, phase ^ stage
 
         sc = cuda.local.array(R, ACC)
         for i in range(R):
@@ -411,6 +420,9 @@ def launches(plan, stream, dout, q, k, v, out, lse, dq, dk, dv, nq, nk, scale, o
     tiles; alloc(shape, dtype) allocates scratch in the inputs' framework."""
     B, H, d = q.shape[0], q.shape[2], q.shape[3]
     fused = plan.dq_mode == "atomic"
+    plan, dkdv_maps = _with_maps(plan, "dkdv", (q, dout), plan.dkdv.br)
+    if not fused:
+        plan, dq_maps = _with_maps(plan, "dq", (k, v), plan.dq.bc)
     t = plan.dkdv
     dvec = alloc((B, H, nq), lse.dtype)
     lse2 = alloc((B, H, nq), lse.dtype)       # lse in the log2 domain (make_prepare_kernel), for dK/dV
@@ -429,7 +441,7 @@ def launches(plan, stream, dout, q, k, v, out, lse, dq, dk, dv, nq, nk, scale, o
         out_.append((make_dkdv_kernel(plan), tile_grid(plan.causal, nk, t.bc, H, B, "seqlen_k"), stream,
                      (q.flat, k.flat, v.flat, dout.flat, lse2.flat, dvec.flat, dk.flat, dv.flat, *common,
                       strides3(dk), strides3(dv), lse_st, scale, scale * LOG2E, offset,
-                      *masks.lists(t.br, t.bc, True), acc.flat, acc_st)))
+                      *masks.lists(t.br, t.bc, True), acc.flat, acc_st, dkdv_maps)))
     if nq > 0 and fused:
         conv = make_dq_convert_kernel(d, dp, plan.dtype)
         n = B * nq * H * d
@@ -437,8 +449,38 @@ def launches(plan, stream, dout, q, k, v, out, lse, dq, dk, dv, nq, nk, scale, o
     elif nq > 0:
         out_.append((make_dq_kernel(plan), tile_grid(plan.causal, nq, plan.dq.br, H, B, "seqlen_q"), stream,
                      (q.flat, k.flat, v.flat, dout.flat, lse.flat, dvec.flat, dq.flat, *common, strides3(dq),
-                      lse_st, scale, scale * LOG2E, offset, *masks.lists(plan.dq.br, plan.dq.bc, False))))
+                      lse_st, scale, scale * LOG2E, offset, *masks.lists(plan.dq.br, plan.dq.bc, False),
+                      dq_maps)))
     return out_
+
+
+def uses_tma(plan, role):
+    """Whether kernel `role` of a backward plan copies its streamed tiles by TMA (MmaTiles.tma)."""
+    t = getattr(plan, role)
+    return plan.path == "wgmma" and plan.aligned and getattr(t, "tma", False)
+
+
+def tma_maps(plan, role, views, rows):
+    """The `maps` argument of kernel `role` streaming the two (B, N, H, d) `views` by TMA in tiles of
+    `rows` rows (one swizzle span of columns per box, tma.py); None where one cannot be made. Views of the
+    "numpy" framework (tools/ptx_report.py compiles without a GPU) get zero maps."""
+    from .wgmma_tiles import swizzle_width
+    sw = swizzle_width(getattr(plan, role).padded_headdim(plan.headdim))
+    if views[0].framework == "numpy":
+        return np.zeros(2 * tma.hopper.TMAP_WORDS, np.uint64)
+    return tma.device_maps(tuple(tma.head_tile_spec(x, rows, sw // 2, sw) for x in views), views[0].device)
+
+
+def _with_maps(plan, role, views, rows):
+    """(plan, maps) for kernel `role`: its TMA maps, or where it does not copy by TMA or they cannot be made
+    (the plan then without TMA for that kernel), a placeholder the kernel never reads."""
+    maps = tma_maps(plan, role, views, rows) if uses_tma(plan, role) else None
+    if maps is None:
+        if uses_tma(plan, role):
+            plan = replace(plan, **{role: replace(getattr(plan, role), tma=False)})
+        maps = (np.zeros(tma.hopper.TMAP_WORDS, np.uint64) if views[0].framework == "numpy"
+                else tma.placeholder(views[0].device))
+    return plan, maps
 
 
 def launch(*args):

@@ -81,9 +81,10 @@ class MmaTiles:
     # take query tiles (work tiles) in turn, so the producer copies the next work tile's Q and first K
     # while the consumers finish the last one (its final P V and the epilogue) (forward.py)
     persistent: bool = False
-    # warp-specialised forward only: the producer copies by TMA (one thread, boxes described by tensor maps,
-    # tma.py) instead of its 128 threads' cp.async; used only where the inputs are aligned and the driver
-    # encodes their maps (forward.launches falls back to cp.async otherwise)
+    # warp-specialised forward: the producer copies by TMA (one thread, boxes described by tensor maps,
+    # tma.py) instead of its 128 threads' cp.async; wgmma backward kernels: one thread copies the streamed
+    # tiles by TMA (wgmma_tiles.make_wgmma_bwd_ops). Used only where the inputs are aligned and the driver
+    # encodes their maps (forward.launches, backward.launches fall back to cp.async otherwise)
     tma: bool = False
 
     def padded_headdim(self, headdim):

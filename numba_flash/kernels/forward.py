@@ -128,10 +128,11 @@ def make_forward_kernel(plan):
         start(m, l, acc)
 
         stage = 0
+        phase = 0
         while t < nblk:
             nt, nsub, nbase, ncol0 = next_tile(kv_index, mrow, mask_maxk, k_per_blk, nblk, t, sub, base, row0,
                                                nq, nk, offset)
-            acquire(smem, stage, col0, nt < nblk, ncol0, nk, kv, tid)
+            acquire(smem, stage, phase, col0, nt < nblk, ncol0, nk, kv, tid)
             for i in range(R):
                 for j in range(C):
                     s[i, j] = ZERO
@@ -140,7 +141,7 @@ def make_forward_kernel(plan):
                            offset)
             online_update(s, m, l, acc, sl2)                             # s <- P, acc *= alpha
             mm_pv(smem, s, stage, 1, acc, tid, False)                       # acc += P V
-            t, sub, base, col0, stage = nt, nsub, nbase, ncol0, 1 - stage
+            t, sub, base, col0, stage, phase = nt, nsub, nbase, ncol0, 1 - stage, phase ^ stage
 
         epilogue(m, l, acc, sl2, o, lse, b, h, row0, nq, o_st, lse_st, tid)
 

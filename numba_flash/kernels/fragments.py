@@ -120,7 +120,11 @@ TileOps = namedtuple("TileOps", [
     "dq",              # DqOps of a dK/dV kernel that computes dQ itself (tensor cores), else None
     "pipe",            # asynchronous products, else None: AsyncOps (forward), AsyncBwdOps (backward)
     "ws",              # WsOps of a warp-specialised forward (a producer warpgroup streams), else None
-], defaults=(None, None))
+    # streamed tiles copied by TMA (the wgmma backward with MmaTiles.tma), else None: before the first
+    # `stream`, stream_init(operands, tid) readies the buffers' mbarriers; landed(operands, stage, phase)
+    # waits until buffer `stage`'s copy of that phase parity has landed (pipeline.py)
+    "stream_init", "landed",
+], defaults=(None,) * 4)
 AsyncOps = namedtuple("AsyncOps", [
     "steps",           # k16 steps of P V (rows of the packed-P array)
     "stream_k", "stream_v",   # (smem, buf, t0, n_other, operands, tid): K or V tile t0.. into buffer buf

@@ -237,7 +237,7 @@ def make_simt_ops(role, tiles, headdim, dtype_name, vec_global):
     if role == "dkdv":
         @inline_device
         def stream(smem, stage, t0, n_other, operands, tid):
-            g0, b0, s0, g1, b1, s1, v0, vb0, v1, vb1 = operands
+            g0, b0, s0, g1, b1, s1, v0, vb0, v1, vb1 = operands[0:10]
             load_b(smem, OFF_B, g0, b0, t0, n_other - t0, s0, tid)
             load_b(smem, OFF_B + BN * LD, g1, b1, t0, n_other - t0, s1, tid)
             load_v(smem, OFF_VEC, v0, vb0, t0, n_other - t0, tid)
@@ -245,7 +245,7 @@ def make_simt_ops(role, tiles, headdim, dtype_name, vec_global):
     else:
         @inline_device
         def stream(smem, stage, t0, n_other, operands, tid):
-            g0, b0, s0, g1, b1, s1 = operands
+            g0, b0, s0, g1, b1, s1 = operands[0:6]
             load_b(smem, OFF_B, g0, b0, t0, n_other - t0, s0, tid)
             load_b(smem, OFF_B + BN * LD, g1, b1, t0, n_other - t0, s1, tid)
 

@@ -102,31 +102,45 @@ def make_tile_copy(rows, dp, headdim, aligned, nthreads, chunk_word, row_words=N
     return copy
 
 
+def make_vec_stream(bn, nthreads, vec_word):
+    """stream_vecs(smem, stage, t0, n_other, operands, tid): a dK/dV kernel's lse and D vectors (bn float32
+    each, from operands[6:10] = (lse, base, D, base)) by 4-byte cp.async to shared word vec_word(smem) +
+    (2 * stage + which) * bn, zeros past row n_other."""
+    @inline_device
+    def stream_vecs(smem, stage, t0, n_other, operands, tid):
+        v0, vb0, v1, vb1 = operands[6:10]
+        voff = vec_word(smem) + 2 * stage * bn
+        for s in range(-(-bn // nthreads)):
+            r = tid + s * nthreads
+            if r < bn:
+                ok = r < n_other - t0
+                ptx.cp_async4(smem, voff + r, v0, vb0 + t0 + r if ok else vb0, ok)
+                ptx.cp_async4(smem, voff + bn + r, v1, vb1 + t0 + r if ok else vb1, ok)
+        return
+    return stream_vecs
+
+
 def make_stream(role, copy_b, off_b, tile_size, bn, nthreads, vec_word):
     """stream(smem, stage, t0, n_other, operands, tid), vec(smem, stage, which, idx): the streaming half of
     a tensor-core path's TileOps (mma.sync and wgmma share it). Streamed tile `slot` of buffer `stage` is
-    copied by copy_b (make_tile_copy) to off_b + (2 * stage + slot) * tile_size, in copy_b's offset units.
-    A dK/dV kernel (role "dkdv") also streams its lse and D vectors (bn float32 each) by 4-byte cp.async
-    to shared word vec_word(smem) + (2 * stage + which) * bn, which `vec` reads back."""
+    copied by copy_b (make_tile_copy) to off_b + (2 * stage + slot) * tile_size, in copy_b's offset units,
+    from operands[0:6] = (g0, base, row stride, g1, base, row stride). A dK/dV kernel (role "dkdv") also
+    streams its lse and D vectors (make_vec_stream), which `vec` reads back."""
     if role == "dkdv":
+        stream_vecs = make_vec_stream(bn, nthreads, vec_word)
+
         @inline_device
         def stream(smem, stage, t0, n_other, operands, tid):
-            g0, b0, s0, g1, b1, s1, v0, vb0, v1, vb1 = operands
+            g0, b0, s0, g1, b1, s1 = operands[0:6]
             off = off_b + 2 * stage * tile_size
             copy_b(smem, off, g0, b0, t0, n_other - t0, s0, tid)
             copy_b(smem, off + tile_size, g1, b1, t0, n_other - t0, s1, tid)
-            voff = vec_word(smem) + 2 * stage * bn
-            for s in range(-(-bn // nthreads)):
-                r = tid + s * nthreads
-                if r < bn:
-                    ok = r < n_other - t0
-                    ptx.cp_async4(smem, voff + r, v0, vb0 + t0 + r if ok else vb0, ok)
-                    ptx.cp_async4(smem, voff + bn + r, v1, vb1 + t0 + r if ok else vb1, ok)
+            stream_vecs(smem, stage, t0, n_other, operands, tid)
             return
     else:
         @inline_device
         def stream(smem, stage, t0, n_other, operands, tid):
-            g0, b0, s0, g1, b1, s1 = operands
+            g0, b0, s0, g1, b1, s1 = operands[0:6]
             off = off_b + 2 * stage * tile_size
             copy_b(smem, off, g0, b0, t0, n_other - t0, s0, tid)
             copy_b(smem, off + tile_size, g1, b1, t0, n_other - t0, s1, tid)

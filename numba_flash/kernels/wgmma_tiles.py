@@ -43,7 +43,7 @@ from numba import cuda, uint32
 from . import hopper, ptx
 from .fragments import AsyncBwdOps, AsyncOps, DqOps, Fragment, TileOps, WsOps, mma_fragment
 from .launch import inline_device
-from .tc_tiles import make_stream, make_tile_copy
+from .tc_tiles import make_stream, make_tile_copy, make_vec_stream
 
 ALIGN = 1024               # bytes: a 128B-swizzle atom (8 rows x 128 bytes)
 
@@ -641,7 +641,14 @@ def make_wgmma_bwd_ops(role, tiles, headdim, dtype_name, aligned, fused_dq=False
     dim; the products into an accumulator (dV += P^T dO, dK += dS^T Q; dQ += dS K: `pv_issue`) pack the
     score fragment into A registers and read the streamed tile through an MN-major descriptor, one
     m64nDk16 RS wgmma per k16 step of BN: nothing is transposed or staged. The dK/dV kernel's lse and D
-    vectors stream by 4-byte cp.async beside the tiles."""
+    vectors stream by 4-byte cp.async beside the tiles.
+
+    The streamed tiles are copied by the block's threads with cp.async, or with MmaTiles.tma by TMA: thread
+    0 announces a buffer's two tiles' bytes on the buffer's mbarrier (count 1) and issues one box per
+    column block of each (the forward producer's boxes, tma.py), and every thread waits for the buffer's
+    phase (TileOps.landed, pipeline.py) before the block barrier that already ends each tile's copies. The
+    kernel's `maps` then holds the two streamed tensors' maps (backward.launches; Q, dO for dK/dV, K, V
+    for dQ); the resident tiles and the lse and D vectors stay on cp.async."""
     assert role in ("dkdv", "dq"), role
     assert dtype_name in ("float16", "bfloat16")
     assert tiles.ring == 0, ("a producer warpgroup is the forward's only", role, tiles)
@@ -684,6 +691,39 @@ def make_wgmma_bwd_ops(role, tiles, headdim, dtype_name, aligned, fused_dq=False
         return (base_bytes(smem) + OFF_VEC) // 4
 
     stream, vec = make_stream(role, copy_b, OFF_B, T_BYTES, BN, NTHREADS, vec_word)
+    stream_init = landed = None
+    if tiles.tma and aligned:
+        CB = SW // 2                       # columns per box (16-bit elements): one swizzle span
+        NCB = DP // CB                     # boxes per tile
+        stream_vecs = make_vec_stream(BN, NTHREADS, vec_word) if role == "dkdv" else None
+
+        @inline_device
+        def stream_init(operands, tid):
+            if tid == 0:
+                bars = operands[-3]
+                hopper.mbarrier_init(bars, 0, 1)
+                hopper.mbarrier_init(bars, 1, 1)
+                hopper.fence_mbarrier_init()
+            return
+
+        @inline_device
+        def stream(smem, stage, t0, n_other, operands, tid):
+            g0, g1 = operands[0], operands[3]
+            maps, bars, h, b = operands[-4:]
+            if tid == 0:
+                hopper.mbarrier_arrive_expect_tx(bars, stage, 2 * T_BYTES)
+                at = base_bytes(smem) + OFF_B + 2 * stage * T_BYTES
+                for c in range(NCB):
+                    hopper.tma_load_4d(smem, at + c * BN * SW, maps, 0, g0, c * CB, h, t0, b, bars, stage)
+                    hopper.tma_load_4d(smem, at + T_BYTES + c * BN * SW, maps, 1, g1, c * CB, h, t0, b, bars,
+                                       stage)
+            if role == "dkdv":
+                stream_vecs(smem, stage, t0, n_other, operands, tid)
+            return
+
+        @inline_device
+        def landed(operands, stage, phase):
+            hopper.mbarrier_wait_parity(operands[-3], stage, phase)
 
     @inline_device
     def nt_issue(smem, a_slot, stage, b_slot, tid):
@@ -721,4 +761,5 @@ def make_wgmma_bwd_ops(role, tiles, headdim, dtype_name, aligned, fused_dq=False
         load_resident=load_resident, resident_ready=resident_ready, stream=stream,
         commit=ptx.cp_async_commit, wait_all=copies_visible, vec=vec, mm_nt=None, mm_pv=None, dq=dq,
         pipe=AsyncBwdOps(nt_issue=nt_issue, pv_issue=pv_issue, wait1=wait1, wait0=wait0, s_finish=s_finish,
-                         o_finish=o_finish))
+                         o_finish=o_finish),
+        stream_init=stream_init, landed=landed)
