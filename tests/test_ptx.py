@@ -663,6 +663,30 @@ def test_simwarp_fails_fast(kernel, match):
     assert time.monotonic() - t < 10
 
 
+@pytest.mark.skipif(not SIMULATOR, reason="simulator machinery")
+def test_simwarp_reports_the_exception_of_a_lane_the_block_manager_dropped():
+    """A lane that dies of an exception between the BlockManager's exception check and its liveness filter
+    is dropped from its loop, its exception deferred until every thread ends; the lanes waiting for it at a
+    collective then find it among the manager's threads (its run() frame's `threads`) and raise its
+    exception, not a divergent-exit message. (Which happens first is a race, common on a loaded machine:
+    here the frame is staged.)"""
+    from numba_flash.kernels import simwarp
+
+    class _Thread:
+        def __init__(self, tid, exc):
+            self.thread_id, self.exception = tid, exc
+
+    manager = object()
+    threads = {_Thread(3, None), _Thread(5, (IndexError("tid=[5, 0, 0]: index 1000 is out of bounds"), None))}
+
+    def run(self, threads):         # stands for BlockManager.run: its frame holds self and threads
+        with pytest.raises(IndexError, match="index 1000"):
+            simwarp._raise_lane_exception(manager, [5])
+        simwarp._raise_lane_exception(manager, [3])         # exited without an exception: nothing raised
+        simwarp._raise_lane_exception(object(), [5])        # another block's manager: not its threads
+    run(manager, threads)
+
+
 @cuda.jit
 def _misaligned_cp_async_kernel(G, out):
     sm = cuda.shared.array(64, np.uint16)

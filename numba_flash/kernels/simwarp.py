@@ -104,7 +104,7 @@ class _Warp:
                 watch = watch or _Watch()
                 try:
                     self._check(thread, gen, watch)     # raises on abort too
-                except RuntimeError as exc:
+                except Exception as exc:                # (a lane's own exception: _raise_lane_exception)
                     self.failed = (gen, str(exc))
                     self.cond.notify_all()
                     raise
@@ -139,6 +139,8 @@ class _Warp:
         # Reported from the second poll on: a lane that died of an exception is the BlockManager's to
         # report (it aborts the block as soon as it sees the exception), with the more useful message.
         seen, watch.exited = watch.exited, exited
+        if exited:
+            _raise_lane_exception(self.manager, [base + lane for lane in exited])
         if exited and seen:
             raise RuntimeError(f"{where}: lanes {exited} exited without reaching the {self.what} collective "
                                f"(a {self.what}-collective call in divergent code)")
@@ -161,6 +163,30 @@ class _Warp:
         bx, by, bz = self.block_dim
         x, y, z = tid % bx, tid // bx % by, tid // (bx * by)
         return (x * by + y) * bz + z
+
+
+def _raise_lane_exception(manager, tids):
+    """Raise the exception that one of the block's threads `tids` (exited) died of, if one did.
+
+    The BlockManager reports a thread's exception when its polling loop sees it, but a thread that dies
+    between that check and the loop's liveness filter is dropped from the loop, and its exception waits
+    until every other thread has finished: the lanes waiting here for it would then report it as a
+    divergent exit, hiding the real error (a loaded machine makes that window common). The manager's
+    threads, dead ones included, are a local of its run() frame, found through the interpreter's frames;
+    where numba's simulator is laid out differently, nothing is raised here."""
+    import sys
+    for frame in list(sys._current_frames().values()):
+        f = frame
+        while f is not None and not (f.f_code.co_name == "run" and f.f_locals.get("self") is manager):
+            f = f.f_back
+        threads = f.f_locals.get("threads") if f is not None else None
+        if not threads:
+            continue
+        for t in list(threads):
+            exc = getattr(t, "exception", None)
+            if getattr(t, "thread_id", None) in tids and exc:
+                raise exc[0].with_traceback(exc[1])
+        return
 
 
 class _Watch:
