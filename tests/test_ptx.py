@@ -684,6 +684,8 @@ def test_simwarp_reports_the_exception_of_a_lane_the_block_manager_dropped():
             simwarp._raise_lane_exception(manager, [5])
         simwarp._raise_lane_exception(manager, [3])         # exited without an exception: nothing raised
         simwarp._raise_lane_exception(object(), [5])        # another block's manager: not its threads
+        with pytest.raises(IndexError, match="index 1000"):  # any thread (the mbarrier twins' deadlock check)
+            simwarp._raise_lane_exception(manager)
     run(manager, threads)
 
 

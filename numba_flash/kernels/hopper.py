@@ -374,6 +374,7 @@ if SIMULATOR:
                     if self.stuck(now):
                         stuck_since = stuck_since or now
                         if now - stuck_since > self.hold:
+                            _simwarp._raise_lane_exception(self.manager)   # a thread that died of one
                             raise deadlock()
                     else:
                         stuck_since = None
@@ -713,6 +714,7 @@ if SIMULATOR:
             first = blk.polling.get(thread.thread_id, (now, now))[0]
             blk.polling[thread.thread_id] = (first, now)
             if now - first > blk.hold and blk.stuck(now):
+                _simwarp._raise_lane_exception(blk.manager)   # a thread that died of an exception
                 raise blk.deadlock(thread, p)
             if thread.abort:
                 raise RuntimeError("abort flag set while polling an mbarrier")

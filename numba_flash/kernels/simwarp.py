@@ -165,8 +165,8 @@ class _Warp:
         return (x * by + y) * bz + z
 
 
-def _raise_lane_exception(manager, tids):
-    """Raise the exception that one of the block's threads `tids` (exited) died of, if one did.
+def _raise_lane_exception(manager, tids=None):
+    """Raise the exception that one of the block's threads `tids` (exited; None: any) died of, if one did.
 
     The BlockManager reports a thread's exception when its polling loop sees it, but a thread that dies
     between that check and the loop's liveness filter is dropped from the loop, and its exception waits
@@ -184,7 +184,7 @@ def _raise_lane_exception(manager, tids):
             continue
         for t in list(threads):
             exc = getattr(t, "exception", None)
-            if getattr(t, "thread_id", None) in tids and exc:
+            if exc and (tids is None or getattr(t, "thread_id", None) in tids):
                 raise exc[0].with_traceback(exc[1])
         return
 
