@@ -847,17 +847,16 @@ def test_sim_mbarrier_wait_times_out_only_without_progress(monkeypatch):
     """The simulator's last-resort time-out counts from the block's last completed barrier phase: a wait
     longer than NUMBA_FLASH_SIMWARP_TIMEOUT while other barriers keep completing is no hang (a loaded test
     run, one warpgroup computing a tile in Python while the other waits), a wait with none is."""
-    import time as _t
     from numba_flash.kernels import simwarp
     kern = cuda.jit(_slow_arrival_kernel)
     monkeypatch.setattr(simwarp, "TIMEOUT_S", 1.0)
     out = np.zeros(1, np.uint32)
     kern[1, 2](out, 6, 0.4)            # waits ~2.8 s, a phase completes every 0.4 s
     assert out[0] == 1
-    t = _t.monotonic()
+    t = time.monotonic()
     with pytest.raises(RuntimeError, match="no other barrier of the block completed a phase"):
         kern[1, 2](np.zeros(1, np.uint32), 0, 3.0)
-    assert _t.monotonic() - t < 10
+    assert time.monotonic() - t < 10
 
 
 # ------------------------------------------------------------------------------------------------------
