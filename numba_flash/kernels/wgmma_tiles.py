@@ -704,6 +704,9 @@ def make_wgmma_bwd_ops(role, tiles, headdim, dtype_name, aligned, fused_dq=False
                 hopper.mbarrier_init(bars, 0, 1)
                 hopper.mbarrier_init(bars, 1, 1)
                 hopper.fence_mbarrier_init()
+            # before thread 0 arms buffer 0: ptxas makes the initialisation a warp-uniform instruction,
+            # which racecheck charges to another lane of the warp (a hazard report without this barrier)
+            cuda.syncthreads()
             return
 
         @inline_device
