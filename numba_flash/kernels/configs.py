@@ -208,11 +208,15 @@ def _wgmma_tiles(role, headdim, causal=False):
     # TFLOP/s): d=64 dK/dV over 128 keys with 128-query tiles 244 (64-query 227, 32-query 190), dQ of 64
     # queries over 128 keys, one warpgroup 243 (128 x 64, two warpgroups 226); d=128 dK/dV 64 x 128 keys
     # 297 (32 x 128 267), dQ 128 x 128 307 (128 x 64 297, 64 x 64 288).
+    # The streamed tiles by TMA (MmaTiles.tma; H100, same tool, 2026-12-06, both kernels cp.async / TMA):
+    # d=64 316 / 333, d=128 337-349 / 376 (benchmarks/results/h100-2026-12-06d-bwd-tma-tests-tuning.md);
+    # the head dims between were not measured.
+    tma = headdim in (64, 128)
     if role == "dkdv":
-        return MmaTiles(128 if headdim <= 64 else 64, 128, 8, a_regs=False)
+        return MmaTiles(128 if headdim <= 64 else 64, 128, 8, a_regs=False, tma=tma)
     if headdim <= 64:
-        return MmaTiles(64, 128, 4, a_regs=False)
-    return MmaTiles(128, 128, 8, a_regs=False)
+        return MmaTiles(64, 128, 4, a_regs=False, tma=tma)
+    return MmaTiles(128, 128, 8, a_regs=False, tma=tma)
 
 
 def _override(path, role):
