@@ -311,7 +311,8 @@ def flash_attn_forward(q, k, v, *, softmax_scale=None, causal=False, causal_alig
         return out, lse
 
     views = [interop.flat_view(x, n) for x, n in ((q, "q"), (k, "k"), (v, "v"), (out, "out"), (lse, "lse"))]
-    plan = configs.forward_plan(path, d, p.dtype, causal, _aligned(path, p, *views[:4]), scale > 0)
+    plan = configs.forward_plan(path, d, p.dtype, causal, _aligned(path, p, *views[:4]), scale > 0,
+                                sparse=block_mask is not None)
     with _on_device(p):
         forward.launch(plan, interop.launch_stream(p.framework, p.device), *views, Nq, p.seqlen_k, scale,
                        offset, TileLists(p, block_mask))

@@ -297,6 +297,25 @@ def test_wgmma_warp_specialised_forward_with_ping_pong_matches_default_bitwise(r
     check_ring_matches_default_bitwise(monkeypatch, q, k, v, "bfloat16", 2, pingpong=True, causal=True)
 
 
+def test_wgmma_forward_is_persistent_by_default_but_not_on_a_block_mask(rng, monkeypatch):
+    """The GPU's default forward tiles: persistent on dense inputs (d=128 causal aside), never with a block
+    mask (its fixed round-robin cannot balance query tiles of uneven work); the API tells the plan which."""
+    from numba_flash.kernels import configs
+    assert configs._wgmma_tiles("fwd", 64).persistent and configs._wgmma_tiles("fwd", 64, True).persistent
+    assert configs._wgmma_tiles("fwd", 128).persistent and not configs._wgmma_tiles("fwd", 128, True).persistent
+    for d in (64, 128):
+        for causal in (False, True):
+            t = configs._wgmma_tiles("fwd", d, causal, sparse=True)
+            assert t.ring and t.pingpong and t.tma and not t.persistent, (d, causal, t)
+    seen, real = [], configs.forward_plan
+    monkeypatch.setattr(configs, "forward_plan", lambda *a, **kw: seen.append(kw.get("sparse")) or real(*a, **kw))
+    b, _ = block_sizes(16, "float32", "simt")
+    q, k, v = make_qkv_arrays(rng, 1, b, b, 1, 16, "float32", FW)
+    nf.flash_attn_forward(q, k, v, backend="simt")
+    nf.flash_attn_forward(q, k, v, backend="simt", block_mask=BlockMask.random(1.0, b, b, (b, b), nheads=1, seed=1))
+    assert seen == [False, True]
+
+
 @pytest.mark.parametrize("ring,pingpong,causal,Nq,Nk,H,d", [
     (2, True, True, 150, 100, 2, 16), (3, False, False, 100, 70, 3, 32), (2, False, True, 200, 50, 1, 16)])
 def test_wgmma_persistent_forward_matches_default_bitwise_across_work_tiles(rng, monkeypatch, ring, pingpong,

@@ -175,7 +175,7 @@ _ENV = {"fwd": ("NUMBA_FLASH_FWD_TILES",), "dkdv": ("NUMBA_FLASH_DKDV_TILES", "N
         "dq": ("NUMBA_FLASH_DQ_TILES", "NUMBA_FLASH_BWD_TILES")}
 
 
-def _wgmma_tiles(role, headdim, causal=False):
+def _wgmma_tiles(role, headdim, causal=False, sparse=False):
     # The warpgroup kernels (wgmma_tiles.py): one warpgroup per 64 rows of the resident tile (queries;
     # keys in dK/dV), every operand in shared memory. Forward: a thread holds Bc/2 score and d/2 output
     # floats. Backward: two score fragments of (streamed rows)/2 floats and d/2 (dQ) or d (dK and dV)
@@ -197,10 +197,15 @@ def _wgmma_tiles(role, headdim, causal=False):
         # and d=128 causal persistent with TMA ran 495 against 545 at N=16384: not persistent there.
         # TMA producer (MmaTiles.tma), H100, same tool, cp.async / TMA: d=64 381 / 402, causal 270 / 290;
         # d=128 526 / 563, causal 462 / 484 (benchmarks/results/h100-2026-12-06b-tma-tests-tuning.md).
+        # Not persistent on a block mask: its query tiles' work differs, and the fixed round-robin puts
+        # every (128 x G)-th tile on one block (H100, same benchmark, 2026-12-06, random mask at 14%
+        # density, d=128 N=4096: 0.63 ms persistent, slower than at 26% density; benchmarks/results/
+        # h100-2026-12-06d-sparse-fp16.md), where the hardware's block scheduler balances them.
         if headdim == 128:
-            return MmaTiles(128, 128, 8, a_regs=False, ring=3, pingpong=True, persistent=not causal, tma=True)
+            return MmaTiles(128, 128, 8, a_regs=False, ring=3, pingpong=True,
+                            persistent=not (causal or sparse), tma=True)
         if headdim == 64:
-            return MmaTiles(128, 128, 8, a_regs=False, ring=2, pingpong=True, persistent=True, tma=True)
+            return MmaTiles(128, 128, 8, a_regs=False, ring=2, pingpong=True, persistent=not sparse, tma=True)
         if headdim <= 128:
             return MmaTiles(128, 128, 8, a_regs=False)
         return MmaTiles(128, 64, 8, a_regs=False)
@@ -234,10 +239,10 @@ def _override(path, role):
     return None
 
 
-def tiles(path, role, headdim, block_k=None, causal=False):
+def tiles(path, role, headdim, block_k=None, causal=False, sparse=False):
     """Tiles of kernel `role` ("fwd", "dkdv", "dq", or "dkdv_atomic": the dK/dV kernel with the fused
-    dQ). block_k: a block mask's key block size, which the key tiles must divide (None: dense). causal:
-    the forward's wgmma tiles differ (persistent or not)."""
+    dQ). block_k: a block mask's key block size, which the key tiles must divide (None: dense). causal,
+    sparse (a block mask): the forward's wgmma tiles differ (persistent or not)."""
     if SIMULATOR:
         sim = _SIM[path]
         return sim[role] if role in sim else sim["dkdv" if role == "dkdv_atomic" else role]
@@ -245,7 +250,7 @@ def tiles(path, role, headdim, block_k=None, causal=False):
     if t is None:
         if path == "wgmma" and role == "dkdv_atomic":
             role = "dkdv"                            # the fused dQ runs on the dK/dV kernel's tiles
-        t = (_wgmma_tiles(role, headdim, causal) if path == "wgmma"
+        t = (_wgmma_tiles(role, headdim, causal, sparse) if path == "wgmma"
              else {"simt": _simt_tiles, "mma": _mma_tiles}[path](role, headdim))
         if role == "dkdv_atomic" and block_k is not None and block_k % t.bc:
             t = _mma_tiles("dkdv", headdim)          # the mask's key blocks are narrower than 128
@@ -314,10 +319,10 @@ def backward_path(path, headdim):
     return "mma" if path == "wgmma" and headdim > WGMMA_BWD_MAX_HEADDIM else path
 
 
-def forward_plan(path, headdim, dtype_name, causal, aligned, positive_scale=True):
-    return Plan(path, headdim, dtype_name, bool(causal), bool(aligned), fwd=tiles(path, "fwd", headdim,
-                                                                                  causal=causal),
-                positive_scale=bool(positive_scale))
+def forward_plan(path, headdim, dtype_name, causal, aligned, positive_scale=True, sparse=False):
+    """The forward's plan; sparse: the call has a block mask."""
+    return Plan(path, headdim, dtype_name, bool(causal), bool(aligned),
+                fwd=tiles(path, "fwd", headdim, causal=causal, sparse=sparse), positive_scale=bool(positive_scale))
 
 
 def dq_mode(path, deterministic):
