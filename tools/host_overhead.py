@@ -4,7 +4,10 @@ For each step (the low-level forward and backward, the torch op, forward+backwar
 PyTorch SDPA's FlashAttention-2 for reference) it enqueues the step `--calls` times without
 synchronising and reports the host milliseconds per call, then the GPU milliseconds per call (CUDA
 events around a batch of calls). When host time reaches GPU time the GPU waits for Python and every
-timing of that size measures the host. `--profile` adds the cProfile of the forward+backward step.
+timing of that size measures the host. PyTorch runs a CUDA backward on its own device thread; the
+"calling thread" step runs it on the caller's (`torch.autograd.set_multithreading_enabled(False)`), to
+tell that hand-off's cost from the backward's. `--profile` adds the cProfile of the forward+backward step,
+backward on the calling thread (a profile of the calling thread cannot see the device thread's work).
 
     python tools/host_overhead.py --seqlen 512 2048 --headdim 64
 """
@@ -48,6 +51,22 @@ def steps(torch, nf, B, N, H, d, dtype):
     def autograd_step():
         nf.flash_attn_func(qg, kg, vg).backward(dout)
 
+    def autograd_step_here():
+        with torch.autograd.set_multithreading_enabled(False):
+            nf.flash_attn_func(qg, kg, vg).backward(dout)
+
+    class Empty(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, a, b, c):
+            return a.detach()
+
+        @staticmethod
+        def backward(ctx, g):
+            return g, None, None
+
+    def empty_step():
+        Empty.apply(qg, kg, vg).backward(dout)
+
     def sdpa_step():
         sdpa(qg.transpose(1, 2), kg.transpose(1, 2), vg.transpose(1, 2)).backward(dout.transpose(1, 2))
 
@@ -60,6 +79,8 @@ def steps(torch, nf, B, N, H, d, dtype):
         "api backward": lambda: nf.flash_attn_backward(dout, q, k, v, out, lse),
         "torch op forward (no grad)": op_forward,
         "autograd forward+backward": autograd_step,
+        "autograd forward+backward, backward on the calling thread": autograd_step_here,
+        "autograd.Function launching nothing, forward+backward": empty_step,
         "SDPA FA2 forward+backward": sdpa_step,
     }
 
@@ -91,7 +112,8 @@ def main(argv=None):
             print(f"| {N} | {name} | {host:.3f} | {gpu:.3f} | {'host' if host > 0.9 * gpu else 'GPU'} |",
                   flush=True)
         if args.profile:
-            fn = steps(torch, nf, B, N, args.nheads, args.headdim, dtype)["autograd forward+backward"]
+            fn = steps(torch, nf, B, N, args.nheads, args.headdim, dtype)[
+                "autograd forward+backward, backward on the calling thread"]
             fn()
             prof = cProfile.Profile()
             prof.enable()
