@@ -187,7 +187,9 @@ def _wgmma_tiles(role, headdim, causal=False, sparse=False):
         # the ping-pong 469 / 410; d=64 282 / 244, ring 2 374 / 288, ring 3 354 / 288, ring 2 with the
         # ping-pong 371 / 310. 2026-12-04, same tool: d=128 ring 3 494 / 458, ring 3 with the ping-pong
         # 565 / 477 (benchmarks/results/h200-2026-12-04-tuning-and-tests.md). Other head dims were not
-        # measured warp-specialised (and d=256 spills).
+        # measured warp-specialised. d=256 (ptxas 13.5, sm_90a, 2026-12-06): the kernel below 246
+        # registers, warp-specialised 128 x 64 with a ring of 2 and TMA 168 at entry (197 KB of shared
+        # memory), neither spilling; not timed yet.
         # Persistent (H100, same tool, 2026-12-06, N=4096, default / persistent): d=64 372 / 382, causal
         # 264 / 265, causal N=1024 174 / 200; d=128 514 / 530, causal 437 / 436. The benchmark in the same
         # lease (benchmarks/results/h100-2026-12-06-*): d=128 causal N = 1k, 2k, 4k, 16k 243, 299, 445, 526
