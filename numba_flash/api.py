@@ -336,11 +336,13 @@ def flash_attn_backward(dout, q, k, v, out, lse, *, softmax_scale=None, causal=F
     deterministic: True (default): the same inputs give bitwise the same gradients: a separate dQ
         kernel writes every dQ element once (it recomputes S and dP, 7 tile products per tile pair
         instead of 5). False: on tensor cores the dK/dV kernel adds its share of dQ into a float32
-        accumulator with unordered atomics, as flash-attn does: 5 products, faster, and the last bits
-        of dq vary from run to run. On tensor cores (mma.sync, and wgmma at head dims 32-64 and 128
-        where its tiles allow it); the SIMT kernels are deterministic either way. On an H200 the wgmma
-        variant is 5-12% faster than the deterministic backward at N = 16k, even at 4k, 10-15%
-        slower at 1k (benchmarks/results/h200-2026-12-04b-fp16.md).
+        accumulator with unordered atomics, as flash-attn does: 5 products, and the last bits of dq
+        vary from run to run. On tensor cores (mma.sync, and wgmma at head dims 32-64 and 128 where its
+        tiles allow it); the SIMT kernels are deterministic either way. Not always faster: on an H200
+        the wgmma variant was 5-12% faster than the deterministic backward at N = 16k, even at 4k,
+        10-15% slower at 1k (benchmarks/results/h200-2026-12-04b-fp16.md); on an H100, since the
+        deterministic kernels copy by TMA, 1-5% slower at N = 4k, 12-22% causal
+        (benchmarks/results/h100-2026-12-06d-bwd-tma-tests-tuning.md).
     """
     p = check_qkv(q, k, v)
     scale = check_scale(softmax_scale, p.headdim)
