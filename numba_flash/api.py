@@ -341,7 +341,7 @@ def flash_attn_backward(dout, q, k, v, out, lse, *, softmax_scale=None, causal=F
         tiles allow it); the SIMT kernels are deterministic either way. Not always faster: on an H200
         the wgmma variant was 5-12% faster than the deterministic backward at N = 16k, even at 4k,
         10-15% slower at 1k (benchmarks/results/h200-2026-12-04b-fp16.md); on an H100, since the
-        deterministic kernels copy by TMA, 1-5% slower at N = 4k, 12-22% causal
+        deterministic kernels copy by TMA, 1-5% slower at N = 4k, 12-21% causal
         (benchmarks/results/h100-2026-12-06d-bwd-tma-tests-tuning.md).
     """
     p = check_qkv(q, k, v)
