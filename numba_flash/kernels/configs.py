@@ -199,10 +199,12 @@ def _wgmma_tiles(role, headdim, causal=False, sparse=False):
         # and d=128 causal persistent with TMA ran 495 against 545 at N=16384: not persistent there.
         # TMA producer (MmaTiles.tma), H100, same tool, cp.async / TMA: d=64 381 / 402, causal 270 / 290;
         # d=128 526 / 563, causal 462 / 484 (benchmarks/results/h100-2026-12-06b-tma-tests-tuning.md).
-        # Not persistent on a block mask: its query tiles' work differs, and the fixed round-robin puts
-        # every (128 x G)-th tile on one block (H100, same benchmark, 2026-12-06, random mask at 14%
-        # density, d=128 N=4096: 0.63 ms persistent, slower than at 26% density; benchmarks/results/
-        # h100-2026-12-06d-sparse-fp16.md), where the hardware's block scheduler balances them.
+        # Not persistent on a block mask: its query tiles' work differs, and the fixed round-robin gives
+        # block x the tiles x, x + G, ... (G = 132 on an H100, = 4 mod 32 and 64 query tiles), one residue
+        # class mod 4 of every head's query tiles, so a mask the same in every head loads a quarter of
+        # the blocks (H100, --sparse benchmark, 2026-12-06, random mask at 14% density, d=128 N=4096:
+        # 0.63 ms persistent, more than at 26% density, benchmarks/results/h100-2026-12-06d-sparse-
+        # persistent-fp16.md; 0.23 ms one block per tile, …-sparse-fp16.md, the hardware balancing them).
         if headdim == 128:
             return MmaTiles(128, 128, 8, a_regs=False, ring=3, pingpong=True,
                             persistent=not (causal or sparse), tma=True)
