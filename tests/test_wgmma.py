@@ -239,6 +239,7 @@ def use_ring(monkeypatch, ring, d=32, pingpong=False, late_pv_wait=None, consume
     same way, through NUMBA_FLASH_FWD_TILES). late_pv_wait: MmaTiles.late_pv_wait (None: its default).
     consumers: that many computing warpgroups (64 query rows each) instead. persistent: MmaTiles.persistent
     (under the simulator the grid then has launch.SIM_RESIDENT_BLOCKS blocks). tma: MmaTiles.tma."""
+    import dataclasses
     from numba_flash.kernels import configs
     if late_pv_wait is None:
         late_pv_wait = configs.MmaTiles.late_pv_wait
@@ -250,9 +251,9 @@ def use_ring(monkeypatch, ring, d=32, pingpong=False, late_pv_wait=None, consume
     else:
         t = configs._wgmma_tiles("fwd", d)
         br, warps = (64 * consumers, 4 * consumers) if consumers else (t.br, t.warps)
-        monkeypatch.setenv("NUMBA_FLASH_FWD_TILES",
-                           f"{br},{t.bc},{warps},0,0,{ring},{int(pingpong)},{int(late_pv_wait)},"
-                           f"{int(persistent)},{int(tma)}")
+        t = dataclasses.replace(t, br=br, warps=warps, a_regs=False, min_blocks=0, ring=ring, pingpong=pingpong,
+                                late_pv_wait=late_pv_wait, persistent=persistent, tma=tma)
+        monkeypatch.setenv("NUMBA_FLASH_FWD_TILES", t.override())
 
 
 def check_ring_matches_default_bitwise(monkeypatch, q, k, v, dtype, ring, pingpong=False, consumers=None, **kw):
@@ -352,6 +353,9 @@ def test_tile_override_reads_the_persistent_field(monkeypatch):
     monkeypatch.setenv("NUMBA_FLASH_FWD_TILES", "128,128,8,0,0,3,1,0,0,1")
     assert configs._override("wgmma", "fwd") == configs.MmaTiles(128, 128, 8, a_regs=False, ring=3, pingpong=True,
                                                                    tma=True)
+    t = configs.MmaTiles(64, 128, 4, a_regs=False, min_blocks=2, ring=2, late_pv_wait=True, persistent=True)
+    monkeypatch.setenv("NUMBA_FLASH_FWD_TILES", t.override())      # what tests and tools/sanitize.py set
+    assert configs._override("wgmma", "fwd") == t
 
 
 @pytest.mark.parametrize("ring,causal", [(2, True), (3, False)])
@@ -471,8 +475,7 @@ def use_bwd_tma(monkeypatch, d, on):
             monkeypatch.setitem(configs._SIM["wgmma"], role, dataclasses.replace(configs._SIM["wgmma"][role], tma=on))
     else:
         for role, var in (("dkdv", "NUMBA_FLASH_DKDV_TILES"), ("dq", "NUMBA_FLASH_DQ_TILES")):
-            t = configs._wgmma_tiles(role, d)
-            monkeypatch.setenv(var, f"{t.br},{t.bc},{t.warps},{int(t.a_regs)},{t.min_blocks},0,0,0,0,{int(on)}")
+            monkeypatch.setenv(var, dataclasses.replace(configs._wgmma_tiles(role, d), tma=on).override())
 
 
 def spy_bwd_tma_maps(monkeypatch):

@@ -20,6 +20,7 @@ against the float64 reference, so a configuration that silently did nothing fail
 """
 import os
 import sys
+from dataclasses import replace
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -112,15 +113,15 @@ def run(c):
     if c.get("bwd_tma"):
         from numba_flash.kernels import configs
         for role, var in (("dkdv", "NUMBA_FLASH_DKDV_TILES"), ("dq", "NUMBA_FLASH_DQ_TILES")):
-            t = configs.tiles(c["path"], role, c["d"])
-            os.environ[var] = f"{t.br},{t.bc},{t.warps},{int(t.a_regs)},{t.min_blocks},0,0,0,0,1"
+            os.environ[var] = replace(configs.tiles(c["path"], role, c["d"]), tma=True).override()
     os.environ["NUMBA_FLASH_RESIDENT_BLOCKS"] = "2" if c.get("persistent") else ""
     if c.get("ring"):
         from numba_flash.kernels import configs
         t = configs.tiles(c["path"], "fwd", c["d"])
         br, warps = (64 * c["consumers"], 4 * c["consumers"]) if c.get("consumers") else (t.br, t.warps)
-        os.environ["NUMBA_FLASH_FWD_TILES"] = (f"{br},{t.bc},{warps},0,0,{c['ring']},{int(c.get('pingpong', 0))},"
-                                               f"0,{int(c.get('persistent', 0))},{int(c.get('tma', 0))}")
+        os.environ["NUMBA_FLASH_FWD_TILES"] = replace(
+            t, br=br, warps=warps, a_regs=False, min_blocks=0, ring=c["ring"], pingpong=c.get("pingpong", False),
+            late_pv_wait=False, persistent=c.get("persistent", False), tma=c.get("tma", False)).override()
     g = torch.Generator(device="cuda").manual_seed(0)
     dt = getattr(torch, c["dtype"])
     pad = 0 if c["aligned"] else 2          # views 2 elements into their rows: no 16-byte alignment

@@ -31,7 +31,7 @@ NUMBA_FLASH_DQ_MODE overrides the choice for tensor-core plans (tuning runs).
 """
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from .launch import SIMULATOR
 
@@ -89,6 +89,10 @@ class MmaTiles:
 
     def padded_headdim(self, headdim):
         return -(-headdim // 16) * 16
+
+    def override(self):
+        """These tiles as a NUMBA_FLASH_*_TILES value (tuning runs, tests), in the order _override reads."""
+        return ",".join(str(int(getattr(self, f.name))) for f in fields(self))
 
 
 @dataclass(frozen=True)
@@ -235,11 +239,10 @@ def _override(path, role):
     for var in _ENV[role]:
         v = os.environ.get(var)
         if v:
-            fields = [int(x) for x in v.split(",")]
-            return SimtTiles(*fields) if path == "simt" else MmaTiles(fields[0], fields[1], fields[2],
-                                                                       *(bool(x) for x in fields[3:4]),
-                                                                       *fields[4:6],
-                                                                       *(bool(x) for x in fields[6:10]))
+            vals = [int(x) for x in v.split(",")]
+            return SimtTiles(*vals) if path == "simt" else MmaTiles(vals[0], vals[1], vals[2],
+                                                                     *(bool(x) for x in vals[3:4]), *vals[4:6],
+                                                                     *(bool(x) for x in vals[6:10]))
     return None
 
 
