@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # A kernel change's verification on a GPU, in stages that each fit one 10-minute remote call (H200 times):
 #
-#   tools/gpu_check.sh suite    OUT            GPU test suite without the sanitizer sweep (-n 16, ~290 s)
+#   tools/gpu_check.sh suite    OUT            GPU test suite without the sanitizer sweep (-n 16, ~290-340 s on
+#                                              an H100; the log ends with the 25 slowest tests)
 #   tools/gpu_check.sh sanitize OUT CASE...    racecheck + memcheck of tools/sanitize.py cases, 6 processes
 #                                              at a time (~60-90 s per case and tool); SANITIZE_TOOLS="racecheck
 #                                              memcheck synccheck" adds synccheck (tests/test_sanitizer.py runs
@@ -43,6 +44,7 @@ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$out/gpu
 case "$stage" in
 suite)
     timeout 560 python3 -m pytest tests -q -n 16 --ignore=tests/test_sanitizer.py -p no:cacheprovider \
+        --durations=25 \
         > "$out/suite.log" 2>&1
     echo "suite exit $?: $(tail -1 "$out/suite.log")"
     ;;
