@@ -240,9 +240,10 @@ def _override(path, role):
         v = os.environ.get(var)
         if v:
             vals = [int(x) for x in v.split(",")]
-            return SimtTiles(*vals) if path == "simt" else MmaTiles(vals[0], vals[1], vals[2],
-                                                                     *(bool(x) for x in vals[3:4]), *vals[4:6],
-                                                                     *(bool(x) for x in vals[6:10]))
+            if path == "simt":
+                return SimtTiles(*vals)
+            # the fields in declaration order (MmaTiles.override writes them so), flags as bools
+            return MmaTiles(*(bool(x) if f.type is bool else x for f, x in zip(fields(MmaTiles), vals)))
     return None
 
 
