@@ -771,6 +771,89 @@ def test_tma_encode_refuses_what_tma_cannot_express():
     assert tma.encode(**{**ok, "box": (128, 1, 64, 1)}) is None                # 256-byte rows, 128B swizzle
 
 
+class _FakeDriver:
+    """tma.MapSlots' driver calls, logged instead of made (the slots' hazard logic, without a GPU)."""
+
+    def __init__(self):
+        self.log, self.nevents = [], 0
+
+    def device_alloc(self, nbytes):
+        return 1 << 20
+
+    def host_alloc(self, nbytes):
+        return np.zeros(nbytes // 8, np.uint64)
+
+    def event(self):
+        self.nevents += 1
+        return self.nevents
+
+    def copy_async(self, dst, view, stream):
+        self.log.append(("copy", dst, stream, tuple(int(x) for x in view)))
+
+    def record(self, ev, stream):
+        self.log.append(("record", ev, stream))
+
+    def wait_host(self, ev):
+        self.log.append(("wait_host", ev))
+
+    def stream_wait(self, stream, ev):
+        self.log.append(("stream_wait", stream, ev))
+
+
+def test_tma_map_slots_copy_in_stream_order_and_wait_only_across_streams():
+    """A ring of 2 slots: new maps are copied asynchronously on the launch's stream into 64-byte aligned
+    slots; on one stream nothing waits but a slot's host half for its previous copy; a launch on another
+    stream waits for the copy (once); rewriting a slot another stream read first makes the copy's stream
+    wait for that stream's work."""
+    from numba_flash.kernels import tma
+    drv = _FakeDriver()
+    slots = tma.MapSlots(drv, 2)
+    words = [np.arange(i, i + 32, dtype=np.uint64) for i in range(3)]
+    s0, a0 = slots.put("a", words[0], 7)
+    s1, a1 = slots.put("b", words[1], 7)
+    assert (s0, s1) == (0, 1) and a1.ptr - a0.ptr == 384 and a0.ptr % 64 == 0 and a0.size == 32
+    assert [e[0] for e in drv.log] == ["copy", "record", "copy", "record"]
+    assert drv.log[0] == ("copy", 1 << 20, 7, tuple(range(32)))
+    drv.log.clear()
+    slots.use(s0, 7)
+    assert drv.log == []                                   # same stream: ordered after the copy already
+    slots.use(s1, 9)
+    slots.use(s1, 9)
+    assert drv.log == [("stream_wait", 9, slots.copied[1])]
+    drv.log.clear()
+    s2, a2 = slots.put("c", words[2], 7)                   # slot 0 again: only stream 7 read it
+    assert s2 == 0 and a2.ptr == a0.ptr and slots.owner == ["c", "b"]
+    assert drv.log == [("wait_host", slots.copied[0]), ("copy", 1 << 20, 7, tuple(range(2, 34))),
+                       ("record", slots.copied[0], 7)]
+    drv.log.clear()
+    slots.put("d", words[0], 7)                            # slot 1, which stream 9 read
+    assert drv.log[:3] == [("wait_host", slots.copied[1]), ("record", slots.cross, 9),
+                           ("stream_wait", 7, slots.cross)]
+    assert drv.log[3][0] == "copy" and drv.log[3][1] == (1 << 20) + 384
+
+
+def test_tma_device_maps_copy_new_maps_once_and_again_after_their_slot_is_reused(monkeypatch):
+    """device_maps on a GPU (its driver and encoder stood in for): the same specs give the same slot with
+    no second copy; once the ring has come round the answer is copied anew; specs TMA cannot express give
+    None without a copy."""
+    from numba_flash.kernels import tma
+    drv = _FakeDriver()
+    monkeypatch.setattr(tma, "SIMULATOR", False)
+    monkeypatch.setattr(tma, "_cache", {})
+    monkeypatch.setattr(tma, "_slots", {0: tma.MapSlots(drv, 2)})
+    monkeypatch.setattr(tma, "encode", lambda ptr, *a: None if ptr < 0 else np.full(16, ptr, np.uint64))
+    spec = [((p, (64, 1, 10, 1), (128, 128, 1280), (64, 1, 64, 1), 128),) for p in range(3)]
+    copies = lambda: sum(e[0] == "copy" for e in drv.log)      # noqa: E731
+    first = tma.device_maps(spec[0], 0, 5)
+    assert copies() == 1 and tma.device_maps(spec[0], 0, 5) is first and copies() == 1
+    tma.device_maps(spec[1], 0, 5)
+    tma.device_maps(spec[2], 0, 5)                         # takes slot 0 from spec[0]
+    again = tma.device_maps(spec[0], 0, 5)
+    assert copies() == 4 and again.ptr == first.ptr + 384          # spec[0] now in slot 1
+    assert tma.device_maps(((-1, (64, 1, 10, 1), (128, 128, 1280), (64, 1, 64, 1), 128),), 0, 5) is None
+    assert copies() == 4
+
+
 @cuda.jit
 def _misaligned_bulk_kernel(G, out):
     sm = cuda.shared.array(64, np.uint32)

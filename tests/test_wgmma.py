@@ -576,6 +576,41 @@ def test_gpu_wgmma_large_within_twice_torch_error(rng, d, dtype, causal):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("d", [64, 128])
+def test_gpu_tma_map_slots_reused_across_streams_keep_every_launch_exact(rng, monkeypatch, d):
+    """Three map slots for four (q, k, v) sets whose forward + backward alternate between two streams,
+    each stream held back by a sleep: every call's maps are new, and each copy rewrites a slot that the
+    other stream's pending kernels were given (tma.MapSlots' hazards). Every gradient and output must
+    equal, bitwise, those of the same calls made one at a time."""
+    import torch
+    from numba_flash.kernels import tma
+    sets = [make_qkv_arrays(rng, 2, 700, 700, 3, d, "float16", "torch") for _ in range(4)]
+    douts = [random_array(rng, (2, 700, 3, d), "float16", "torch") for _ in range(4)]
+
+    def step(i):
+        q, k, v = sets[i]
+        out, lse = nf.flash_attn_forward(q, k, v, causal=True)
+        return (out, lse) + nf.flash_attn_backward(douts[i], q, k, v, out, lse, causal=True)
+    want = [step(i) for i in range(4)]
+    torch.cuda.synchronize()
+    monkeypatch.setattr(tma, "CACHE_SIZE", 3)
+    monkeypatch.setattr(tma, "_slots", {})
+    monkeypatch.setattr(tma, "_cache", {})
+    streams = [torch.cuda.Stream(), torch.cuda.Stream()]
+    got = []
+    for r in range(3):
+        for i in range(4):
+            with torch.cuda.stream(streams[(i + r) % 2]):
+                torch.cuda._sleep(100_000 * (1 + (i + r) % 3))
+                got.append((i, step(i)))
+    torch.cuda.synchronize()
+    assert len(tma._slots) == 1 and tma._slots[next(iter(tma._slots))].n == 3
+    for i, outs in got:
+        for name, x, y in zip(("out", "lse", "dq", "dk", "dv"), outs, want[i]):
+            assert_bitwise_equal(x, y, f"{name} of set {i}")
+
+
+@pytest.mark.gpu
 @pytest.mark.slow
 def test_gpu_wgmma_block_sparse_strides_and_unaligned(rng):
     b1, b2 = block_sizes(64, "float16", "wgmma")

@@ -420,9 +420,9 @@ def launches(plan, stream, dout, q, k, v, out, lse, dq, dk, dv, nq, nk, scale, o
     tiles; alloc(shape, dtype) allocates scratch in the inputs' framework."""
     B, H, d = q.shape[0], q.shape[2], q.shape[3]
     fused = plan.dq_mode == "atomic"
-    plan, dkdv_maps = _with_maps(plan, "dkdv", (q, dout), plan.dkdv.br)
+    plan, dkdv_maps = _with_maps(plan, "dkdv", (q, dout), plan.dkdv.br, stream)
     if not fused:
-        plan, dq_maps = _with_maps(plan, "dq", (k, v), plan.dq.bc)
+        plan, dq_maps = _with_maps(plan, "dq", (k, v), plan.dq.bc, stream)
     t = plan.dkdv
     dvec = alloc((B, H, nq), lse.dtype)
     lse2 = alloc((B, H, nq), lse.dtype)       # lse in the log2 domain (make_prepare_kernel), for dK/dV
@@ -460,21 +460,23 @@ def uses_tma(plan, role):
     return plan.path == "wgmma" and plan.aligned and getattr(t, "tma", False)
 
 
-def tma_maps(plan, role, views, rows):
+def tma_maps(plan, role, views, rows, stream=0):
     """The `maps` argument of kernel `role` streaming the two (B, N, H, d) `views` by TMA in tiles of
-    `rows` rows (one swizzle span of columns per box, tma.py); None where one cannot be made. Views of the
+    `rows` rows (one swizzle span of columns per box, tma.py), copied where the kernels run in order on
+    `stream` (the launch's); None where one cannot be made. Views of the
     "numpy" framework (tools/ptx_report.py compiles without a GPU) get zero maps."""
     from .wgmma_tiles import swizzle_width
     sw = swizzle_width(getattr(plan, role).padded_headdim(plan.headdim))
     if views[0].framework == "numpy":
         return np.zeros(2 * tma.hopper.TMAP_WORDS, np.uint64)
-    return tma.device_maps(tuple(tma.head_tile_spec(x, rows, sw // 2, sw) for x in views), views[0].device)
+    return tma.device_maps(tuple(tma.head_tile_spec(x, rows, sw // 2, sw) for x in views), views[0].device,
+                           stream)
 
 
-def _with_maps(plan, role, views, rows):
+def _with_maps(plan, role, views, rows, stream=0):
     """(plan, maps) for kernel `role`: its TMA maps, or where it does not copy by TMA or they cannot be made
     (the plan then without TMA for that kernel), a placeholder the kernel never reads."""
-    maps = tma_maps(plan, role, views, rows) if uses_tma(plan, role) else None
+    maps = tma_maps(plan, role, views, rows, stream) if uses_tma(plan, role) else None
     if maps is None:
         if uses_tma(plan, role):
             plan = replace(plan, **{role: replace(getattr(plan, role), tma=False)})

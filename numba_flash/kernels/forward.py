@@ -418,7 +418,7 @@ def launches(plan, stream, q, k, v, out, lse, nq, nk, scale, offset, masks):
     B, H = q.shape[0], q.shape[2]
     maps = None
     if _uses_tma(plan):
-        maps = tma_maps(plan, q, k, v)
+        maps = tma_maps(plan, q, k, v, stream)
         if maps is None:
             plan = replace(plan, fwd=replace(plan.fwd, tma=False))
     if maps is None:
@@ -438,10 +438,10 @@ def _uses_tma(plan):
     return plan.path == "wgmma" and plan.aligned and plan.fwd.ring > 0 and plan.fwd.tma
 
 
-def tma_maps(plan, q, k, v):
+def tma_maps(plan, q, k, v, stream=0):
     """The kernel's `maps` argument for a TMA producer: the tensor maps of Q (box: the query tile), K and V
-    (the key tile), one swizzle span of columns per box (tma.py), where the kernels run; None where one
-    cannot be made. Views of the "numpy" framework (tools/ptx_report.py compiles without a GPU) get zero
+    (the key tile), one swizzle span of columns per box (tma.py), where the kernels run (copied there in
+    order on `stream`, the launch's); None where one cannot be made. Views of the "numpy" framework (tools/ptx_report.py compiles without a GPU) get zero
     maps."""
     dp = plan.fwd.padded_headdim(plan.headdim)
     sw = swizzle_width(dp)
@@ -449,7 +449,7 @@ def tma_maps(plan, q, k, v):
         return np.zeros(3 * tma.hopper.TMAP_WORDS, np.uint64)
     specs = tuple(tma.head_tile_spec(x, rows, sw // 2, sw) for x, rows in ((q, plan.fwd.br), (k, plan.fwd.bc),
                                                                           (v, plan.fwd.bc)))
-    return tma.device_maps(specs, q.device)
+    return tma.device_maps(specs, q.device, stream)
 
 
 def launch(*args):

@@ -134,11 +134,28 @@ def resident_blocks(launchable):
         return SIM_RESIDENT_BLOCKS
     per_sm = launch_bounds(launchable.threads, launchable.smem_bytes, launchable.min_blocks,
                            launchable.min_regs)[1]
+    return _sm_count() * per_sm
+
+
+_sms = {}
+
+
+def _sm_count():
+    """The current device's SM count, kept per context (Numba's device query costs driver calls on every
+    call, and a persistent forward asks on every launch)."""
     try:
-        sms = cuda.get_current_device().MULTIPROCESSOR_COUNT
-    except Exception:          # no driver: compiling only
-        sms = _FALLBACK_SMS
-    return sms * per_sm
+        ctx = current_context() if libcuda() is not None else None
+    except RuntimeError:           # a driver library, no initialised driver: compiling only
+        ctx = None
+    sms = _sms.get(ctx)
+    if sms is None:
+        try:
+            sms = cuda.get_current_device().MULTIPROCESSOR_COUNT
+        except Exception:          # no driver: compiling only
+            sms = _FALLBACK_SMS
+        if ctx:
+            _sms[ctx] = sms
+    return sms
 
 
 def stream_handle(stream):
