@@ -144,8 +144,9 @@ class MapSlots:
     """A device's ring of `n` slots of SLOT_MAPS tensor maps: device memory the kernels read, pinned host
     memory each slot is staged in, and what keeps the asynchronous copies and the kernels apart.
 
-    `put(words, stream)` takes the next slot of the ring (its previous owner's answer stops being valid:
-    `owner`), writes the words into its host half and copies them into its device half on `stream`;
+    `put(key, words, stream)` takes the next slot of the ring (`owner` becomes `key`: the previous owner's
+    answer stops being valid), writes the words into its host half and copies them into its device half
+    on `stream`;
     `use(slot, stream)` is a later launch on `stream` reading it. The hazards, none of which blocks the
     host in the usual case of one stream:
     - the host half is rewritten only after its previous copy has run (that copy's event; a ring of n
