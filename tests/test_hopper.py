@@ -775,10 +775,11 @@ class _FakeDriver:
     """tma.MapSlots' driver calls, logged instead of made (the slots' hazard logic, without a GPU)."""
 
     def __init__(self):
-        self.log, self.nevents = [], 0
+        self.log, self.nevents, self.allocs = [], 0, 0
 
     def device_alloc(self, nbytes):
-        return 1 << 20
+        self.allocs += 1
+        return self.allocs << 20
 
     def host_alloc(self, nbytes):
         return np.zeros(nbytes // 8, np.uint64)
@@ -852,6 +853,43 @@ def test_tma_device_maps_copy_new_maps_once_and_again_after_their_slot_is_reused
     assert copies() == 4 and again.ptr == first.ptr + 384          # spec[0] now in slot 1
     assert tma.device_maps(((-1, (64, 1, 10, 1), (128, 128, 1280), (64, 1, 64, 1), 128),), 0, 5) is None
     assert copies() == 4
+
+
+def test_tma_maps_captured_in_a_cuda_graph_get_slots_the_ring_never_reuses(monkeypatch):
+    """While the launch's stream is being captured, device_maps answers from the captured slots: one per
+    map set (the same set, the same slot, its copy added to each capture), no event calls (a capture
+    forbids waiting), the ring untouched; eager calls after it never rewrite those slots; a capture before
+    any call, or more sets than CAPTURE_SLOTS, is a RuntimeError saying what to do."""
+    from numba_flash.kernels import tma
+    drv = _FakeDriver()
+    monkeypatch.setattr(tma, "SIMULATOR", False)
+    monkeypatch.setattr(tma, "CAPTURE_SLOTS", 2)
+    monkeypatch.setattr(tma, "_cache", {})
+    monkeypatch.setattr(tma, "_slots", {})
+    monkeypatch.setattr(tma, "_cuda_driver", lambda: drv)
+    monkeypatch.setattr(tma, "encode", lambda ptr, *a: np.full(16, ptr, np.uint64))
+    capture = [True]
+    monkeypatch.setattr(tma, "_capturing", lambda: capture[0])
+    spec = [((p, (64, 1, 10, 1), (128, 128, 1280), (64, 1, 64, 1), 128),) for p in range(1, 5)]
+    with pytest.raises(RuntimeError, match="run a call once"):
+        tma.device_maps(spec[0], 0, 5)
+    capture[0] = False
+    tma.device_maps(spec[3], 0, 5)                         # the warm-up call makes the slots
+    slots = tma._slots[0]
+    drv.log.clear()
+    capture[0] = True
+    a, b = tma.device_maps(spec[0], 0, 5), tma.device_maps(spec[0], 0, 5)
+    c = tma.device_maps(spec[1], 0, 5)
+    assert a.ptr == b.ptr == slots.capture_base and c.ptr == slots.capture_base + 384
+    assert [e[0] for e in drv.log] == ["copy"] * 3 and drv.log[0][3] == (1,) * 16
+    assert slots.owner[1:] == [None] * (slots.n - 1)
+    with pytest.raises(RuntimeError, match="captured 2 different sets"):
+        tma.device_maps(spec[2], 0, 5)
+    capture[0] = False
+    for sp in spec * 3:
+        tma.device_maps(sp, 0, 5)
+    assert all(e[1] < slots.capture_base for e in drv.log[3:] if e[0] == "copy")
+    assert list(slots.capture_host[:16]) == [1] * 16 and list(slots.capture_host[48:64]) == [2] * 16
 
 
 @cuda.jit

@@ -611,6 +611,48 @@ def test_gpu_tma_map_slots_reused_across_streams_keep_every_launch_exact(rng, mo
 
 
 @pytest.mark.gpu
+def test_gpu_cuda_graph_of_forward_and_backward_replays_exactly_after_the_map_ring_moved_on(rng, monkeypatch):
+    """A forward + backward captured in a torch CUDA graph (its tensor maps in slots of their own,
+    tma.MapSlots.captured), replayed on new input values after eager calls on other tensors have cycled
+    the map ring (three slots) twice: the same outputs and gradients, bitwise, as eager calls on those
+    values."""
+    import torch
+    from numba_flash.kernels import tma
+    monkeypatch.setattr(tma, "CACHE_SIZE", 3)
+    monkeypatch.setattr(tma, "_slots", {})
+    monkeypatch.setattr(tma, "_cache", {})
+    shape = (2, 700, 3, 64)
+
+    def fresh():
+        return make_qkv_arrays(rng, 2, 700, 700, 3, 64, "float16", "torch") + (
+            random_array(rng, shape, "float16", "torch"),)
+
+    def step(q, k, v, dout):
+        out, lse = nf.flash_attn_forward(q, k, v, causal=True)
+        return (out, lse) + nf.flash_attn_backward(dout, q, k, v, out, lse, causal=True)
+    static_in = [x.contiguous() for x in fresh()]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):                  # warm-up: compiles, and makes the map slots
+        step(*static_in)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = step(*static_in)
+    for _ in range(2):
+        for _ in range(2):
+            step(*fresh())                         # new maps: every ring slot rewritten
+        values = fresh()
+        for dst, src in zip(static_in, values):
+            dst.copy_(src)
+        graph.replay()
+        want = step(*values)
+        torch.cuda.synchronize()
+        for name, x, y in zip(("out", "lse", "dq", "dk", "dv"), static_out, want):
+            assert_bitwise_equal(x, y, name)
+
+
+@pytest.mark.gpu
 @pytest.mark.slow
 def test_gpu_wgmma_block_sparse_strides_and_unaligned(rng):
     b1, b2 = block_sizes(64, "float16", "wgmma")

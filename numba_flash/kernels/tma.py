@@ -24,6 +24,7 @@ elements each, which with cols * itemsize = the swizzle's span is one column blo
 K-major image wgmma reads (wgmma_tiles.py).
 """
 import ctypes
+import sys
 import threading
 
 import numpy as np
@@ -33,6 +34,7 @@ from .launch import SIMULATOR, stream_handle
 
 CACHE_SIZE = 512                     # map slots per device (MapSlots): 512 x 384 bytes
 SLOT_MAPS = 3                        # the most maps one kernel takes (the forward's Q, K, V)
+CAPTURE_SLOTS = 64                   # map sets CUDA graphs may capture per device (MapSlots.captured)
 _DT_UINT16 = 1                       # CU_TENSOR_MAP_DATA_TYPE_UINT16: the copy moves bits only
 _SWIZZLE = {0: 0, 32: 1, 64: 2, 128: 3}   # CU_TENSOR_MAP_SWIZZLE_NONE, _32B, _64B, _128B
 _L2_256B = 3                         # CU_TENSOR_MAP_L2_PROMOTION_L2_256B
@@ -155,6 +157,10 @@ class MapSlots:
       stream by stream order, those on other streams through an event recorded there and waited on by
       the copy's stream;
     - a launch on another stream than the copy's waits for the copy (its event).
+    A launch captured into a CUDA graph replays later, after the ring has moved on, so it gets none of the
+    ring's slots: `captured(key, words, stream)` gives each map set seen in a capture a slot of its own
+    (CAPTURE_SLOTS of them, made with the ring, never rewritten with other maps) and adds its copy to the
+    graph, so each replay writes the maps before its kernels read them.
     `drv` is CudaDriver (a GPU) or a stand-in with its methods (the tests of this logic)."""
 
     SLOT_WORDS = SLOT_MAPS * hopper.TMAP_WORDS         # 384 bytes: every slot stays 64-byte aligned
@@ -169,6 +175,10 @@ class MapSlots:
         self.writer = [None] * n                          # the stream of each slot's last copy
         self.readers = [set() for _ in range(n)]          # streams that read it since that copy
         self.next = 0
+        nc = CAPTURE_SLOTS * self.SLOT_WORDS
+        self.capture_base = drv.device_alloc(nc * 8)       # allocation is not allowed while capturing
+        self.capture_host = drv.host_alloc(nc * 8)
+        self.captured_slots = {}                          # map-set key -> its slot (index)
 
     def put(self, key, words, stream):
         """(slot, DeviceBuffer of `words`) with `words` copied there on `stream` (in stream order)."""
@@ -199,18 +209,46 @@ class MapSlots:
             self.readers[slot].add(stream)
 
 
+    def captured(self, key, words, stream):
+        """A DeviceBuffer of `words` for a launch being captured on `stream` (class docstring)."""
+        from .driverlaunch import DeviceBuffer
+        s = self.captured_slots.get(key)
+        if s is None:
+            s = len(self.captured_slots)
+            if s == CAPTURE_SLOTS:
+                raise RuntimeError(f"numba_flash: CUDA graphs on this device have captured {CAPTURE_SLOTS} "
+                                   f"different sets of tensor maps (tensors TMA copies from), the most it "
+                                   f"keeps; raise numba_flash.kernels.tma.CAPTURE_SLOTS before the first call")
+            self.captured_slots[key] = s
+            lo = s * self.SLOT_WORDS
+            self.capture_host[lo:lo + words.size] = words
+        lo = s * self.SLOT_WORDS
+        dst = self.capture_base + 8 * lo
+        self.drv.copy_async(dst, self.capture_host[lo:lo + words.size], stream)
+        return DeviceBuffer(dst, words.size, np.uint64, self)
+
+
 _slots = {}
+_driver = None
+
+
+def _cuda_driver():
+    global _driver
+    if _driver is None:
+        from .driverlaunch import libcuda
+        lib = libcuda()
+        _driver = CudaDriver(lib) if lib is not None else False
+    return _driver or None
 
 
 def _device_slots(device):
     """The device's MapSlots (made on first use; its context is current), or None without a driver."""
     slots = _slots.get(device)
     if slots is None:
-        from .driverlaunch import libcuda
-        lib = libcuda()
-        if lib is None:
+        drv = _cuda_driver()
+        if drv is None:
             return None
-        slots = _slots[device] = MapSlots(CudaDriver(lib), CACHE_SIZE)
+        slots = _slots[device] = MapSlots(drv, CACHE_SIZE)
     return slots
 
 
@@ -222,6 +260,8 @@ def device_maps(specs, device, stream=0):
     call, which made short forwards host-bound)."""
     key = (device, tuple(specs))
     stream = stream_handle(stream)
+    if not SIMULATOR and _capturing():
+        return _captured_maps(key, specs, device, stream)
     with _lock:
         hit = _cache.get(key)
         if hit is not None:
@@ -247,6 +287,35 @@ def device_maps(specs, device, stream=0):
             for k in [k for k, (sl, i, _) in _cache.items() if sl is None or sl.owner[i] != k]:
                 del _cache[k]
         return entry[2]
+
+
+_torch_cuda = None
+
+
+def _capturing():
+    """Whether torch is capturing its current stream (a torch call's launch stream) into a CUDA graph.
+    Graphs captured through CuPy or Numba are not detected: their launches would use the ring."""
+    global _torch_cuda
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return False
+    if _torch_cuda is None:
+        _torch_cuda = bool(torch.cuda.is_available())       # a CPU-only torch has no capture to ask about
+    return _torch_cuda and torch.cuda.is_current_stream_capturing()
+
+
+def _captured_maps(key, specs, device, stream):
+    """device_maps for a launch being captured into a CUDA graph (MapSlots.captured)."""
+    with _lock:
+        slots = _slots.get(device)
+    if slots is None:
+        raise RuntimeError("numba_flash: run a call once on this device before capturing one in a CUDA graph "
+                           "(the first call allocates the tensor maps' memory, which a capture does not allow)")
+    maps = [None if sp is None else encode(sp[0], 2, *sp[1:]) for sp in specs]
+    if any(m is None for m in maps):
+        return None
+    with _lock:
+        return slots.captured(key, np.concatenate(maps), stream)
 
 
 def _upload(host, device):
