@@ -7,7 +7,8 @@ events around a batch of calls). When host time reaches GPU time the GPU waits f
 timing of that size measures the host. PyTorch runs a CUDA backward on its own device thread; the
 "calling thread" step runs it on the caller's (`torch.autograd.set_multithreading_enabled(False)`), to
 tell that hand-off's cost from the backward's. `--profile` adds the cProfile of the forward+backward step,
-backward on the calling thread (a profile of the calling thread cannot see the device thread's work).
+backward on the calling thread (a profile of the calling thread cannot see the device thread's work);
+`--breakdown` times the step's API bodies on each thread without a profiler.
 
     python tools/host_overhead.py --seqlen 512 2048 --headdim 64
 """
@@ -85,6 +86,50 @@ def steps(torch, nf, B, N, H, d, dtype):
     }
 
 
+def breakdown(torch, nf, B, N, H, d, dtype, calls):
+    """Host ms per autograd forward+backward step (causal), with the backward on torch's device thread and
+    on the calling thread, and inside it the API bodies and the backward's launches, timed per thread
+    (perf_counter, no profiler: cProfile's own cost hides what it measures here)."""
+    import collections
+    import threading
+    from numba_flash import api
+    from numba_flash.kernels import backward
+    acc, real = collections.defaultdict(float), {}
+
+    def timed(mod, name):
+        real[(mod, name)] = fn = getattr(mod, name)
+
+        def wrapper(*a, **kw):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                where = "calling" if threading.current_thread() is threading.main_thread() else "device"
+                acc[f"{name} ({where} thread)"] += time.perf_counter() - t0
+        setattr(mod, name, wrapper)
+    for mod, name in ((api, "flash_attn_forward"), (api, "flash_attn_backward"), (backward, "launch")):
+        timed(mod, name)
+    try:
+        q, k, v = (torch.randn(B, N, H, d, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
+        dout = torch.randn(B, N, H, d, device="cuda", dtype=dtype)
+        for label, threads in (("backward on the device thread", True), ("backward on the calling thread", False)):
+            with torch.autograd.set_multithreading_enabled(threads):
+                for _ in range(5):
+                    nf.flash_attn_func(q, k, v, causal=True).backward(dout)
+                torch.cuda.synchronize()
+                acc.clear()
+                t0 = time.perf_counter()
+                for _ in range(calls):
+                    nf.flash_attn_func(q, k, v, causal=True).backward(dout)
+                host = (time.perf_counter() - t0) / calls * 1e3
+                torch.cuda.synchronize()
+            parts = ", ".join(f"{k} {v / calls * 1e3:.3f}" for k, v in sorted(acc.items()))
+            print(f"| {N} | {label} | {host:.3f} | {parts} |", flush=True)
+    finally:
+        for (mod, name), fn in real.items():
+            setattr(mod, name, fn)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seqlen", type=int, nargs="+", default=[512, 2048])
@@ -94,6 +139,8 @@ def main(argv=None):
     ap.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     ap.add_argument("--calls", type=int, default=100)
     ap.add_argument("--profile", action="store_true", help="print cProfile of the autograd step")
+    ap.add_argument("--breakdown", action="store_true",
+                    help="time the autograd step's API bodies per thread, without a profiler (causal)")
     args = ap.parse_args(argv)
 
     import torch
@@ -111,6 +158,10 @@ def main(argv=None):
             host, gpu = per_call_ms(torch, fn, args.calls)
             print(f"| {N} | {name} | {host:.3f} | {gpu:.3f} | {'host' if host > 0.9 * gpu else 'GPU'} |",
                   flush=True)
+        if args.breakdown:
+            print("\n| N | causal autograd step | host ms | inside it, ms per step |\n|---:|---|---:|---|")
+            breakdown(torch, nf, B, N, args.nheads, args.headdim, dtype, args.calls)
+            print()
         if args.profile:
             fn = steps(torch, nf, B, N, args.nheads, args.headdim, dtype)[
                 "autograd forward+backward, backward on the calling thread"]
