@@ -441,8 +441,8 @@ def _uses_tma(plan):
 def tma_maps(plan, q, k, v, stream=0):
     """The kernel's `maps` argument for a TMA producer: the tensor maps of Q (box: the query tile), K and V
     (the key tile), one swizzle span of columns per box (tma.py), where the kernels run (copied there in
-    order on `stream`, the launch's); None where one cannot be made. Views of the "numpy" framework (tools/ptx_report.py compiles without a GPU) get zero
-    maps."""
+    order on `stream`, the launch's); None where one cannot be made. Views of the "numpy" framework
+    (tools/ptx_report.py compiles without a GPU) get zero maps."""
     dp = plan.fwd.padded_headdim(plan.headdim)
     sw = swizzle_width(dp)
     if q.framework == "numpy":

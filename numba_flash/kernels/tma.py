@@ -188,7 +188,7 @@ class MapSlots:
         self.next = (s + 1) % self.n
         if self.writer[s] is not None:
             self.drv.wait_host(self.copied[s])
-            for r in self.readers[s] | {self.writer[s]}:
+            for r in self.readers[s]:                     # the writer's stream is one of them
                 if r != stream:
                     self.drv.record(self.cross, r)
                     self.drv.stream_wait(stream, self.cross)
@@ -207,7 +207,6 @@ class MapSlots:
             if stream != self.writer[slot]:
                 self.drv.stream_wait(stream, self.copied[slot])
             self.readers[slot].add(stream)
-
 
     def captured(self, key, words, stream):
         """A DeviceBuffer of `words` for a launch being captured on `stream` (class docstring)."""
@@ -271,8 +270,7 @@ def device_maps(specs, device, stream=0):
             if slots.owner[slot] == key:
                 slots.use(slot, stream)
                 return arr
-    maps = [None if sp is None else encode(sp[0], 2, *sp[1:]) for sp in specs]
-    words = np.concatenate(maps) if all(m is not None for m in maps) else None
+    words = _encode_all(specs)
     with _lock:
         if words is None or SIMULATOR:
             entry = (None, None, None if words is None else _upload(words, device))
@@ -311,11 +309,17 @@ def _captured_maps(key, specs, device, stream):
     if slots is None:
         raise RuntimeError("numba_flash: run a call once on this device before capturing one in a CUDA graph "
                            "(the first call allocates the tensor maps' memory, which a capture does not allow)")
-    maps = [None if sp is None else encode(sp[0], 2, *sp[1:]) for sp in specs]
-    if any(m is None for m in maps):
+    words = _encode_all(specs)
+    if words is None:
         return None
     with _lock:
-        return slots.captured(key, np.concatenate(maps), stream)
+        return slots.captured(key, words, stream)
+
+
+def _encode_all(specs):
+    """The maps of `specs` one after another (uint64 words), or None where one cannot be made."""
+    maps = [None if sp is None else encode(sp[0], 2, *sp[1:]) for sp in specs]
+    return np.concatenate(maps) if all(m is not None for m in maps) else None
 
 
 def _upload(host, device):
