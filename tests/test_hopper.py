@@ -30,7 +30,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from numba import cuda  # noqa: E402
 
-from numba_flash.kernels import hopper  # noqa: E402
+from numba_flash.kernels import hopper, ptx  # noqa: E402
 from numba_flash.kernels.launch import SIMULATOR, inline_device  # noqa: E402
 
 U32_POISON = np.uint32(0xFFFFFFFF)
@@ -654,6 +654,96 @@ def test_mbarrier_reused_over_phases_with_parity(rng):
     assert (flags == np.array([0, 1, 1], np.uint8)).all(), f"try_wait answers {np.unique(flags.reshape(-1, 3), axis=0)}"
     np.testing.assert_array_equal(out, G)
 
+
+# ------------------------------------------------------------------------------------------------------
+# cp.reduce.async.bulk: float32 additions from shared memory, in bulk groups
+# ------------------------------------------------------------------------------------------------------
+
+BULK_ROUNDS = 5
+BULK_SLAB = 128                 # floats a warp adds per round (32 lanes x 4)
+
+
+@cuda.jit
+def _bulk_reduce_kernel(vals, acc):
+    """Two warps, each with two staging slabs it alternates between: in round r every lane stores its 4
+    values of vals[r] into slab r % 2, lane 0 waits until at most one group (the other slab's) may still
+    read its source, then adds the slab to acc[16 + 128 w ...] and, every other round, its first half also
+    to acc[272 + 64 w ...]; it drains its groups before the block exits."""
+    stg = cuda.shared.array(4 * BULK_SLAB, np.float32)
+    t = cuda.threadIdx.x
+    lane, w = t % 32, t // 32
+    for r in range(BULK_ROUNDS):
+        base = (2 * w + r % 2) * BULK_SLAB
+        if lane == 0:
+            hopper.bulk_wait_group_read(1)          # the group that read this slab two rounds ago is done
+        ptx.syncwarp()
+        for i in range(4):
+            stg[base + 4 * lane + i] = vals[r, t, i]
+        hopper.fence_proxy_async_shared()
+        ptx.syncwarp()
+        if lane == 0:
+            hopper.bulk_reduce_add_f32(acc, 16 + BULK_SLAB * w, stg, 4 * base, 4 * BULK_SLAB)
+            if r % 2 == 0:
+                hopper.bulk_reduce_add_f32(acc, 272 + 64 * w, stg, 4 * base, 2 * BULK_SLAB)
+            hopper.bulk_commit_group()
+    if lane == 0:
+        hopper.bulk_wait_group(0)
+
+
+@needs_sm90
+def test_bulk_reduce_adds_each_slab_once_with_two_groups_in_flight(rng):
+    # small integers: every order of the additions gives the same float32 sums
+    vals = rng.integers(-1000, 1000, (BULK_ROUNDS, 64, 4)).astype(np.float32)
+    acc0 = rng.integers(-1000, 1000, 416).astype(np.float32)
+    _, acc = launch(_bulk_reduce_kernel, 1, 64, vals, acc0)
+    want = acc0.astype(np.float64)
+    for r in range(BULK_ROUNDS):
+        for w in range(2):
+            slab = vals[r, 32 * w:32 * w + 32].reshape(-1)
+            want[16 + 128 * w:16 + 128 * w + 128] += slab
+            if r % 2 == 0:
+                want[272 + 64 * w:272 + 64 * w + 64] += slab[:64]
+    np.testing.assert_array_equal(acc, want.astype(np.float32))
+
+
+@cuda.jit
+def _bulk_reduce_unwaited_kernel(acc):
+    stg = cuda.shared.array(32, np.float32)
+    t = cuda.threadIdx.x
+    stg[t] = 1.0
+    hopper.fence_proxy_async_shared()
+    ptx.syncwarp()
+    if t == 0:
+        hopper.bulk_reduce_add_f32(acc, 0, stg, 0, 128)
+        hopper.bulk_commit_group()
+        hopper.bulk_reduce_add_f32(acc, 32, stg, 0, 128)     # never committed nor waited for
+
+
+@sim_only
+def test_bulk_reduce_twin_adds_only_groups_a_wait_covers():
+    """The simulator performs a group's additions at the wait that covers it: a kernel that exits without
+    waiting (on a GPU: shared memory released under a copy still reading it) adds nothing there."""
+    acc, = launch(_bulk_reduce_unwaited_kernel, 1, 32, np.zeros(64, np.float32))
+    assert not acc.any()
+
+
+@sim_only
+def test_bulk_reduce_twin_checks_alignment_and_bounds():
+    @cuda.jit
+    def bad(acc, which):
+        stg = cuda.shared.array(64, np.float32)
+        if cuda.threadIdx.x == 0:
+            if which[0] == 0:
+                hopper.bulk_reduce_add_f32(acc, 2, stg, 0, 16)       # global byte 8: not 16-byte aligned
+            elif which[0] == 1:
+                hopper.bulk_reduce_add_f32(acc, 0, stg, 4, 16)       # shared byte 4
+            elif which[0] == 2:
+                hopper.bulk_reduce_add_f32(acc, 0, stg, 0, 24)       # 24 bytes
+            else:
+                hopper.bulk_reduce_add_f32(acc, 60, stg, 0, 32)      # past the array's end
+    for which, msg in enumerate(("global destination", "shared source", "multiple of 16", "outside")):
+        with pytest.raises(Exception, match=msg):
+            launch(bad, 1, 32, np.zeros(64, np.float32), np.array([which]))
 
 # ------------------------------------------------------------------------------------------------------
 # TMA: cp.async.bulk.tensor by tensor maps (tma.py encodes them: the driver on a GPU, its own format here)

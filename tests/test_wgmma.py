@@ -99,11 +99,15 @@ def test_wgmma_block_sparse_and_nan_row(rng):
 # float32 reductions into an accumulator; 5 products per tile pair instead of 7)
 # --------------------------------------------------------------------------------------------------
 
-def test_wgmma_fused_dq_plan_where_the_tiles_allow_it_else_the_dq_kernel():
+def test_wgmma_fused_dq_plan_where_the_tiles_allow_it_else_the_dq_kernel(monkeypatch):
     from numba_flash.kernels import configs
     from numba_flash.kernels.wgmma_tiles import fused_dq_split
     assert configs.backward_plan("wgmma", 32, "float16", True, True, deterministic=False).dq_mode == "atomic"
     assert configs.backward_plan("wgmma", 32, "float16", True, True, deterministic=True).dq_mode == "kernel"
+    monkeypatch.setenv(configs.DQ_MODE_ENV, "bulk")      # bulk reductions on wgmma; "atomic" on mma.sync
+    assert configs.backward_plan("wgmma", 32, "float16", True, True, deterministic=False).dq_mode == "bulk"
+    assert configs.backward_plan("mma", 32, "float16", True, True, deterministic=False).dq_mode == "atomic"
+    monkeypatch.delenv(configs.DQ_MODE_ENV)
     # the GPU's tiles: d=64 two 64-query blocks, one per warpgroup; d=128 one block, columns split in two;
     # d=96 (48 columns a warpgroup, across two 32-column blocks of K's 64B-swizzled image): the dQ kernel
     assert fused_dq_split(configs._wgmma_tiles("dkdv", 64), 64) == (2, 64)
@@ -112,9 +116,21 @@ def test_wgmma_fused_dq_plan_where_the_tiles_allow_it_else_the_dq_kernel():
     assert fused_dq_split(configs.MmaTiles(32, 64, 4, a_regs=False), 32) is None     # a wgmma M is 64 queries
 
 
+def use_dq_mode(monkeypatch, mode):
+    from numba_flash.kernels import configs
+    monkeypatch.setenv(configs.DQ_MODE_ENV, mode)
+
+
+FUSED_MODES = pytest.mark.parametrize("mode", ["atomic", "bulk"])
+
+
+@FUSED_MODES
 @pytest.mark.parametrize("dtype,causal,Nq,Nk,d", [
     ("float16", False, 70, 100, 32), ("bfloat16", True, 100, 40, 16), ("float16", True, 65, 130, 48)])
-def test_wgmma_fused_dq_within_twice_torch_error_ragged_unequal_seqlens_and_swizzles(rng, dtype, causal, Nq, Nk, d):
+def test_wgmma_fused_dq_within_twice_torch_error_ragged_unequal_seqlens_and_swizzles(rng, monkeypatch, dtype, causal,
+                                                                                    Nq, Nk, d, mode):
+    """mode "bulk": the slabs of a tile past the last query row land in the accumulator's padding rows."""
+    use_dq_mode(monkeypatch, mode)
     q, k, v = make_qkv_arrays(rng, 1, Nq, Nk, 1, d, dtype, FW)
     dout = random_array(rng, (1, Nq, 1, d), dtype, FW)
     out, lse, (dq, dk, dv) = check_all(q, k, v, dout, dtype, deterministic=False, backend="wgmma", causal=causal)
@@ -122,10 +138,13 @@ def test_wgmma_fused_dq_within_twice_torch_error_ragged_unequal_seqlens_and_swiz
         assert (as64(dq)[:, :Nq - Nk] == 0).all()
 
 
-def test_wgmma_fused_dq_two_warpgroups_splitting_the_columns_block_sparse(rng, monkeypatch):
+@FUSED_MODES
+def test_wgmma_fused_dq_two_warpgroups_splitting_the_columns_block_sparse(rng, monkeypatch, mode):
     """Two warpgroups of 64 keys on a 64-query tile: each takes half of dQ's columns (16 of a 32-column
-    block of K's image: the B descriptor starts inside the swizzle atom); a block mask with empty rows."""
+    block of K's image: the B descriptor starts inside the swizzle atom; "bulk": two column blocks of the
+    accumulator); a block mask with empty rows."""
     from numba_flash.kernels import configs
+    use_dq_mode(monkeypatch, mode)
     monkeypatch.setitem(configs._SIM["wgmma"], "dkdv_atomic", configs.MmaTiles(64, 128, 8, a_regs=False))
     q, k, v = make_qkv_arrays(rng, 1, 70, 130, 1, 32, "bfloat16", FW)
     dout = random_array(rng, (1, 70, 1, 32), "bfloat16", FW)
@@ -532,13 +551,18 @@ def test_wgmma_backward_tma_streams_match_cp_async_bitwise_ragged_and_swizzles(r
     check_bwd_tma_matches_cp_async_bitwise(monkeypatch, q, k, v, dout, dtype, True, causal=causal)
 
 
-def test_wgmma_backward_tma_streams_with_the_fused_dq_and_a_block_mask(rng, monkeypatch):
+@FUSED_MODES
+def test_wgmma_backward_tma_streams_with_the_fused_dq_and_a_block_mask(rng, monkeypatch, mode):
     """The fused dQ's dK/dV kernel (it reads the streamed Q tile twice) and block-sparse walks with
     skipped tiles: the buffers' phases follow the tiles walked, not the tile indices."""
+    use_dq_mode(monkeypatch, mode)
     q, k, v = make_qkv_arrays(rng, 1, 70, 100, 1, 32, "float16", FW)
     dout = random_array(rng, (1, 70, 1, 32), "float16", FW)
     check_bwd_tma_matches_cp_async_bitwise(monkeypatch, q, k, v, dout, "float16", True, deterministic=False,
                                            causal=True)
+    if mode == "bulk":
+        return                                          # the rest runs the dQ kernel: the same in both
+    monkeypatch.delenv("NUMBA_FLASH_DQ_MODE")           # the block mask: the dQ kernel's walk too
     b1, b2 = block_sizes(32, "bfloat16", "wgmma")
     nq, nk = 3 * b1, 3 * b2
     mask = BlockMask.random(0.5, nq, nk, (b1, b2), nheads=1, seed=int(rng.integers(1 << 31)))
@@ -668,10 +692,12 @@ def test_gpu_wgmma_block_sparse_strides_and_unaligned(rng):
 
 @pytest.mark.gpu
 @pytest.mark.slow
+@FUSED_MODES
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("d", [32, 64, 96, 128])
-def test_gpu_wgmma_fused_dq_large_within_twice_torch_error(rng, d, dtype, causal):
+def test_gpu_wgmma_fused_dq_large_within_twice_torch_error(rng, monkeypatch, d, dtype, causal, mode):
+    use_dq_mode(monkeypatch, mode)
     q, k, v = make_qkv_arrays(rng, 2, 1000, 777, 2, d, dtype, "torch")
     dout = random_array(rng, (2, 1000, 2, d), dtype, "torch")
     check_all(q, k, v, dout, dtype, deterministic=False, backend="wgmma", causal=causal)
@@ -679,9 +705,11 @@ def test_gpu_wgmma_fused_dq_large_within_twice_torch_error(rng, d, dtype, causal
 
 @pytest.mark.gpu
 @pytest.mark.slow
-def test_gpu_wgmma_fused_dq_columns_split_inside_a_swizzle_atom_strides_and_block_sparse(rng, monkeypatch):
+@FUSED_MODES
+def test_gpu_wgmma_fused_dq_columns_split_inside_a_swizzle_atom_strides_and_block_sparse(rng, monkeypatch, mode):
     """64-query dK/dV tiles at d=64: the two warpgroups take 32 columns each, inside one 64-column block
     of K's 128B-swizzled image; then the default tiles on a block mask and unaligned rows."""
+    use_dq_mode(monkeypatch, mode)
     monkeypatch.setenv("NUMBA_FLASH_DKDV_TILES", "64,128,8,0")
     q, k, v = make_qkv_arrays(rng, 2, 1000, 777, 2, 64, "float16", "torch")
     dout = random_array(rng, (2, 1000, 2, 64), "float16", "torch")

@@ -11,7 +11,7 @@ The simulator cannot see a missing barrier or an out-of-bounds shared access; th
 every path, each head-dim class that has its own tiles (d <= 64, <= 128, > 128), float16 and bfloat16 on
 tensor cores, rows that are 16-byte aligned (cp.async) and rows that are not (plain loads), causal with
 seqlen_q != seqlen_k, a block-sparse mask, and both ways the tensor-core backward computes dQ (the
-separate "kernel" by default, and "atomic", fused into dK/dV; configs.DQ_MODES), and the
+separate "kernel" by default, and "atomic" and "bulk", fused into dK/dV; configs.DQ_MODES), and the
 warp-specialised wgmma forward (MmaTiles.ring: a producer warpgroup and mbarriers), and the wgmma dK/dV
 kernel's own dQ in both of its warpgroup splits, the persistent forward, three consumer warpgroups, the TMA
 producer and the backward's TMA streams. Every result is checked
@@ -94,6 +94,13 @@ CASES = [
          bwd_tma=True),
     dict(path="wgmma", d=128, dtype="bfloat16", causal=False, nq=300, nk=333, aligned=True, sparse=True,
          block=(128, 128), dq="atomic", bwd_tma=True),
+    # the fused dQ's bulk reductions (each warp's slab staged in shared memory, added by one
+    # cp.reduce.async.bulk): d=64 one 64-query block per warpgroup, causal, TMA streams; d=128 the columns
+    # split between the warpgroups (two column blocks of the accumulator), a block mask, rows not aligned
+    dict(path="wgmma", d=64, dtype="float16", causal=True, nq=333, nk=500, aligned=True, sparse=False,
+         dq="bulk"),
+    dict(path="wgmma", d=128, dtype="bfloat16", causal=False, nq=300, nk=260, aligned=False, sparse=True,
+         block=(128, 128), dq="bulk"),
 ]
 
 

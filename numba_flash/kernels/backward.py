@@ -13,7 +13,11 @@
        inputs, bitwise same gradients.
    "atomic" (tensor cores, deterministic=False): the dK/dV kernel itself adds dS K_j into a float32
        accumulator of dQ with unordered reductions (5 products per pair, as flash-attn), and a last
-       kernel scales and converts it. The order of the additions, hence the last bits of dQ, varies
+       kernel scales and converts it.
+   "bulk" (wgmma only): as "atomic", but each warp adds its 16-row slab of dS K_j with one asynchronous
+       bulk reduction from shared memory (`cp.reduce.async.bulk`, FlashAttention-3's scheme) instead of
+       a `red` per element pair; the accumulator is laid out so that a slab is contiguous
+       (wgmma_tiles.make_wgmma_dq_ops), and its conversion kernel reads that layout. The order of the additions, hence the last bits of dQ, varies
        from run to run. dS^T goes through shared memory (the product needs dS with the queries as
        rows); on wgmma the staged image is read by two products after one barrier, dQ_i = dS K_j and
        dK_j += dS^T Q_i (wgmma_tiles.make_wgmma_dq_ops), completed before the reductions.
@@ -148,6 +152,28 @@ def prepare_launch(dtype_name, stream, out, dout, dvec, zf, nzf, dlse, lse, lse2
 
 
 @lru_cache(maxsize=None)
+def make_dq_convert_bulk_kernel(headdim, nc, pitch, dtype_name, threads=256):
+    """dq[b, r, h, c] = scale * acc[b, h, c // nc, r, c % nc] in the output dtype (acc: the bulk mode's
+    (B, H, padded / nc, nq_pad, pitch) float32 accumulator)."""
+    store_elem = storer(dtype_name)
+
+    @cuda.jit
+    def bwd_dq_convert_bulk(acc, dq, nelem, nq, nheads, dq_st, scale, nq_pad, ncb):
+        idx = cuda.grid(1)
+        if idx >= nelem:
+            return
+        row = idx // headdim
+        c = idx - row * headdim
+        h = row % nheads
+        r = (row // nheads) % nq
+        b = row // (nheads * nq)
+        a = ((b * nheads + h) * ncb + c // nc) * nq_pad * pitch + r * pitch + c % nc
+        dq[b * dq_st[0] + r * dq_st[1] + h * dq_st[2] + c] = store_elem(acc[a] * float32(scale))
+
+    return Launchable(bwd_dq_convert_bulk, threads, 0)
+
+
+@lru_cache(maxsize=None)
 def make_dq_convert_kernel(headdim, padded, dtype_name, threads=256):
     """dq[b, r, h, c] = scale * acc[b, r, h, c] in the output dtype (acc: (B, Nq, H, padded) float32)."""
     store_elem = storer(dtype_name)
@@ -188,7 +214,7 @@ def _shared(plan, role, over_keys):
 
 @lru_cache(maxsize=None)
 def make_dkdv_kernel(plan):
-    fused = plan.dq_mode == "atomic"
+    fused = plan.dq_mode != "kernel"
     ops, t, walk, fill_invisible, (begin, acquire), store = _shared(plan, "dkdv", False)
     first_tile, next_tile, needs_mask, block_coords = walk.first_tile, walk.next_tile, walk.needs_mask, \
         walk.block_coords
@@ -203,11 +229,12 @@ def make_dkdv_kernel(plan):
     A_SHAPE, A_DT = ops.a_shape, ops.a_dtype
     if fused:
         stage_ds, mm_dq, add_dq = ops.dq.stage, ops.dq.mm, ops.dq.add
-        dq_finish, dk_staged = ops.dq.finish, ops.dq.dk
+        dq_finish, dk_staged, dq_drain = ops.dq.finish, ops.dq.dk, ops.dq.drain
         DQ_R, DQ_C = ops.dq.frag.rows, ops.dq.frag.out_cols
     else:
-        stage_ds = mm_dq = add_dq = dq_finish = dk_staged = None
+        stage_ds = mm_dq = add_dq = dq_finish = dk_staged = dq_drain = None
         DQ_R, DQ_C = 1, 1
+    DRAIN = dq_drain is not None
     ASYNC, (nt_issue, pv_issue, wait1, wait0, s_finish, o_finish) = _async(ops)
 
     @kernel(ops.threads, ops.smem_bytes, ops.min_blocks, ops.min_regs)
@@ -293,7 +320,7 @@ def make_dkdv_kernel(plan):
                 o_finish(dk_acc, pend_dk)
                 if fused:        # (the next write of dS^T follows the next tile's barrier)
                     dq_finish(dqf, pend_dq)
-                    add_dq(dqf, dq_acc, acc_base, row0, nq - row0, acc_st[1], tid)
+                    add_dq(smem, dqf, dq_acc, acc_base, row0, nq - row0, acc_st[1], tid)
             else:
                 if fused:
                     cuda.syncthreads()                                   # every warp's dS^T is there
@@ -301,9 +328,11 @@ def make_dkdv_kernel(plan):
                         for j in range(DQ_C):
                             dqf[i, j] = ZERO
                     mm_dq(smem, dqf, tid)                                # dQ_i (partial) = dS K_j
-                    add_dq(dqf, dq_acc, acc_base, row0, nq - row0, acc_st[1], tid)
+                    add_dq(smem, dqf, dq_acc, acc_base, row0, nq - row0, acc_st[1], tid)
                 mm_pv(smem, dpt, stage, 0, dk_acc, tid, True)            # dK += dS^T Q
             t, sub, base, row0, stage, phase = nt, nsub, nbase, nrow0, 1 - stage, phase ^ stage
+        if DRAIN:
+            dq_drain(tid)                        # the bulk additions have read their staging rows
 
         sc = cuda.local.array(R, ACC)
         one = cuda.local.array(R, ACC)
@@ -419,14 +448,25 @@ def launches(plan, stream, dout, q, k, v, out, lse, dq, dk, dv, nq, nk, scale, o
     optional, contiguous as lse); masks.lists(br, bc, transpose) gives the walk arguments for a kernel's
     tiles; alloc(shape, dtype) allocates scratch in the inputs' framework."""
     B, H, d = q.shape[0], q.shape[2], q.shape[3]
-    fused = plan.dq_mode == "atomic"
+    fused = plan.dq_mode != "kernel"
     plan, dkdv_maps = _with_maps(plan, "dkdv", (q, dout), plan.dkdv.br, stream)
     if not fused:
         plan, dq_maps = _with_maps(plan, "dq", (k, v), plan.dq.bc, stream)
     t = plan.dkdv
     dvec = alloc((B, H, nq), lse.dtype)
     lse2 = alloc((B, H, nq), lse.dtype)       # lse in the log2 domain (make_prepare_kernel), for dK/dV
-    if fused:
+    if plan.dq_mode == "bulk":
+        # (B, H, column blocks, query rows rounded up to the tiles, pitch): a warp's 16 x nc slab is
+        # contiguous; the kernel takes (batch, column block, head) strides as (acc_st[0], acc_st[1],
+        # acc_st[2]) so that its (batch, head) base and its row "stride" argument keep their places
+        from .wgmma_tiles import bulk_pitch, fused_dq_split
+        dp = t.padded_headdim(d)
+        nc = fused_dq_split(t, d)[1]
+        pitch, ncb, nq_pad = bulk_pitch(nc), dp // nc, -(-nq // t.br) * t.br
+        acc = alloc((B * H * ncb * nq_pad * pitch,), "float32")
+        nzero = B * H * ncb * nq_pad * pitch
+        acc_st = (H * ncb * nq_pad * pitch, nq_pad * pitch, ncb * nq_pad * pitch)
+    elif fused:
         dp = t.padded_headdim(d)
         acc = alloc((B, nq, H, dp), "float32")
         nzero, acc_st = B * nq * H * dp, strides3(acc)
@@ -442,7 +482,12 @@ def launches(plan, stream, dout, q, k, v, out, lse, dq, dk, dv, nq, nk, scale, o
                      (q.flat, k.flat, v.flat, dout.flat, lse2.flat, dvec.flat, dk.flat, dv.flat, *common,
                       strides3(dk), strides3(dv), lse_st, scale, scale * LOG2E, offset,
                       *masks.lists(t.br, t.bc, True), acc.flat, acc_st, dkdv_maps)))
-    if nq > 0 and fused:
+    if nq > 0 and plan.dq_mode == "bulk":
+        conv = make_dq_convert_bulk_kernel(d, nc, pitch, plan.dtype)
+        n = B * nq * H * d
+        out_.append((conv, (-(-n // conv.threads),), stream,
+                     (acc.flat, dq.flat, n, nq, H, strides3(dq), scale, nq_pad, ncb)))
+    elif nq > 0 and fused:
         conv = make_dq_convert_kernel(d, dp, plan.dtype)
         n = B * nq * H * d
         out_.append((conv, (-(-n // conv.threads),), stream, (acc.flat, dq.flat, n, nq, H, strides3(dq), scale)))

@@ -27,6 +27,9 @@ How the backward computes dQ (`Plan.dq_mode`, backward.py):
   "atomic"   tensor cores with `deterministic=False`: the dK/dV kernel adds its dS K_j into a float32
              dQ accumulator with unordered reductions (5 products, flash-attn's scheme). On wgmma only
              where the dK/dV tiles allow it (wgmma_tiles.fused_dq_split), else "kernel".
+  "bulk"     as "atomic" on wgmma, each warp's slab of dQ added by one asynchronous bulk reduction from
+             shared memory instead of a `red` per element pair (FlashAttention-3's scheme); "atomic" on
+             the other tensor-core path.
 NUMBA_FLASH_DQ_MODE overrides the choice for tensor-core plans (tuning runs).
 """
 import math
@@ -37,7 +40,7 @@ from .launch import SIMULATOR
 
 BACKENDS = ("auto", "simt", "mma", "wgmma")
 BACKEND_ENV = "NUMBA_FLASH_BACKEND"
-DQ_MODES = ("kernel", "atomic")
+DQ_MODES = ("kernel", "atomic", "bulk")
 DQ_MODE_ENV = "NUMBA_FLASH_DQ_MODE"
 MMA_DTYPES = ("float16", "bfloat16")
 MAX_HEADDIM = 256
@@ -352,7 +355,9 @@ def backward_plan(path, headdim, dtype_name, causal, aligned, deterministic=True
     block size (None: dense)."""
     path = backward_path(path, headdim)
     mode = dq_mode(path, deterministic)
-    if mode == "atomic" and path == "wgmma":
+    if mode == "bulk" and path != "wgmma":
+        mode = "atomic"                              # bulk reductions: the warpgroup dQ's only
+    if mode != "kernel" and path == "wgmma":
         from .wgmma_tiles import fused_dq_split
         if fused_dq_split(tiles(path, "dkdv_atomic", headdim, block_k), headdim) is None:
             mode = "kernel"

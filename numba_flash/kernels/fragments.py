@@ -176,12 +176,14 @@ DqOps = namedtuple("DqOps", [
     "frag",            # Fragment of the thread's dQ partial (rows: query rows of the tile; out_cols)
     "stage",           # (smem, ds, tid): the thread's dS^T score fragment -> shared memory
     "mm",              # (smem, dq, tid): dq += this thread's part of dS K (after a barrier on stage)
-    "add",             # (dq, g, base, row0, nrows, stride, tid): global float32 g += dq (reductions)
+    "add",             # (smem, dq, g, base, row0, nrows, stride, tid): global float32 g += dq
+                       # (reductions; the bulk mode's through the warp's staging rows in smem)
     "finish",          # asynchronous products (wgmma), else None: mm(smem, tid) -> pending dS K (from
                        # zero), finish(dq, pending) its completed accumulators into dq
     "dk",              # asynchronous products, else None: (smem, stage, acc, tid) -> pending acc + dS^T Q
                        # (Q the streamed tile of buffer `stage`), dS^T read from the staged image
-], defaults=(None, None))
+    "drain",           # asynchronous additions (bulk), else None: (tid) waits for them all (before exit)
+], defaults=(None, None, None))
 DqOps.__doc__ = """A dK/dV kernel's own dQ_i += dS K_j (backward.py; tc_tiles.make_dq_ops, wgmma_tiles.make_wgmma_dq_ops):
 the staged dS^T, the product, and its addition into a float32 accumulator in global memory."""
 

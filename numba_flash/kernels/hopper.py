@@ -35,6 +35,11 @@ warpgroup through `simwarp.exchange_group`.
     cp_async_bulk_g2s(sarr, s_byte_offset, garr, g_elem_index, nbytes, bars, bar_idx)
     tma_load_4d(sarr, s_byte_offset, maps, map_idx, garr, c0, c1, c2, c3, bars, bar_idx)
                                                      a box of a 4-D tensor by its tensor map (TMA, below)
+    bulk_reduce_add_f32(garr, g_elem_index, sarr, s_byte_offset, nbytes)
+                                                     garr[...] += a float32 span of shared memory, one
+                                                     asynchronous bulk reduction (below)
+    bulk_commit_group(), bulk_wait_group_read(n), bulk_wait_group(n)
+                                                     its completion groups (below)
     named_barrier_sync(idx, nthreads), named_barrier_arrive(idx, nthreads)
                                                      a hardware barrier over some warps (see below)
 
@@ -149,6 +154,22 @@ to the swizzle's 8-row atom. `garr` is the array the map describes: unused on a 
 address), read by the simulator, which decodes its own map format (tma.py; the driver's is opaque),
 checks that the map lies inside `garr`, copies at once and completes the transactions immediately.
 
+Bulk reductions into global memory (PTX ISA, "cp.reduce.async.bulk", "cp.async.bulk.commit_group",
+"cp.async.bulk.wait_group")
+----------------------------------------------------------------------------------------------------
+bulk_reduce_add_f32 adds `nbytes` (a positive multiple of 16) of float32 values from byte `s_byte_offset`
+of a shared array to the float32 global array `garr` from element `g_elem_index` (both 16-byte aligned),
+each element added atomically in L2 (`cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32`): one
+instruction of one thread instead of a `red` per element. It is asynchronous and belongs to the issuing
+thread's open bulk group: bulk_commit_group() closes that group; bulk_wait_group_read(n) returns once at
+most n of the thread's committed groups may still be reading their shared source (which may then be
+rewritten), bulk_wait_group(n) once at most n are still incomplete (their global writes included).
+Shared stores made by ordinary instructions must be made visible to the asynchronous proxy first:
+fence_proxy_async_shared() by the storing threads, then a barrier with the issuing thread. A thread must
+wait for its groups before the block exits (its shared memory is then released). The simulator performs a
+group's additions only when a wait covers it, reading shared memory at that moment: a source rewritten
+before its wait, or a group never waited for, gives a wrong result there as it may on a GPU.
+
 Named barriers (PTX ISA, "bar.sync", "bar.arrive"; sm_70 and later, here for warpgroup scheduling)
 ----------------------------------------------------------------------------------------------------
 Barrier `idx` (1 .. 15: 0 is cuda.syncthreads') completes a phase when `nthreads` threads (a multiple
@@ -216,7 +237,7 @@ if SIMULATOR:
     import numpy as _np
 
     from . import simwarp as _simwarp
-    from .ptx import _bf16_to_f64, _bytes, _f16_to_f64, _ndarray
+    from .ptx import _RED_LOCK, _bf16_to_f64, _bytes, _f16_to_f64, _ndarray
     from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray as _FakeArray
     from numba.cuda.simulator.cudadrv.devicearray import FakeWithinKernelCUDAArray as _FakeKernelArray
 
@@ -793,6 +814,57 @@ if SIMULATOR:
             m.tx -= n
             blk.settle(m)
 
+    def _bulk_groups(thread=None):
+        """The calling thread's bulk reductions: [open group's operations, committed groups (oldest
+        first)] (per thread, as on a GPU)."""
+        thread = thread or _threading.current_thread()
+        st = getattr(thread, "_numba_flash_bulk", None)
+        if st is None:
+            st = [[], []]
+            thread._numba_flash_bulk = st
+        return st
+
+    def bulk_reduce_add_f32(garr, g_elem_index, sarr, s_byte_offset, nbytes):
+        what = "bulk_reduce_add_f32"
+        blk = _block()
+        n = int(nbytes)
+        if n <= 0 or n % 16:
+            raise ValueError(f"{what}: size {n} is not a positive multiple of 16 bytes")
+        src = blk.address(sarr, what) + int(s_byte_offset)
+        if src % 16:
+            raise ValueError(f"{what}: shared source {src:#x} is not 16-byte aligned")
+        g = _ndarray(garr)
+        if g.dtype != _np.float32 or not g.flags.c_contiguous:
+            raise TypeError(f"{what}: needs a contiguous float32 global array, got {g.dtype}")
+        goff = int(g_elem_index) * 4
+        if goff % 16:
+            raise ValueError(f"{what}: global destination byte offset {goff} is not 16-byte aligned")
+        if goff < 0 or goff + n > g.nbytes:
+            raise IndexError(f"{what}: global bytes [{goff}, {goff + n}) outside an array of {g.nbytes} bytes")
+        blk.locate(src, n, f"{what} source")
+        _bulk_groups()[0].append((blk, src, g.reshape(-1), goff // 4, n // 4))
+
+    def bulk_commit_group():
+        st = _bulk_groups()
+        st[1].append(st[0])
+        st[0] = []
+
+    def _bulk_wait(n, what):
+        _check_wait_n(n, what)
+        groups = _bulk_groups()[1]
+        while len(groups) > int(n):
+            for blk, src, g, i, count in groups.pop(0):
+                buf, off = blk.locate(src, 4 * count, what)
+                vals = buf[off:off + 4 * count].view(_np.float32)
+                with _RED_LOCK:
+                    g[i:i + count] += vals
+
+    def bulk_wait_group_read(n):
+        _bulk_wait(n, "bulk_wait_group_read")
+
+    def bulk_wait_group(n):
+        _bulk_wait(n, "bulk_wait_group")
+
     def tma_load_4d(sarr, s_byte_offset, maps, map_idx, garr, c0, c1, c2, c3, bars, bar_idx):
         what = "tma_load_4d"
         blk = _block()
@@ -1244,6 +1316,31 @@ else:
             return context.get_dummy_value()
 
         return _types.void(sarr, s_byte_offset, maps, map_idx, garr, c0, c1, c2, c3, bars, bar_idx), codegen
+
+    @_intrinsic
+    def bulk_reduce_add_f32(typingctx, garr, g_elem_index, sarr, s_byte_offset, nbytes):
+        if not (_is_array(garr) and _is_int(g_elem_index) and _is_array(sarr) and _is_int(s_byte_offset)
+                and _is_int(nbytes)):
+            return None
+        if garr.dtype != _types.float32:
+            raise _TypingError(f"bulk_reduce_add_f32: needs a float32 global array, got {garr.dtype}")
+        text = "cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [$0], [$1], $2;"
+
+        def codegen(context, builder, signature, args):
+            t = signature.args
+            dst = _global_ptr(context, builder, t[0], args[0], t[1], args[1])
+            src = _shared_addr(context, builder, t[2], args[2], _types.intp, _ir.Constant(_I64, 0))
+            src = builder.add(src, builder.trunc(_to(context, builder, args[3], t[3], _types.int64), _I32))
+            size = builder.trunc(_to(context, builder, args[4], t[4], _types.int64), _I32)
+            _asm(builder, _ir.VoidType(), [dst.type, _I32, _I32], text, "l,r,r,~{memory}", [dst, src, size],
+                 side_effect=True)
+            return context.get_dummy_value()
+
+        return _types.void(garr, g_elem_index, sarr, s_byte_offset, nbytes), codegen
+
+    bulk_commit_group = _void_op("cp.async.bulk.commit_group;")
+    bulk_wait_group_read = _literal_op("bulk_wait_group_read", "cp.async.bulk.wait_group.read {};", _check_wait_n)
+    bulk_wait_group = _literal_op("bulk_wait_group", "cp.async.bulk.wait_group {};", _check_wait_n)
 
     def _make_named(name, op):
         @_intrinsic

@@ -118,6 +118,7 @@ def _make_scalar_access():
 ld2 = _make_vector_load(2)
 ld4 = _make_vector_load(4)
 ld8 = _make_vector_load(8)
+st2 = _make_vector_store(2)
 st4 = _make_vector_store(4)
 ld1, st1 = _make_scalar_access()
 
@@ -149,6 +150,7 @@ ld1, st1 = _make_scalar_access()
 #   st_shared_b16(sarr, hidx, v16)                   one 16-bit store at halfword hidx of a shared array
 #   st_shared_b32(sarr, widx, u32)                   one 32-bit store (bits as given) at word widx of a shared array
 #   lane_id()                                        lane within the warp
+#   syncwarp()                                       every lane of the warp meets (bar.warp.sync, full mask)
 #   vote_any(pred)                                   -> bool: pred is true in some lane of the warp
 #   red_add_f32(garr, gidx, x)                       global float32 reduction (atomic add, no result)
 #   red_add_f32x2(garr, gidx, x, y)                  the same on two adjacent floats in one instruction
@@ -214,6 +216,9 @@ if SIMULATOR:
     # --- warp ---
 
     lane_id = _simwarp.lane_id
+
+    def syncwarp():
+        _simwarp.exchange(None)
 
     def shfl_xor(value, lane_mask):
         lane, vals, _ = _simwarp.exchange(value)
@@ -653,6 +658,8 @@ else:
         return op
 
     cp_async_commit = _make_void_asm("cp.async.commit_group;")
+    # every lane of the warp meets here, and shared-memory accesses before it are ordered before those after
+    syncwarp = _make_void_asm("bar.warp.sync -1;", ("convergent",))
     cp_async_wait_all = _make_void_asm("cp.async.wait_all;")
 
     @_intrinsic

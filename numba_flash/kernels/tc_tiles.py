@@ -376,7 +376,7 @@ def make_dq_ops(BM, BN, W, DP, LDW, OFF_DS, LDS, mma, pack, vector_red, sfrag):
         return
 
     @inline_device
-    def add_dq(dq, g, base, row0, nrows, stride, tid):
+    def add_dq(smem, dq, g, base, row0, nrows, stride, tid):
         """g[base + (row0 + r) * stride + c] += dq[i, j] for this warp's elements (r, c), r < nrows; the
         accumulator's rows are DP floats wide, so every column exists and pairs are 8-byte aligned."""
         if tid // 32 < ACTIVE:

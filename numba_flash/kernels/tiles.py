@@ -6,9 +6,9 @@ def make_ops(plan, role):
     t = getattr(plan, role)
     if plan.path == "simt":
         return make_simt_ops(role, t, plan.headdim, plan.dtype, plan.aligned)
-    fused = role == "dkdv" and plan.dq_mode == "atomic"
+    fused = role == "dkdv" and plan.dq_mode != "kernel"
     if plan.path == "wgmma":
         from .wgmma_tiles import make_wgmma_ops
-        return make_wgmma_ops(role, t, plan.headdim, plan.dtype, plan.aligned, fused)
+        return make_wgmma_ops(role, t, plan.headdim, plan.dtype, plan.aligned, plan.dq_mode if fused else False)
     from .tc_tiles import make_tc_ops
     return make_tc_ops(role, t, plan.headdim, plan.dtype, plan.aligned, fused, fused and plan.vector_red)

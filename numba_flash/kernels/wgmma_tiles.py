@@ -38,7 +38,7 @@ wgmmas read, float32 reductions into a global accumulator), where the tiles allo
 """
 from functools import lru_cache
 
-from numba import cuda, uint32
+from numba import cuda, float32, uint32
 
 from . import hopper, ptx
 from .fragments import AsyncBwdOps, AsyncOps, DqOps, Fragment, TileOps, WsOps, mma_fragment
@@ -259,7 +259,8 @@ def make_products(dtype_name, dp, rows_a, rows_b):
 def make_wgmma_ops(role, tiles, headdim, dtype_name, aligned, fused_dq=False):
     """TileOps of the warpgroup path for kernel `role`. The forward's ("fwd") products are asynchronous
     (`pipe`, forward.py's pipelined body; the synchronous fields mm_nt, mm_pv, stream, ... are None); so
-    are the backward's ("dkdv", "dq": make_wgmma_bwd_ops; fused_dq: the dK/dV kernel's own dQ)."""
+    are the backward's ("dkdv", "dq": make_wgmma_bwd_ops; fused_dq: the dK/dV kernel's own dQ, its
+    additions "atomic" or "bulk", configs.DQ_MODES)."""
     if role != "fwd":
         return make_wgmma_bwd_ops(role, tiles, headdim, dtype_name, aligned, fused_dq)
     assert dtype_name in ("float16", "bfloat16")
@@ -513,8 +514,19 @@ def fused_dq_split(tiles, headdim):
     return qb, nc
 
 
+def bulk_pitch(nc):
+    """Floats per row of the bulk dQ accumulator and of a warp's staging rows: nc plus 8 (the 8-float
+    shift per row makes a warp's 64-bit fragment stores conflict-free, and the row 16-byte aligned)."""
+    return nc + 8
+
+
+def bulk_stage_bytes(warps, nc):
+    """Shared bytes of the bulk dQ's staging: 16 rows of bulk_pitch(nc) floats per warp."""
+    return warps * 16 * bulk_pitch(nc) * 4
+
+
 def make_wgmma_dq_ops(BM, BN, DP, off_ds, k_off, l_k, q_off, t_bytes, sw, swmode, qb, nc, wg_ss, cvt,
-                      vector_red):
+                      vector_red, off_stage=None):
     """The warpgroup dK/dV kernel's own dQ_i += dS K_j (fragments.DqOps; backward.py, deterministic=False).
 
     dS^T is the score fragment (rows: the warpgroup's 64 keys, columns: the BN queries). stage() stores it
@@ -528,7 +540,15 @@ def make_wgmma_dq_ops(BM, BN, DP, off_ds, k_off, l_k, q_off, t_bytes, sw, swmode
 
     The same image read K-major is dS^T, the A operand of dK += dS^T Q (dk: the warpgroup's own 64 key
     rows, BN/16 SS wgmmas m64n(DP)k16 with the streamed Q tile at q_off + 2 stage t_bytes read MN-major),
-    so dK's product needs no packed registers (with P^T's still in flight for dV they spilled)."""
+    so dK's product needs no packed registers (with P^T's still in flight for dV they spilled).
+
+    off_stage None: add() issues one `red.global.add` per element pair (the "atomic" mode, accumulator
+    (B, Nq, H, DP)). Otherwise ("bulk"): each warp stores its 16 x nc partial into its own staging rows at
+    shared byte off_stage (pitch bulk_pitch(nc), the pad columns stored as zeros) and lane 0 adds the whole
+    slab with one asynchronous bulk reduction (hopper.bulk_reduce_add_f32) into an accumulator laid out
+    (B, H, DP / nc, Nq rounded up to BN, bulk_pitch(nc)), where the slab is contiguous; its `base` is the
+    (batch, head) start and `stride` the column-block stride. Lane 0 waits for its previous slab to have
+    been read before the warp rewrites the rows, and drain() for every slab before the block exits."""
     half = sw // 2
     ds_block = BM * 128                    # bytes of one 64-query column block of the dS image
     kk_steps = BM // 16
@@ -610,22 +630,56 @@ def make_wgmma_dq_ops(BM, BN, DP, off_ds, k_off, l_k, q_off, t_bytes, sw, swmode
         hopper.wgmma_commit_group()
         return acc
 
-    @inline_device
-    def add(dq, g, base, row0, nrows, stride, tid):
-        for i in range(2):
-            r = row(tid, i)
-            if r < nrows:
-                grow = base + (row0 + r) * stride
+    drain = None
+    if off_stage is None:
+        @inline_device
+        def add(smem, dq, g, base, row0, nrows, stride, tid):
+            for i in range(2):
+                r = row(tid, i)
+                if r < nrows:
+                    grow = base + (row0 + r) * stride
+                    for j in range(0, nc // 4, 2):
+                        if vector_red:
+                            ptx.red_add_f32x2(g, grow + col(tid, j), dq[i, j], dq[i, j + 1])
+                        else:
+                            ptx.red_add_f32(g, grow + col(tid, j), dq[i, j])
+                            ptx.red_add_f32(g, grow + col(tid, j) + 1, dq[i, j + 1])
+            return
+    else:
+        P = bulk_pitch(nc)
+        SLAB = 16 * P                      # floats of one warp's staging rows
+        SLAB_BYTES = 4 * SLAB
+
+        @inline_device
+        def add(smem, dq, g, base, row0, nrows, stride, tid):
+            lane = tid % 32
+            w0 = (base_bytes(smem) + off_stage) // 4 + (tid // 32) * SLAB     # the warp's rows (words)
+            if lane == 0:
+                hopper.bulk_wait_group_read(0)      # its previous slab has been read out
+            ptx.syncwarp()
+            at = w0 + (lane // 4) * P + 2 * (lane % 4)
+            for i in range(2):
                 for j in range(0, nc // 4, 2):
-                    if vector_red:
-                        ptx.red_add_f32x2(g, grow + col(tid, j), dq[i, j], dq[i, j + 1])
-                    else:
-                        ptx.red_add_f32(g, grow + col(tid, j), dq[i, j])
-                        ptx.red_add_f32(g, grow + col(tid, j) + 1, dq[i, j + 1])
-        return
+                    ptx.st2(smem, at + i * 8 * P + (j // 2) * 8, (dq[i, j], dq[i, j + 1]))
+                ptx.st2(smem, at + i * 8 * P + nc, (float32(0.0), float32(0.0)))     # pad columns
+            hopper.fence_proxy_async_shared()       # generic stores -> the bulk copy's (async proxy) reads
+            ptx.syncwarp()
+            wrow = row(tid, 0) - (lane // 4)        # the warp's first query row in the tile
+            if lane == 0 and wrow < nrows:
+                _, c0 = unit(tid)
+                hopper.bulk_reduce_add_f32(g, base + (c0 // nc) * stride + (row0 + wrow) * P, smem, 4 * w0,
+                                           SLAB_BYTES)
+                hopper.bulk_commit_group()
+            return
+
+        @inline_device
+        def drain(tid):
+            if tid % 32 == 0:
+                hopper.bulk_wait_group(0)
+            return
 
     return make_stage, DqOps(frag=Fragment(2, 0, nc // 4, 4, row, col, col), stage=None, mm=issue, add=add,
-                             finish=finish, dk=dk)
+                             finish=finish, dk=dk, drain=drain)
 
 
 @lru_cache(maxsize=None)
@@ -670,7 +724,11 @@ def make_wgmma_bwd_ops(role, tiles, headdim, dtype_name, aligned, fused_dq=False
     split = fused_dq_split(tiles, headdim) if fused_dq else None
     assert not fused_dq or (role == "dkdv" and split), ("no fused dQ with these tiles", role, tiles, headdim)
     OFF_DS = -(-END // ALIGN) * ALIGN      # fused dQ: the [key][query] dS image, 1024-byte aligned
-    SMEM = ALIGN + (OFF_DS + BM * BN * 2 if fused_dq else END)
+    OFF_STAGE = OFF_DS + BM * BN * 2       # bulk dQ: the warps' staging rows (make_wgmma_dq_ops)
+    if fused_dq == "bulk":
+        SMEM = ALIGN + OFF_STAGE + bulk_stage_bytes(W, split[1])
+    else:
+        SMEM = ALIGN + (OFF_STAGE if fused_dq else END)
     ss, _, pack_pinned, rs, s_finish, o_finish = make_products(dtype_name, DP, BM, BN)
     copy_a, copy_b = (make_swizzled_copy(rows, DP, headdim, aligned, NTHREADS, fixed_passes=True) for rows in (BM, BN))
 
@@ -750,8 +808,8 @@ def make_wgmma_bwd_ops(role, tiles, headdim, dtype_name, aligned, fused_dq=False
             wg_ss, cvt = hopper.wgmma_f16, ptx.pack_f16x2
         else:
             wg_ss, cvt = hopper.wgmma_bf16, ptx.pack_bf16x2
-        make_stage, dq = make_wgmma_dq_ops(BM, BN, DP, OFF_DS, 0, BM * SW, OFF_B, T_BYTES, SW, SWIZZLE_MODES[SW], *split, wg_ss,
-                                           cvt, True)
+        make_stage, dq = make_wgmma_dq_ops(BM, BN, DP, OFF_DS, 0, BM * SW, OFF_B, T_BYTES, SW, SWIZZLE_MODES[SW],
+                                           *split, wg_ss, cvt, True, OFF_STAGE if fused_dq == "bulk" else None)
         dq = dq._replace(stage=make_stage(frag))
 
     # Registers: the output accumulators (two in dK/dV) of DP/2 floats, two score fragments of BN/2,
