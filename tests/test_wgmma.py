@@ -251,13 +251,14 @@ def test_flash_attn_func_resolves_auto_per_pass(rng, monkeypatch):
 # --------------------------------------------------------------------------------------------------
 
 def use_ring(monkeypatch, ring, d=32, pingpong=False, late_pv_wait=None, consumers=None, persistent=False,
-             tma=False):
+             tma=False, dynamic=False):
     """Make the wgmma forward warp-specialised with a `ring`-stage ring (0: the kernel without warp
     specialisation): under the simulator one consumer warpgroup (64 queries; two with the ping-pong) and
     32-key tiles, on a GPU the default tiles' shape with two consumer warpgroups (tuning runs reach it the
     same way, through NUMBA_FLASH_FWD_TILES). late_pv_wait: MmaTiles.late_pv_wait (None: its default).
     consumers: that many computing warpgroups (64 query rows each) instead. persistent: MmaTiles.persistent
-    (under the simulator the grid then has launch.SIM_RESIDENT_BLOCKS blocks). tma: MmaTiles.tma."""
+    (under the simulator the grid then has launch.SIM_RESIDENT_BLOCKS blocks). tma: MmaTiles.tma. dynamic:
+    MmaTiles.dynamic."""
     import dataclasses
     from numba_flash.kernels import configs
     if late_pv_wait is None:
@@ -266,12 +267,13 @@ def use_ring(monkeypatch, ring, d=32, pingpong=False, late_pv_wait=None, consume
         warps = 4 * consumers if consumers else 8 if pingpong else 4
         monkeypatch.setitem(configs._SIM["wgmma"], "fwd",
                             configs.MmaTiles(16 * warps, 32, warps, a_regs=False, ring=ring, pingpong=pingpong,
-                                             late_pv_wait=late_pv_wait, persistent=persistent, tma=tma))
+                                             late_pv_wait=late_pv_wait, persistent=persistent, tma=tma,
+                                             dynamic=dynamic))
     else:
         t = configs._wgmma_tiles("fwd", d)
         br, warps = (64 * consumers, 4 * consumers) if consumers else (t.br, t.warps)
         t = dataclasses.replace(t, br=br, warps=warps, a_regs=False, min_blocks=0, ring=ring, pingpong=pingpong,
-                                late_pv_wait=late_pv_wait, persistent=persistent, tma=tma)
+                                late_pv_wait=late_pv_wait, persistent=persistent, tma=tma, dynamic=dynamic)
         monkeypatch.setenv("NUMBA_FLASH_FWD_TILES", t.override())
 
 
@@ -354,6 +356,32 @@ def test_wgmma_persistent_forward_matches_default_bitwise_across_work_tiles(rng,
     got = run_wgmma(q, k, v, "float16", causal=causal)
     for name, x, y in zip(("out", "lse"), got, want):
         assert_bitwise_equal(x, y, name)
+
+
+@pytest.mark.parametrize("ring,pingpong,causal,Nq,Nk,H,d", [
+    (2, True, True, 150, 100, 2, 16), (3, False, False, 100, 70, 3, 32), (2, False, True, 200, 50, 1, 16)])
+def test_wgmma_dynamic_order_forward_matches_default_bitwise(rng, monkeypatch, ring, pingpong, causal, Nq, Nk, H,
+                                                             d):
+    """Work tiles drawn from a counter (MmaTiles.dynamic: a persistent TMA producer publishing each tile in
+    shared memory with its Q, and the end as a Q phase without bytes): every work tile computed once, the
+    same bits as one block per tile; tiles that see no key included (the last case). Run twice: each launch
+    zeroes its own counter."""
+    from numba_flash.kernels import forward
+    B = 1
+    if not SIMULATOR:
+        B, Nq, Nk, H, d = 2, 10 * Nq, 10 * Nk, 16, 64
+    q, k, v = make_qkv_arrays(rng, B, Nq, Nk, H, d, "float16", FW)
+    use_ring(monkeypatch, ring, d, pingpong, tma=True)
+    want = run_wgmma(q, k, v, "float16", causal=causal)
+    counters = []
+    real = forward.work_counter
+    monkeypatch.setattr(forward, "work_counter", lambda like, stream: counters.append(1) or real(like, stream))
+    use_ring(monkeypatch, ring, d, pingpong, persistent=True, tma=True, dynamic=True)
+    for _ in range(2):
+        got = run_wgmma(q, k, v, "float16", causal=causal)
+        for name, x, y in zip(("out", "lse"), got, want):
+            assert_bitwise_equal(x, y, name)
+    assert len(counters) == 2, "the launch did not take its work tiles from a counter"
 
 
 def test_persistent_grid_is_at_most_the_resident_blocks_and_refuses_a_32_bit_overflow():

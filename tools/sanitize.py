@@ -13,7 +13,7 @@ tensor cores, rows that are 16-byte aligned (cp.async) and rows that are not (pl
 seqlen_q != seqlen_k, a block-sparse mask, and both ways the tensor-core backward computes dQ (the
 separate "kernel" by default, and "atomic" and "bulk", fused into dK/dV; configs.DQ_MODES), and the
 warp-specialised wgmma forward (MmaTiles.ring: a producer warpgroup and mbarriers), and the wgmma dK/dV
-kernel's own dQ in both of its warpgroup splits, the persistent forward, three consumer warpgroups, the TMA
+kernel's own dQ in both of its warpgroup splits, the persistent forward (work tiles in a fixed or a dynamic order), three consumer warpgroups, the TMA
 producer and the backward's TMA streams. Every result is checked
 against the float64 reference, so a configuration that silently did nothing fails here too. Exit status
 1 on a mismatch.
@@ -101,6 +101,12 @@ CASES = [
          dq="bulk"),
     dict(path="wgmma", d=128, dtype="bfloat16", causal=False, nq=300, nk=260, aligned=False, sparse=True,
          block=(128, 128), dq="bulk"),
+    # the dynamic work order (MmaTiles.dynamic: the TMA producer draws work tiles from a counter and publishes
+    # them in shared memory with each Q) on 2 blocks, causal with the ping-pong; and ring 3 on a block mask
+    dict(path="wgmma", d=64, dtype="float16", causal=True, nq=700, nk=333, aligned=True, sparse=False, ring=2,
+         pingpong=True, persistent=True, tma=True, dynamic=True),
+    dict(path="wgmma", d=128, dtype="bfloat16", causal=False, nq=300, nk=333, aligned=True, sparse=True,
+         block=(128, 128), ring=3, pingpong=True, persistent=True, tma=True, dynamic=True),
 ]
 
 
@@ -128,7 +134,8 @@ def run(c):
         br, warps = (64 * c["consumers"], 4 * c["consumers"]) if c.get("consumers") else (t.br, t.warps)
         os.environ["NUMBA_FLASH_FWD_TILES"] = replace(
             t, br=br, warps=warps, a_regs=False, min_blocks=0, ring=c["ring"], pingpong=c.get("pingpong", False),
-            late_pv_wait=False, persistent=c.get("persistent", False), tma=c.get("tma", False)).override()
+            late_pv_wait=False, persistent=c.get("persistent", False), tma=c.get("tma", False),
+            dynamic=c.get("dynamic", False)).override()
     g = torch.Generator(device="cuda").manual_seed(0)
     dt = getattr(torch, c["dtype"])
     pad = 0 if c["aligned"] else 2          # views 2 elements into their rows: no 16-byte alignment

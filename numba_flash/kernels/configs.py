@@ -89,6 +89,10 @@ class MmaTiles:
     # tiles by TMA (wgmma_tiles.make_wgmma_bwd_ops). Used only where the inputs are aligned and the driver
     # encodes their maps (forward.launches, backward.launches fall back to cp.async otherwise)
     tma: bool = False
+    # persistent warp-specialised forward with TMA: after its first work tile (blockIdx.x) a block takes
+    # the next one from an atomic counter in global memory (longest first with causal), so the blocks that
+    # drew short tiles take more, instead of the fixed round-robin x, x + G, ... (forward.py)
+    dynamic: bool = False
 
     def padded_headdim(self, headdim):
         return -(-headdim // 16) * 16
@@ -237,8 +241,8 @@ def _wgmma_tiles(role, headdim, causal=False, sparse=False):
 
 def _override(path, role):
     """Tile overrides for tuning runs only: NUMBA_FLASH_{FWD,DQ,DKDV,BWD}_TILES = "br,bc,ty,tx[,min_blocks]"
-    (simt) or "br,bc,warps,a_regs[,min_blocks[,ring[,pingpong[,late_pv_wait[,persistent[,tma]]]]]]" (mma,
-    wgmma)."""
+    (simt) or "br,bc,warps,a_regs[,min_blocks[,ring[,pingpong[,late_pv_wait[,persistent[,tma[,dynamic]]]]]]]"
+    (mma, wgmma)."""
     for var in _ENV[role]:
         v = os.environ.get(var)
         if v:

@@ -44,7 +44,7 @@ from dataclasses import replace
 from functools import lru_cache
 
 import numpy as np
-from numba import cuda, uint32, uint64
+from numba import cuda, int32, uint32, uint64
 
 from . import tma
 from .convert import acc_constant, acc_type, storer
@@ -284,15 +284,17 @@ def _make_specialized(plan, ops, walk, scale_and_mask, update, rescale, start, e
     KK, S, P, NB = pp.steps, ws.stages, ws.producers, ws.nbars
     PING = ws.pingpong
     PERSIST = plan.fwd.persistent
+    DYN = dynamic_order(plan)
     FULL_K, FULL_V, EMPTY, Q_EMPTY = 1, 1 + S, 1 + 2 * S, 1 + 3 * S
     work_first, work_more, work_step, work_coords = make_work_order(walk, plan.causal, PERSIST)
     softmax_j, output_j = _make_tile_step(pp, needs_mask, scale_and_mask, update, rescale)
 
     @kernel(ops.threads, ops.smem_bytes, ops.min_blocks, ops.min_regs)
     def flash_fwd(q, k, v, o, lse, nq, nk, q_st, k_st, v_st, o_st, lse_st, scale_log2, offset,
-                  kv_count, kv_index, mask_sh, mask_maxk, q_per_blk, k_per_blk, work, maps):
+                  kv_count, kv_index, mask_sh, mask_maxk, q_per_blk, k_per_blk, work, maps, counter):
         smem = cuda.shared.array(0, ACC)
         bars = cuda.shared.array(NB, uint64)
+        slot = cuda.shared.array(1, int32)       # DYN: the work tile the producer copies Q for
         tid = cuda.threadIdx.x
         if tid == 0:
             ws.init(bars)
@@ -312,6 +314,8 @@ def _make_specialized(plan, ops, walk, scale_and_mask, update, rescale, start, e
                                                                 offset)
                     if PERSIST:
                         ws.wait(bars, Q_EMPTY, qphase ^ 1)     # the last work tile's S products are done
+                    if DYN:
+                        slot[0] = w                            # published by Q's mbarrier (release)
                     ws.put_q(smem, bars, ws.q_src(q, q_st, maps, b, h), row0, nq, tid)
                     pstage = -1                                # stage of the V to mark full; -1: Q
                     while t < nblk:
@@ -326,7 +330,16 @@ def _make_specialized(plan, ops, walk, scale_and_mask, update, rescale, start, e
                             stage, phase = 0, phase ^ 1
                     ws.put_last(bars, pstage)
                     qphase ^= 1
-                    w = work_step(w)
+                    if DYN:
+                        w = cuda.atomic.add(counter, 0, 1) + int32(cuda.gridDim.x)
+                    else:
+                        w = work_step(w)
+                if DYN:
+                    # the end, announced as a Q phase without bytes (after the consumers released the last Q,
+                    # so they never see two Q phases complete while waiting for one)
+                    ws.wait(bars, Q_EMPTY, qphase ^ 1)
+                    slot[0] = w
+                    ws.arrive(bars, 0)
         else:
             # ---------------- consumers ----------------
             ws.reg_consumer()
@@ -339,6 +352,9 @@ def _make_specialized(plan, ops, walk, scale_and_mask, update, rescale, start, e
             s = cuda.local.array((R, C), ACC)
             pk = cuda.local.array((KK, 4), uint32)
             stage, phase, qphase = 0, 0, 0
+            if DYN:
+                ws.wait(bars, 0, qphase)                 # Q of the first work tile: the slot holds it
+                w = slot[0]
             while work_more(w, work):
                 i_tile, h, b = work_coords(w, work)
                 row0 = i_tile * BR
@@ -405,9 +421,20 @@ def _make_specialized(plan, ops, walk, scale_and_mask, update, rescale, start, e
                     ws.arrive(bars, Q_EMPTY)
                 epilogue(m, l, acc, sl2, o, lse, b, h, row0, nq, o_st, lse_st, ctid)
                 qphase ^= 1
-                w = work_step(w)
+                if DYN:
+                    ws.wait(bars, 0, qphase)             # the next work tile's Q, or the end
+                    w = slot[0]
+                else:
+                    w = work_step(w)
 
     return Launchable(flash_fwd, ops.threads, ops.smem_bytes, ops.min_blocks, ops.min_regs)
+
+
+def dynamic_order(plan):
+    """Whether the forward of `plan` takes its work tiles from a counter (MmaTiles.dynamic): persistent,
+    warp-specialised, its producer one TMA thread (the one that draws them)."""
+    t = plan.fwd
+    return bool(plan.path == "wgmma" and t.ring and t.persistent and t.tma and getattr(t, "dynamic", False))
 
 
 def launches(plan, stream, q, k, v, out, lse, nq, nk, scale, offset, masks):
@@ -431,7 +458,29 @@ def launches(plan, stream, q, k, v, out, lse, nq, nk, scale, offset, masks):
     args = (q.flat, k.flat, v.flat, out.flat, lse.flat, nq, nk, strides3(q), strides3(k), strides3(v),
             strides3(out), (lse.strides[0], lse.strides[1]), scale * LOG2E, offset,
             *masks.lists(plan.fwd.br, plan.fwd.bc, False), work, maps)
+    if getattr(plan.fwd, "ring", 0):
+        args += (work_counter(q, stream) if dynamic_order(plan) else maps,)    # (a placeholder: never read)
     return [(kern, grid, stream, args)]
+
+
+def work_counter(like, stream):
+    """A zeroed int32 counter for one dynamic-order launch (MmaTiles.dynamic), allocated in the framework
+    of the View `like` and zeroed on `stream` (the launch's; torch's current stream for torch): its own
+    per launch, so launches on other streams, graph replays and a launch that failed half-way never share
+    or inherit a count."""
+    from .. import interop
+    if like.framework == "torch":
+        import torch
+        buf = torch.zeros(1, dtype=torch.int32, device="cpu" if like.device == "cpu" else
+                          torch.device("cuda", like.device))
+    elif like.device == "cpu" or like.framework == "numpy":
+        buf = np.zeros(1, np.int32)
+    else:
+        buf = interop.empty_like_framework(like.framework, like.device, (1,), "int32")
+        tma.zero_int32(interop.flat_view(buf, "work counter").ptr, 1, stream)
+    return interop.flat_view(buf, "work counter").flat
+    tma.zero_int32(view.ptr, 1, stream)
+    return view.flat
 
 
 def _uses_tma(plan):

@@ -105,7 +105,8 @@ class CudaDriver:
                            ("cuEventCreate", [ctypes.POINTER(vp), ui]),
                            ("cuEventRecord", [vp, vp]),
                            ("cuEventSynchronize", [vp]),
-                           ("cuStreamWaitEvent", [vp, vp, ui])):
+                           ("cuStreamWaitEvent", [vp, vp, ui]),
+                           ("cuMemsetD32Async", [ctypes.c_uint64, ui, sz, vp])):
             fn = getattr(lib, name)
             fn.argtypes, fn.restype = args, ctypes.c_int
 
@@ -140,6 +141,9 @@ class CudaDriver:
 
     def stream_wait(self, stream, event):
         self._call("cuStreamWaitEvent", stream or None, event, 0)
+
+    def memset32_async(self, ptr, value, count, stream):
+        self._call("cuMemsetD32Async", ptr, value, count, stream or None)
 
 
 class MapSlots:
@@ -334,6 +338,15 @@ def _upload(host, device):
 
 
 _placeholders = {}
+
+
+def zero_int32(ptr, count, stream):
+    """Zero `count` int32 at device address `ptr`, in order on `stream` (cuMemsetD32Async; the device's
+    context current)."""
+    drv = _cuda_driver()
+    if drv is None:
+        raise RuntimeError("zero_int32: the CUDA driver library could not be loaded")
+    drv.memset32_async(ptr, 0, count, stream_handle(stream))
 
 
 def placeholder(device):
