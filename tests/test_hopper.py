@@ -661,6 +661,7 @@ def test_mbarrier_reused_over_phases_with_parity(rng):
 
 BULK_ROUNDS = 5
 BULK_SLAB = 128                 # floats a warp adds per round (32 lanes x 4)
+BULK_STAGING = 4 * BULK_SLAB    # two slabs per warp, two warps (a shared array's shape: a constant name)
 
 
 @cuda.jit
@@ -669,7 +670,7 @@ def _bulk_reduce_kernel(vals, acc):
     values of vals[r] into slab r % 2, lane 0 waits until at most one group (the other slab's) may still
     read its source, then adds the slab to acc[16 + 128 w ...] and, every other round, its first half also
     to acc[272 + 64 w ...]; it drains its groups before the block exits."""
-    stg = cuda.shared.array(4 * BULK_SLAB, np.float32)
+    stg = cuda.shared.array(BULK_STAGING, np.float32)
     t = cuda.threadIdx.x
     lane, w = t % 32, t // 32
     for r in range(BULK_ROUNDS):

@@ -29,7 +29,9 @@ How the backward computes dQ (`Plan.dq_mode`, backward.py):
              where the dK/dV tiles allow it (wgmma_tiles.fused_dq_split), else "kernel".
   "bulk"     as "atomic" on wgmma, each warp's slab of dQ added by one asynchronous bulk reduction from
              shared memory instead of a `red` per element pair (FlashAttention-3's scheme); "atomic" on
-             the other tensor-core path.
+             the other tensor-core path. A tuning mode: H100, fp16, N=4096 backward TFLOP/s kernel /
+             atomic / bulk: d=64 325.7 / 329.5 / 336.0, causal 274.5 / 211.1 / 198.5; d=128 389.2 /
+             359.3 / 359.4, causal 356.1 / 289.8 / 272.3 (benchmarks/results/h100-2026-12-06f-*).
 NUMBA_FLASH_DQ_MODE overrides the choice for tensor-core plans (tuning runs).
 """
 import math
@@ -91,7 +93,10 @@ class MmaTiles:
     tma: bool = False
     # persistent warp-specialised forward with TMA: after its first work tile (blockIdx.x) a block takes
     # the next one from an atomic counter in global memory (longest first with causal), so the blocks that
-    # drew short tiles take more, instead of the fixed round-robin x, x + G, ... (forward.py)
+    # drew short tiles take more, instead of the fixed round-robin x, x + G, ... (forward.py). Off: H100,
+    # fp16, tools/tune.py 2026-12-06, d=64 causal fixed / dynamic 248.2 / 250.7 TFLOP/s at N=2048, 285.4 /
+    # 287.3 at 4096 (within run-to-run noise); d=128 on block masks (--sparse, N=4096) no better than the
+    # fixed order and 0.292 against 0.258 ms at 14% density (benchmarks/results/h100-2026-12-06f-*)
     dynamic: bool = False
 
     def padded_headdim(self, headdim):

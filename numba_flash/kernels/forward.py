@@ -31,14 +31,20 @@ arithmetic, and so every output bit, is the pipelined body's. Persistent (MmaTil
 of the warp-specialised tiles): as many blocks as the GPU holds at once, each taking query tiles (work
 tiles) in turn (walk.make_work_order); the ring's stages and phases run on from one work tile to the next,
 and the consumers release Q (an mbarrier) once their last S product is complete, so the producer copies
-the next work tile's Q and first K, V while they finish the last one's P V and epilogue.
+the next work tile's Q and first K, V while they finish the last one's P V and epilogue. With
+MmaTiles.dynamic (opt-in: measured no faster, docs/PERFORMANCE.md) the producer thread draws each next work
+tile from an atomic counter instead (so a block that drew short tiles takes more) and publishes it in
+shared memory before announcing its Q; the consumers read it once Q's phase completes, and the end is a
+Q phase the producer completes without bytes.
 
 Launch contract (`launch`): grid walk.tile_grid (Tr, nheads, batch; causal: nheads, batch, Tr, the longest
 tiles first), or for a persistent kernel walk.persistent_grid (launch.resident_blocks blocks); arguments
 q, k, v, out, lse as flat arrays with (batch, seqlen, head) element strides, the sequence lengths, scale *
 log2(e), the causal offset, the mask lists (api.TileLists.lists), `work` = (Tr, nheads, batch) for a
 persistent kernel ((0, 0, 0) otherwise, unused), and `maps`: the tensor maps of q, k, v (flat uint64, tma.py)
-for a producer that copies by TMA (MmaTiles.tma), else one zero map (unused).
+for a producer that copies by TMA (MmaTiles.tma), else one zero map (unused); the warp-specialised kernel
+then takes `counter`: with MmaTiles.dynamic a zeroed int32 (work_counter) from which its blocks draw their
+work tiles after the first (blockIdx.x), else a placeholder it never reads.
 """
 from dataclasses import replace
 from functools import lru_cache
