@@ -152,13 +152,17 @@ def prepare_launch(dtype_name, stream, out, dout, dvec, zf, nzf, dlse, lse, lse2
 
 
 @lru_cache(maxsize=None)
-def make_dq_convert_bulk_kernel(headdim, nc, pitch, dtype_name, threads=256):
-    """dq[b, r, h, c] = scale * acc[b, h, c // nc, r, c % nc] in the output dtype (acc: the bulk mode's
-    (B, H, padded / nc, nq_pad, pitch) float32 accumulator)."""
+def make_dq_convert_kernel(headdim, padded, dtype_name, nc=0, pitch=0, threads=256):
+    """dq[b, r, h, c] = scale * acc[...] in the output dtype, acc the fused dQ's float32 accumulator:
+    (B, Nq, H, padded) (nc = 0: "atomic"), or the "bulk" mode's (B, H, padded / nc, nq_pad, pitch), element
+    [b, h, c // nc, r, c % nc] (the kernel's `nq_pad` argument; unused for the first layout)."""
     store_elem = storer(dtype_name)
+    SLABS = nc > 0
+    NC = max(nc, 1)
+    NCB = padded // NC
 
     @cuda.jit
-    def bwd_dq_convert_bulk(acc, dq, nelem, nq, nheads, dq_st, scale, nq_pad, ncb):
+    def bwd_dq_convert(acc, dq, nelem, nq, nheads, dq_st, scale, nq_pad):
         idx = cuda.grid(1)
         if idx >= nelem:
             return
@@ -167,28 +171,11 @@ def make_dq_convert_bulk_kernel(headdim, nc, pitch, dtype_name, threads=256):
         h = row % nheads
         r = (row // nheads) % nq
         b = row // (nheads * nq)
-        a = ((b * nheads + h) * ncb + c // nc) * nq_pad * pitch + r * pitch + c % nc
+        if SLABS:
+            a = ((b * nheads + h) * NCB + c // NC) * nq_pad * pitch + r * pitch + c % NC
+        else:
+            a = row * padded + c
         dq[b * dq_st[0] + r * dq_st[1] + h * dq_st[2] + c] = store_elem(acc[a] * float32(scale))
-
-    return Launchable(bwd_dq_convert_bulk, threads, 0)
-
-
-@lru_cache(maxsize=None)
-def make_dq_convert_kernel(headdim, padded, dtype_name, threads=256):
-    """dq[b, r, h, c] = scale * acc[b, r, h, c] in the output dtype (acc: (B, Nq, H, padded) float32)."""
-    store_elem = storer(dtype_name)
-
-    @cuda.jit
-    def bwd_dq_convert(acc, dq, nelem, nq, nheads, dq_st, scale):
-        idx = cuda.grid(1)
-        if idx >= nelem:
-            return
-        row = idx // headdim
-        c = idx - row * headdim
-        h = row % nheads
-        r = (row // nheads) % nq
-        b = row // (nheads * nq)
-        dq[b * dq_st[0] + r * dq_st[1] + h * dq_st[2] + c] = store_elem(acc[row * padded + c] * float32(scale))
 
     return Launchable(bwd_dq_convert, threads, 0)
 
@@ -482,15 +469,12 @@ def launches(plan, stream, dout, q, k, v, out, lse, dq, dk, dv, nq, nk, scale, o
                      (q.flat, k.flat, v.flat, dout.flat, lse2.flat, dvec.flat, dk.flat, dv.flat, *common,
                       strides3(dk), strides3(dv), lse_st, scale, scale * LOG2E, offset,
                       *masks.lists(t.br, t.bc, True), acc.flat, acc_st, dkdv_maps)))
-    if nq > 0 and plan.dq_mode == "bulk":
-        conv = make_dq_convert_bulk_kernel(d, nc, pitch, plan.dtype)
+    if nq > 0 and fused:
+        bulk = plan.dq_mode == "bulk"
+        conv = make_dq_convert_kernel(d, dp, plan.dtype, nc if bulk else 0, pitch if bulk else 0)
         n = B * nq * H * d
         out_.append((conv, (-(-n // conv.threads),), stream,
-                     (acc.flat, dq.flat, n, nq, H, strides3(dq), scale, nq_pad, ncb)))
-    elif nq > 0 and fused:
-        conv = make_dq_convert_kernel(d, dp, plan.dtype)
-        n = B * nq * H * d
-        out_.append((conv, (-(-n // conv.threads),), stream, (acc.flat, dq.flat, n, nq, H, strides3(dq), scale)))
+                     (acc.flat, dq.flat, n, nq, H, strides3(dq), scale, nq_pad if bulk else 0)))
     elif nq > 0:
         out_.append((make_dq_kernel(plan), tile_grid(plan.causal, nq, plan.dq.br, H, B, "seqlen_q"), stream,
                      (q.flat, k.flat, v.flat, dout.flat, lse.flat, dvec.flat, dq.flat, *common, strides3(dq),

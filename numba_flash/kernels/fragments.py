@@ -98,6 +98,27 @@ def make_store_rows(frag, headdim, store_elem, pack=None):
     return store
 
 
+def make_red_rows(row, col, rows, cols, vector_red):
+    """red(dq, g, base, row0, nrows, stride, tid): g[base + (row0 + r) * stride + c] += dq[i, j] with
+    unordered float32 reductions for the thread's elements (r, c) = (row(tid, i), col(tid, j)), i < rows,
+    j < cols, r < nrows; (j, j + 1) for even j are adjacent columns, added as one red.global.add.v2.f32
+    (sm_90) with vector_red. The fused dQ's "atomic" additions on both tensor-core paths."""
+    @inline_device
+    def red(dq, g, base, row0, nrows, stride, tid):
+        for i in range(rows):
+            r = row(tid, i)
+            if r < nrows:
+                grow = base + (row0 + r) * stride
+                for j in range(0, cols, 2):
+                    if vector_red:
+                        ptx.red_add_f32x2(g, grow + col(tid, j), dq[i, j], dq[i, j + 1])
+                    else:
+                        ptx.red_add_f32(g, grow + col(tid, j), dq[i, j])
+                        ptx.red_add_f32(g, grow + col(tid, j) + 1, dq[i, j + 1])
+        return
+    return red
+
+
 def pair_packer(plan, frag):
     """The `pack` make_store_rows may use for `plan`'s outputs, or None."""
     if not plan.aligned or plan.dtype not in ("float16", "bfloat16") or frag.out_cols % 2 or plan.headdim % 2:

@@ -791,21 +791,30 @@ if SIMULATOR:
                                                  f"of {b[0]} threads arrived) cannot complete"),
                             f"named_barrier_sync: barrier {int(idx)}")
 
-    def cp_async_bulk_g2s(sarr, s_byte_offset, garr, g_elem_index, nbytes, bars, bar_idx):
-        what = "cp_async_bulk_g2s"
-        blk = _block()
+    def _bulk_operands(blk, sarr, s_byte_offset, garr, g_elem_index, nbytes, what, shared_is, global_is):
+        """(shared address, global bytes as uint8, global byte offset, size) of a bulk copy or reduction,
+        checked as the GPU requires (a positive multiple of 16 bytes, both ends 16-byte aligned, inside
+        their arrays); shared_is / global_is name the two ends in the errors ("source", "destination")."""
         n = int(nbytes)
         if n <= 0 or n % 16:
             raise ValueError(f"{what}: size {n} is not a positive multiple of 16 bytes")
-        dst = blk.address(sarr, what) + int(s_byte_offset)
-        if dst % 16:
-            raise ValueError(f"{what}: shared destination {dst:#x} is not 16-byte aligned")
-        src = _bytes(garr)
-        soff = int(g_elem_index) * _ndarray(garr).itemsize
-        if soff % 16:
-            raise ValueError(f"{what}: global source byte offset {soff} is not 16-byte aligned")
-        if soff < 0 or soff + n > src.size:
-            raise IndexError(f"{what}: global bytes [{soff}, {soff + n}) outside an array of {src.size} bytes")
+        saddr = blk.address(sarr, what) + int(s_byte_offset)
+        if saddr % 16:
+            raise ValueError(f"{what}: shared {shared_is} {saddr:#x} is not 16-byte aligned")
+        gbuf = _bytes(garr)
+        goff = int(g_elem_index) * _ndarray(garr).itemsize
+        if goff % 16:
+            raise ValueError(f"{what}: global {global_is} byte offset {goff} is not 16-byte aligned")
+        if goff < 0 or goff + n > gbuf.size:
+            raise IndexError(f"{what}: global bytes [{goff}, {goff + n}) outside an array of {gbuf.size} bytes")
+        blk.locate(saddr, n, f"{what} {shared_is}")
+        return saddr, gbuf, goff, n
+
+    def cp_async_bulk_g2s(sarr, s_byte_offset, garr, g_elem_index, nbytes, bars, bar_idx):
+        what = "cp_async_bulk_g2s"
+        blk = _block()
+        dst, src, soff, n = _bulk_operands(blk, sarr, s_byte_offset, garr, g_elem_index, nbytes, what,
+                                           "destination", "source")
         buf, off = blk.locate(dst, n, f"{what} destination")
         bar = blk.mbarrier_addr(bars, bar_idx, what)
         buf[off:off + n] = src[soff:soff + n]
@@ -827,21 +836,11 @@ if SIMULATOR:
     def bulk_reduce_add_f32(garr, g_elem_index, sarr, s_byte_offset, nbytes):
         what = "bulk_reduce_add_f32"
         blk = _block()
-        n = int(nbytes)
-        if n <= 0 or n % 16:
-            raise ValueError(f"{what}: size {n} is not a positive multiple of 16 bytes")
-        src = blk.address(sarr, what) + int(s_byte_offset)
-        if src % 16:
-            raise ValueError(f"{what}: shared source {src:#x} is not 16-byte aligned")
         g = _ndarray(garr)
-        if g.dtype != _np.float32 or not g.flags.c_contiguous:
-            raise TypeError(f"{what}: needs a contiguous float32 global array, got {g.dtype}")
-        goff = int(g_elem_index) * 4
-        if goff % 16:
-            raise ValueError(f"{what}: global destination byte offset {goff} is not 16-byte aligned")
-        if goff < 0 or goff + n > g.nbytes:
-            raise IndexError(f"{what}: global bytes [{goff}, {goff + n}) outside an array of {g.nbytes} bytes")
-        blk.locate(src, n, f"{what} source")
+        if g.dtype != _np.float32:
+            raise TypeError(f"{what}: needs a float32 global array, got {g.dtype}")
+        src, _, goff, n = _bulk_operands(blk, sarr, s_byte_offset, garr, g_elem_index, nbytes, what, "source",
+                                         "destination")
         _bulk_groups()[0].append((blk, src, g.reshape(-1), goff // 4, n // 4))
 
     def bulk_commit_group():

@@ -26,7 +26,7 @@ import numpy as np
 from numba import cuda, uint32
 
 from . import ptx
-from .fragments import DqOps, Fragment, TileOps, mma_fragment
+from .fragments import DqOps, Fragment, TileOps, make_red_rows, mma_fragment
 from .launch import inline_device
 
 CP_ASYNC_HALVES = 8      # one cp.async moves 16 bytes = 8 halves
@@ -375,21 +375,14 @@ def make_dq_ops(BM, BN, W, DP, LDW, OFF_DS, LDS, mma, pack, vector_red, sfrag):
                         mma_n16(dq, 2 * mq, 4 * d2, a, mq, b0, b1, b2, b3)
         return
 
+    red = make_red_rows(row, col, 2 * MQ, 2 * NQ, vector_red)
+
     @inline_device
     def add_dq(smem, dq, g, base, row0, nrows, stride, tid):
         """g[base + (row0 + r) * stride + c] += dq[i, j] for this warp's elements (r, c), r < nrows; the
         accumulator's rows are DP floats wide, so every column exists and pairs are 8-byte aligned."""
         if tid // 32 < ACTIVE:
-            for i in range(2 * MQ):
-                r = row(tid, i)
-                if r < nrows:
-                    grow = base + (row0 + r) * stride
-                    for j in range(0, 2 * NQ, 2):
-                        if vector_red:
-                            ptx.red_add_f32x2(g, grow + col(tid, j), dq[i, j], dq[i, j + 1])
-                        else:
-                            ptx.red_add_f32(g, grow + col(tid, j), dq[i, j])
-                            ptx.red_add_f32(g, grow + col(tid, j) + 1, dq[i, j + 1])
+            red(dq, g, base, row0, nrows, stride, tid)
         return
 
     return DqOps(frag=Fragment(2 * MQ, 0, 2 * NQ, 4, row, col, col), stage=stage_ds, mm=mm_dq, add=add_dq)

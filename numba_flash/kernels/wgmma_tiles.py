@@ -41,7 +41,7 @@ from functools import lru_cache
 from numba import cuda, float32, uint32
 
 from . import hopper, ptx
-from .fragments import AsyncBwdOps, AsyncOps, DqOps, Fragment, TileOps, WsOps, mma_fragment
+from .fragments import AsyncBwdOps, AsyncOps, DqOps, Fragment, TileOps, WsOps, make_red_rows, mma_fragment
 from .launch import inline_device
 from .tc_tiles import make_stream, make_tile_copy, make_vec_stream
 
@@ -632,18 +632,11 @@ def make_wgmma_dq_ops(BM, BN, DP, off_ds, k_off, l_k, q_off, t_bytes, sw, swmode
 
     drain = None
     if off_stage is None:
+        red = make_red_rows(row, col, 2, nc // 4, vector_red)
+
         @inline_device
         def add(smem, dq, g, base, row0, nrows, stride, tid):
-            for i in range(2):
-                r = row(tid, i)
-                if r < nrows:
-                    grow = base + (row0 + r) * stride
-                    for j in range(0, nc // 4, 2):
-                        if vector_red:
-                            ptx.red_add_f32x2(g, grow + col(tid, j), dq[i, j], dq[i, j + 1])
-                        else:
-                            ptx.red_add_f32(g, grow + col(tid, j), dq[i, j])
-                            ptx.red_add_f32(g, grow + col(tid, j) + 1, dq[i, j + 1])
+            red(dq, g, base, row0, nrows, stride, tid)
             return
     else:
         P = bulk_pitch(nc)
