@@ -10,13 +10,13 @@ under pytest -n.)
 The simulator cannot see a missing barrier or an out-of-bounds shared access; these tools can. Covered:
 every path, each head-dim class that has its own tiles (d <= 64, <= 128, > 128), float16 and bfloat16 on
 tensor cores, rows that are 16-byte aligned (cp.async) and rows that are not (plain loads), causal with
-seqlen_q != seqlen_k, a block-sparse mask, and both ways the tensor-core backward computes dQ (the
-separate "kernel" by default, and "atomic" and "bulk", fused into dK/dV; configs.DQ_MODES), and the
-warp-specialised wgmma forward (MmaTiles.ring: a producer warpgroup and mbarriers), and the wgmma dK/dV
-kernel's own dQ in both of its warpgroup splits, the persistent forward (work tiles in a fixed or a dynamic order), three consumer warpgroups, the TMA
-producer and the backward's TMA streams. Every result is checked
-against the float64 reference, so a configuration that silently did nothing fails here too. Exit status
-1 on a mismatch.
+seqlen_q != seqlen_k, a block-sparse mask, and every way the tensor-core backward computes dQ (the
+separate "kernel" by default, and "atomic" and "bulk", fused into dK/dV; configs.DQ_MODES), the
+warp-specialised wgmma forward (MmaTiles.ring: a producer warpgroup and mbarriers), the wgmma dK/dV
+kernel's own dQ in both of its warpgroup splits, the persistent forward (work tiles in a fixed or a
+dynamic order), three consumer warpgroups, the TMA producer and the backward's TMA streams. Every result
+is checked against the float64 reference, so a configuration that silently did nothing fails here too.
+Exit status 1 on a mismatch.
 """
 import os
 import sys

@@ -6,7 +6,7 @@
    it recomputes S^T = K_j Q_i^T and P^T = exp(S^T - lse_i) from the saved log-sum-exp, then
        dV_j += P^T dO_i,   dP^T = V_j dO_i^T,   dS^T = P^T * (dP^T - D_i),   dK_j += scale * dS^T Q_i
    with dK_j, dV_j accumulated in registers until the end.
-3. dQ, in one of two ways (`plan.dq_mode`, configs.py):
+3. dQ, in one of three ways (`plan.dq_mode`, configs.py):
    "kernel" (deterministic, the default): a separate kernel, one block per query tile (Q_i, dO_i
        resident) walking its key tiles: S, P and dP again, dQ_i += scale * dS K_j. Two extra tile
        products per pair (7 instead of 5), but every dQ element has one writer, in a fixed order: same
@@ -17,10 +17,11 @@
    "bulk" (wgmma only): as "atomic", but each warp adds its 16-row slab of dS K_j with one asynchronous
        bulk reduction from shared memory (`cp.reduce.async.bulk`, FlashAttention-3's scheme) instead of
        a `red` per element pair; the accumulator is laid out so that a slab is contiguous
-       (wgmma_tiles.make_wgmma_dq_ops), and its conversion kernel reads that layout. The order of the additions, hence the last bits of dQ, varies
-       from run to run. dS^T goes through shared memory (the product needs dS with the queries as
-       rows); on wgmma the staged image is read by two products after one barrier, dQ_i = dS K_j and
-       dK_j += dS^T Q_i (wgmma_tiles.make_wgmma_dq_ops), completed before the reductions.
+       (wgmma_tiles.make_wgmma_dq_ops), and its conversion kernel reads that layout.
+   In both fused modes the order of the additions, hence the last bits of dQ, varies from run to run.
+   dS^T goes through shared memory (the product needs dS with the queries as rows); on wgmma the staged
+   image is read by two products after one barrier, dQ_i = dS K_j and dK_j += dS^T Q_i
+   (wgmma_tiles.make_wgmma_dq_ops), completed before the reductions.
 
 S^T is computed as K Q^T directly, so nothing is transposed: the score fragments of P^T and dS^T are the
 A operands of the next products (in registers on tensor cores, through shared memory on SIMT).
