@@ -483,9 +483,9 @@ def work_counter(like, stream):
         buf = np.zeros(1, np.int32)
     else:
         buf = interop.empty_like_framework(like.framework, like.device, (1,), "int32")
-        tma.zero_int32(interop.flat_view(buf, "work counter").ptr, 1, stream)
-    return interop.flat_view(buf, "work counter").flat
-    tma.zero_int32(view.ptr, 1, stream)
+    view = interop.flat_view(buf, "work counter")       # (its DeviceBuffer keeps buf alive)
+    if not isinstance(buf, np.ndarray) and like.framework != "torch":
+        tma.zero_int32(view.ptr, 1, stream)
     return view.flat
 
 
