@@ -440,7 +440,7 @@ def dynamic_order(plan):
     """Whether the forward of `plan` takes its work tiles from a counter (MmaTiles.dynamic): persistent,
     warp-specialised, its producer one TMA thread (the one that draws them)."""
     t = plan.fwd
-    return bool(plan.path == "wgmma" and t.ring and t.persistent and t.tma and getattr(t, "dynamic", False))
+    return bool(plan.path == "wgmma" and t.ring and t.persistent and t.tma and t.dynamic)
 
 
 def launches(plan, stream, q, k, v, out, lse, nq, nk, scale, offset, masks):
@@ -475,16 +475,14 @@ def work_counter(like, stream):
     per launch, so launches on other streams, graph replays and a launch that failed half-way never share
     or inherit a count."""
     from .. import interop
-    if like.framework == "torch":
-        import torch
-        buf = torch.zeros(1, dtype=torch.int32, device="cpu" if like.device == "cpu" else
-                          torch.device("cuda", like.device))
-    elif like.device == "cpu" or like.framework == "numpy":
-        buf = np.zeros(1, np.int32)
+    if like.framework != "torch" and (like.device == "cpu" or like.framework == "numpy"):
+        buf = np.zeros(1, np.int32)            # the simulator's, or tools/ptx_report.py's (compiling only)
     else:
         buf = interop.empty_like_framework(like.framework, like.device, (1,), "int32")
     view = interop.flat_view(buf, "work counter")       # (its DeviceBuffer keeps buf alive)
-    if not isinstance(buf, np.ndarray) and like.framework != "torch":
+    if like.framework == "torch":
+        buf.zero_()                            # on torch's current stream: the launch's
+    elif not isinstance(buf, np.ndarray):
         tma.zero_int32(view.ptr, 1, stream)
     return view.flat
 
