@@ -147,15 +147,21 @@ def test_batch_and_heads_are_independent_problems(make_qkv):
             assert rel_err(o[b:b + 1, :, h:h + 1], ref) < TOL["float32"], f"batch {b} head {h}"
 
 
+@pytest.mark.parametrize("sections", [True, False], ids=["per_batch", "one_section"])
 @pytest.mark.parametrize("over_keys", [True, False], ids=["query_tiles", "key_tiles"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-def test_blocks_own_every_tile_once_and_causal_hands_out_the_longest_tiles_first(over_keys, causal):
+def test_blocks_own_every_tile_once_and_causal_hands_out_the_longest_tiles_first(monkeypatch, over_keys, causal,
+                                                                                 sections):
     """walk.tile_grid + block_coords: every (tile, head, batch) owned by one block; causal blocks in launch
-    order (x fastest) take every (head, batch) of the longest tile first (last query / first key tile)."""
+    order (x fastest) take, batch element by batch element, every head's longest tile first (last query /
+    first key tile); with NUMBA_FLASH_L2_SECTION=0 every (head, batch)'s longest tile first."""
+    from numba_flash.kernels import walk
     from numba_flash.kernels.launch import kernel
-    from numba_flash.kernels.walk import make_walk, tile_grid
+    from numba_flash.kernels.walk import tile_grid
 
-    coords = make_walk(16, 16, causal, over_keys).block_coords
+    if not sections:
+        monkeypatch.setattr(walk, "_L2_SECTION_BYTES", 0)
+    coords = walk.make_walk.__wrapped__(16, 16, causal, over_keys).block_coords    # not the cached one
 
     @kernel(1, 0)
     def record(out):
@@ -173,7 +179,9 @@ def test_blocks_own_every_tile_once_and_causal_hands_out_the_longest_tiles_first
     assert sorted(map(tuple, got)) == [(t, h, b) for t in range(T) for h in range(H) for b in range(B)]
     if causal:
         longest_first = list(range(T - 1, -1, -1)) if over_keys else list(range(T))
-        assert list(got[:, 0]) == [t for t in longest_first for _ in range(H * B)]
+        want = ([(t, h, b) for b in range(B) for t in longest_first for h in range(H)] if sections
+                else [(t, h, b) for t in longest_first for b in range(B) for h in range(H)])
+        assert list(map(tuple, got)) == want
     else:
         assert list(map(tuple, got)) == [(t, h, b) for b in range(B) for h in range(H) for t in range(T)]
 

@@ -384,12 +384,87 @@ def test_wgmma_dynamic_order_forward_matches_default_bitwise(rng, monkeypatch, r
     assert len(counters) == 2, "the launch did not take its work tiles from a counter"
 
 
+@pytest.mark.parametrize("dynamic", [False, True], ids=["round_robin", "dynamic"])
+def test_wgmma_persistent_causal_forward_in_short_sections_matches_default_bitwise(rng, monkeypatch, dynamic):
+    """A causal persistent forward whose L2 budget holds two (batch, head) pairs' K and V (walk.section_pairs),
+    so it runs sections of two pairs and a short last one, longest first within each: every work tile
+    computed once, the same bits as one block per tile."""
+    from numba_flash.kernels import forward, walk
+    B, Nq, Nk, H, d = 1, 150, 100, 3, 16
+    if not SIMULATOR:
+        B, Nq, Nk, H, d = 2, 1500, 1000, 16, 64
+    q, k, v = make_qkv_arrays(rng, B, Nq, Nk, H, d, "float16", FW)
+    use_ring(monkeypatch, 2, d, True, tma=True)
+    want = run_wgmma(q, k, v, "float16", causal=True)
+    monkeypatch.setattr(walk, "_L2_SECTION_BYTES", 2 * (2 * Nk * d * 2))
+    sections = []
+    real = forward.persistent_grid
+    monkeypatch.setattr(forward, "persistent_grid", lambda *a: sections.append(a[-1]) or real(*a))
+    use_ring(monkeypatch, 2, d, True, persistent=True, tma=True, dynamic=dynamic)
+    got = run_wgmma(q, k, v, "float16", causal=True)
+    for name, x, y in zip(("out", "lse"), got, want):
+        assert_bitwise_equal(x, y, name)
+    assert sections == [2], sections
+
+
 def test_persistent_grid_is_at_most_the_resident_blocks_and_refuses_a_32_bit_overflow():
     from numba_flash.kernels.walk import persistent_grid
-    assert persistent_grid(1000, 128, 16, 2, 132) == ((132, 1, 1), (8, 16, 2))
-    assert persistent_grid(100, 128, 1, 1, 132) == ((1, 1, 1), (1, 1, 1))
+    assert persistent_grid(1000, 128, 16, 2, 132) == ((132, 1, 1), (8, 16, 2, 32))
+    assert persistent_grid(1000, 128, 16, 2, 132, section=5) == ((132, 1, 1), (8, 16, 2, 5))
+    assert persistent_grid(100, 128, 1, 1, 132, section=7) == ((1, 1, 1), (1, 1, 1, 1))
     with pytest.raises(ValueError, match="seqlen = 1048576"):
         persistent_grid(1 << 20, 1, 1 << 11, 1, 132)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("section", [0, 1, 3, 4, 6])
+def test_persistent_work_order_takes_every_tile_once_longest_first_within_sections(causal, section):
+    """walk.make_work_order (persistent): work tiles 0 .. T*H*B - 1 map to every (tile, head, batch) once;
+    causal runs sections of `section` (batch, head) pairs, heads fastest, each section's tiles longest
+    first, the last section short where the pairs do not divide (H * B = 6 here: 4 leaves 4 + 2)."""
+    from numba import cuda
+
+    from numba_flash.kernels.launch import kernel
+    from numba_flash.kernels.walk import make_walk, make_work_order, persistent_grid
+
+    T, H, B = 5, 3, 2
+    order = make_work_order(make_walk(16, 16, causal, True), causal, True)
+    more, coords = order.more, order.coords
+
+    @kernel(1, 0)
+    def record(out, work):
+        w = 0
+        while more(w, work):
+            t, h, b = coords(w, work)
+            out[w, 0] = t
+            out[w, 1] = h
+            out[w, 2] = b
+            w += 1
+
+    _, work = persistent_grid(16 * T - 3, 16, H, B, 132, section)
+    d_out = cuda.to_device(np.full((T * H * B, 3), -1, np.int64))
+    record[1, 1](d_out, work)
+    got = [tuple(r) for r in d_out.copy_to_host()]
+    assert sorted(got) == [(t, h, b) for t in range(T) for h in range(H) for b in range(B)]
+    if not causal:
+        assert got == [(t, h, b) for b in range(B) for h in range(H) for t in range(T)]
+        return
+    sec = section if 0 < section < H * B else H * B
+    want = []
+    for first in range(0, H * B, sec):
+        pairs = range(first, min(first + sec, H * B))
+        want += [(t, hb % H, hb // H) for t in range(T - 1, -1, -1) for hb in pairs]
+    assert got == want
+
+
+def test_section_pairs_keep_a_section_within_the_l2_budget(monkeypatch):
+    from numba_flash.kernels import walk
+    monkeypatch.setattr(walk, "_L2_SECTION_BYTES", 32 << 20)
+    assert walk.section_pairs(512 << 10, 256) == 64        # N = 2k, d = 64, fp16: K and V 512 KB a pair
+    assert walk.section_pairs(512 << 10, 16) == 16         # never more than there are
+    assert walk.section_pairs(64 << 20, 4) == 1            # a pair beyond the budget: sections of one
+    monkeypatch.setattr(walk, "_L2_SECTION_BYTES", 0)
+    assert walk.section_pairs(512 << 10, 256) == 256       # 0: one section (the plain longest-first order)
 
 
 def test_tile_override_reads_the_persistent_field(monkeypatch):

@@ -14,7 +14,7 @@ seqlen_q != seqlen_k, a block-sparse mask, and every way the tensor-core backwar
 separate "kernel" by default, and "atomic" and "bulk", fused into dK/dV; configs.DQ_MODES), the
 warp-specialised wgmma forward (MmaTiles.ring: a producer warpgroup and mbarriers), the wgmma dK/dV
 kernel's own dQ in both of its warpgroup splits, the persistent forward (work tiles in a fixed or a
-dynamic order), three consumer warpgroups, the TMA producer and the backward's TMA streams. Every result
+dynamic order, causal ones in L2-sized sections of heads), three consumer warpgroups, the TMA producer and the backward's TMA streams. Every result
 is checked against the float64 reference, so a configuration that silently did nothing fails here too.
 Exit status 1 on a mismatch.
 """
@@ -28,7 +28,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import numba_flash as nf  # noqa: E402
+from numba_flash.kernels import walk  # noqa: E402
 
+L2_SECTION = walk._L2_SECTION_BYTES
 TOL = {"float32": 1e-4, "float16": 2e-2, "bfloat16": 5e-2}
 
 
@@ -107,6 +109,12 @@ CASES = [
          pingpong=True, persistent=True, tma=True, dynamic=True),
     dict(path="wgmma", d=128, dtype="bfloat16", causal=False, nq=300, nk=333, aligned=True, sparse=True,
          block=(128, 128), ring=3, pingpong=True, persistent=True, tma=True, dynamic=True),
+    # the causal persistent order in sections of one (batch, head) pair (walk.section_pairs with a 1-byte L2
+    # budget), drawn from the counter (the d=64 causal default) and dealt round-robin
+    dict(path="wgmma", d=64, dtype="float16", causal=True, nq=700, nk=700, aligned=True, sparse=False, ring=2,
+         pingpong=True, persistent=True, tma=True, dynamic=True, l2_section=1),
+    dict(path="wgmma", d=64, dtype="bfloat16", causal=True, nq=500, nk=640, aligned=True, sparse=False, ring=2,
+         pingpong=True, persistent=True, tma=True, dynamic=False, l2_section=1),
 ]
 
 
@@ -128,6 +136,7 @@ def run(c):
         for role, var in (("dkdv", "NUMBA_FLASH_DKDV_TILES"), ("dq", "NUMBA_FLASH_DQ_TILES")):
             os.environ[var] = replace(configs.tiles(c["path"], role, c["d"]), tma=True).override()
     os.environ["NUMBA_FLASH_RESIDENT_BLOCKS"] = "2" if c.get("persistent") else ""
+    walk._L2_SECTION_BYTES = c.get("l2_section", L2_SECTION)     # read by walk.section_pairs at each launch
     if c.get("ring"):
         from numba_flash.kernels import configs
         t = configs.tiles(c["path"], "fwd", c["d"])

@@ -32,7 +32,7 @@ runs while dS^T is computed. All of a tile pair's products complete before the n
 the streamed buffers are never written while read.
 
 Launch contract (`launch`): the kernels in that order on one stream; grids walk.tile_grid (Tr or Tc,
-nheads, batch; causal: nheads, batch, Tr or Tc, the longest tiles first),
+nheads, batch; causal: nheads, Tr or Tc, batch, the longest tiles of each batch element first),
 the prepare kernel's (blocks of query rows, nheads, batch), the dQ conversion's 1-D; D is a (batch,
 nheads, seqlen_q) scratch vector of the lse's dtype, so is lse2 (lse in the log2 domain, which the dK/dV
 kernel streams in lse's place), and the dQ accumulator a (batch, seqlen_q, nheads, DP) float32 scratch,

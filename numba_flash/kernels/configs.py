@@ -225,7 +225,11 @@ def _wgmma_tiles(role, headdim, causal=False, sparse=False):
             return MmaTiles(128, 128, 8, a_regs=False, ring=3, pingpong=True,
                             persistent=not (causal or sparse), tma=True)
         if headdim == 64:
-            return MmaTiles(128, 128, 8, a_regs=False, ring=2, pingpong=True, persistent=not sparse, tma=True)
+            # causal: work drawn from a counter (MmaTiles.dynamic), since its order runs longest first
+            # within L2-sized sections of heads (walk.section_pairs), whose waves a fixed round-robin
+            # would deal out unevenly
+            return MmaTiles(128, 128, 8, a_regs=False, ring=2, pingpong=True, persistent=not sparse, tma=True,
+                            dynamic=causal and not sparse)
         if headdim <= 128:
             return MmaTiles(128, 128, 8, a_regs=False)
         return MmaTiles(128, 64, 8, a_regs=False)

@@ -37,11 +37,12 @@ tile from an atomic counter instead (so a block that drew short tiles takes more
 shared memory before announcing its Q; the consumers read it once Q's phase completes, and the end is a
 Q phase the producer completes without bytes.
 
-Launch contract (`launch`): grid walk.tile_grid (Tr, nheads, batch; causal: nheads, batch, Tr, the longest
-tiles first), or for a persistent kernel walk.persistent_grid (launch.resident_blocks blocks); arguments
-q, k, v, out, lse as flat arrays with (batch, seqlen, head) element strides, the sequence lengths, scale *
-log2(e), the causal offset, the mask lists (api.TileLists.lists), `work` = (Tr, nheads, batch) for a
-persistent kernel ((0, 0, 0) otherwise, unused), and `maps`: the tensor maps of q, k, v (flat uint64, tma.py)
+Launch contract (`launch`): grid walk.tile_grid (Tr, nheads, batch; causal: nheads, Tr, batch, the longest
+tiles of each batch element first), or for a persistent kernel walk.persistent_grid (launch.resident_blocks
+blocks); arguments q, k, v, out, lse as flat arrays with (batch, seqlen, head) element strides, the sequence
+lengths, scale * log2(e), the causal offset, the mask lists (api.TileLists.lists), `work` = (Tr, nheads,
+batch, section) for a persistent kernel (section: the (batch, head) pairs whose K and V fit the L2 budget
+together, walk.section_pairs; (0, 0, 0, 0) otherwise, unused), and `maps`: the tensor maps of q, k, v (flat uint64, tma.py)
 for a producer that copies by TMA (MmaTiles.tma), else one zero map (unused); the warp-specialised kernel
 then takes `counter`: with MmaTiles.dynamic a zeroed int32 (work_counter) from which its blocks draw their
 work tiles after the first (blockIdx.x), else a placeholder it never reads.
@@ -53,13 +54,13 @@ import numpy as np
 from numba import cuda, int32, uint32, uint64
 
 from . import tma
-from .convert import acc_constant, acc_type, storer
+from .convert import acc_constant, acc_type, storage_dtype, storer
 from .fragments import make_store_rows, pair_packer
 from .launch import Launchable, inline_device, kernel, resident_blocks, strides3
 from .pipeline import make_pipeline
 from .softmax import LOG2E, make_softmax
 from .tiles import make_ops
-from .walk import make_walk, make_work_order, persistent_grid, tile_grid
+from .walk import make_walk, make_work_order, persistent_grid, section_pairs, tile_grid
 from .wgmma_tiles import swizzle_width
 
 
@@ -458,9 +459,12 @@ def launches(plan, stream, q, k, v, out, lse, nq, nk, scale, offset, masks):
         maps = np.zeros(tma.hopper.TMAP_WORDS, np.uint64) if q.framework == "numpy" else tma.placeholder(q.device)
     kern = make_forward_kernel(plan)
     if getattr(plan.fwd, "persistent", False):
-        grid, work = persistent_grid(nq, plan.fwd.br, H, B, resident_blocks(kern))
+        section = 0
+        if plan.causal:     # a section's K and V within the L2 (walk.section_pairs)
+            section = section_pairs(2 * nk * plan.headdim * storage_dtype(plan.dtype).itemsize, H * B)
+        grid, work = persistent_grid(nq, plan.fwd.br, H, B, resident_blocks(kern), section)
     else:
-        grid, work = tile_grid(plan.causal, nq, plan.fwd.br, H, B, "seqlen_q"), (0, 0, 0)
+        grid, work = tile_grid(plan.causal, nq, plan.fwd.br, H, B, "seqlen_q"), (0, 0, 0, 0)
     args = (q.flat, k.flat, v.flat, out.flat, lse.flat, nq, nk, strides3(q), strides3(k), strides3(v),
             strides3(out), (lse.strides[0], lse.strides[1]), scale * LOG2E, offset,
             *masks.lists(plan.fwd.br, plan.fwd.bc, False), work, maps)

@@ -18,12 +18,18 @@ the next tile before it computes on the current one (the tensor-core path's cp.a
 `causal` every tile has the same work and the grid is (tiles, nheads, batch). With `causal` the work
 differs (query tile i of a forward or dQ block sees i + 1 key tiles, key tile j of a dK/dV block sees
 Tr - j query tiles), and the blocks launched last decide how long the end of the grid leaves SMs idle.
-So the causal grid is (nheads, batch, tiles), which the GPU hands out heads fastest and tiles slowest,
-and block z takes the z-th longest tile: every (head, batch) of the longest tile first, the one-tile
-blocks last (a greedy longest-processing-time order, as FlashAttention-3's scheduler does). A persistent
-kernel (persistent_grid, make_work_order) launches only as many blocks as run at once and has each take
-work tiles in that same order, x, x + G, x + 2G, ...
+So causal blocks run longest first (a greedy longest-processing-time order, as FlashAttention-3's
+scheduler does), but within sections of (batch, head) pairs, so that the blocks running at once share
+the tiles they stream through the L2: with the longest tile of *every* pair first, an H100's 132 blocks
+at N = 2k (B = 8, H = 32) walk 132 different heads' K, V (66 MB, beyond the 50 MB L2), and every key tile
+comes from DRAM. The causal grid is (nheads, tiles, batch), which the GPU hands out heads fastest and
+batches slowest: one section per batch element, its tiles longest first, no division in block_coords. A
+persistent kernel (persistent_grid, make_work_order) launches only as many blocks as run at once and has
+each take work tiles x, x + G, x + 2G, ... of one order (sections of `section` pairs, sized by the host so
+that a section's streamed tiles fit in the L2, section_pairs; longest first inside each), or draws them
+from a counter (the forward's MmaTiles.dynamic), which balances the blocks when sections are short.
 """
+import os
 from collections import namedtuple
 from functools import lru_cache
 
@@ -38,16 +44,34 @@ Walk = namedtuple("Walk", "first_tile next_tile needs_mask visible_cols block_co
 WorkOrder = namedtuple("WorkOrder", "first more step coords")
 
 
+# What one section's streamed tiles may take of the L2 (an H100 / H200 has 50 MB, an A100 40 MB; half or
+# so, as FlashAttention-3's scheduler assumes, leaves room for the rest of the traffic).
+# NUMBA_FLASH_L2_SECTION overrides it (tuning; 0: one section, the plain longest-first order, in the
+# persistent order and in tile_grid's causal grids alike). Read once, when the module loads.
+L2_SECTION_ENV = "NUMBA_FLASH_L2_SECTION"
+_L2_SECTION_BYTES = int(os.environ.get(L2_SECTION_ENV, "").strip() or 32 << 20)
+
+
 def tile_grid(causal, seqlen, rows, nheads, batch, name):
     """The grid of a kernel whose blocks own `rows`-row tiles of a length-`seqlen` side (`name` in the
-    error): (tiles, nheads, batch), or with `causal` (nheads, batch, tiles) for block_coords' order."""
+    error): (tiles, nheads, batch), or with `causal` (nheads, tiles, batch) for block_coords' order
+    ((nheads, batch, tiles), one section, where NUMBA_FLASH_L2_SECTION=0)."""
     tiles = -(-seqlen // rows)
     if not causal:
         return tiles, nheads, batch
     if tiles > MAX_GRID_Z:
         raise ValueError(f"{name} = {seqlen} is too long for causal attention: {tiles} tiles of {rows} rows, "
                          f"and the kernel grid holds at most {MAX_GRID_Z} (seqlen <= {MAX_GRID_Z * rows})")
-    return nheads, batch, tiles
+    return (nheads, tiles, batch) if _L2_SECTION_BYTES > 0 else (nheads, batch, tiles)
+
+
+def section_pairs(pair_bytes, pairs):
+    """How many (batch, head) pairs a persistent causal order puts in one section: as many as keep the
+    tiles one pair streams (`pair_bytes`: its K and V in the forward) within the L2 budget together, at
+    least 1, at most all `pairs`."""
+    if _L2_SECTION_BYTES <= 0:
+        return max(pairs, 1)
+    return max(1, min(pairs, _L2_SECTION_BYTES // max(pair_bytes, 1)))
 
 
 @lru_cache(maxsize=None)
@@ -122,12 +146,20 @@ def make_walk(br, bc, causal, over_keys):
             lo = max(0, r - offset - other0)
         return lo, hi
 
-    if causal:
+    if causal and _L2_SECTION_BYTES > 0:
         @inline_device
         def block_coords():
-            """(tile, head, batch) of this block in tile_grid's causal grid (heads, batch, tiles): longest
-            tile first. Only special-register reads, which the compiler re-reads instead of keeping them
-            live (the first version divided a linear block index: +6 registers, dQ spills 36 -> 104 B)."""
+            """(tile, head, batch) of this block in tile_grid's causal grid (heads, tiles, batch): longest
+            tile first within each batch element. Only special-register reads, which the compiler re-reads
+            instead of keeping them live (the first version divided a linear block index: +6 registers,
+            dQ spills 36 -> 104 B)."""
+            y = cuda.blockIdx.y
+            tile = cuda.gridDim.y - 1 - y if over_keys else y
+            return tile, cuda.blockIdx.x, cuda.blockIdx.z
+    elif causal:
+        @inline_device
+        def block_coords():
+            """(tile, head, batch) in the one-section causal grid (heads, batch, tiles)."""
             z = cuda.blockIdx.z
             tile = cuda.gridDim.z - 1 - z if over_keys else z
             return tile, cuda.blockIdx.x, cuda.blockIdx.y
@@ -140,15 +172,18 @@ def make_walk(br, bc, causal, over_keys):
     return Walk(first_tile, next_tile, needs_mask, visible_cols, block_coords)
 
 
-def persistent_grid(seqlen, rows, nheads, batch, blocks):
+def persistent_grid(seqlen, rows, nheads, batch, blocks, section=0):
     """(grid, work) of a persistent kernel whose blocks own `rows`-row tiles of a length-`seqlen` side:
     at most `blocks` blocks (as many as the GPU holds at once), and the work argument make_work_order's
-    pieces read: (tiles, nheads, batch)."""
+    pieces read: (tiles, nheads, batch, section), section: the (batch, head) pairs of one causal section
+    (section_pairs; 0 or more than there are: one section)."""
     tiles = -(-seqlen // rows)
     if tiles * nheads * batch >= 1 << 31:     # the kernel counts work tiles in 32 bits
         raise ValueError(f"seqlen = {seqlen} with {nheads} heads and batch {batch} is {tiles * nheads * batch} "
                          f"tiles of {rows} rows; the persistent forward counts at most 2**31 - 1")
-    return (max(1, min(tiles * nheads * batch, blocks)), 1, 1), (tiles, nheads, batch)
+    pairs = nheads * batch
+    section = pairs if section <= 0 else min(section, pairs)
+    return (max(1, min(tiles * pairs, blocks)), 1, 1), (tiles, nheads, batch, max(section, 1))
 
 
 @lru_cache(maxsize=None)
@@ -156,8 +191,9 @@ def make_work_order(walk, causal, persistent):
     """The work tiles a block owns, as a loop: w = first(); while more(w, work): (tile, head, batch) =
     coords(w, work) ... w = step(w). Not persistent: one pass, the block's walk.block_coords (work unused).
     Persistent (grid and work from persistent_grid): block x takes work tiles x, x + G, x + 2G, ... (G
-    blocks) in block_coords' order: tiles fastest, or with `causal` the longest tile of every (head, batch)
-    first. A few integer divisions per work tile, never per key tile."""
+    blocks) of one order: tiles fastest, or with `causal` sections of work[3] (batch, head) pairs (heads
+    fastest), each section's tiles longest first (the last section may hold fewer pairs). A few integer
+    divisions per work tile, never per key tile."""
     if not persistent:
         block_coords = walk.block_coords
 
@@ -194,11 +230,15 @@ def make_work_order(walk, causal, persistent):
     if causal:
         @inline_device
         def coords(w, work):
-            tiles, heads, batch = int32(work[0]), int32(work[1]), int32(work[2])
-            z = w // (heads * batch)
-            r = w - z * (heads * batch)
-            hh = r // heads
-            return tiles - 1 - z, r - hh * heads, hh
+            tiles, heads, batch, sec = int32(work[0]), int32(work[1]), int32(work[2]), int32(work[3])
+            span = sec * tiles                       # work tiles per full section
+            first = (w // span) * sec                # the section's first (batch, head) pair
+            n = min(sec, heads * batch - first)      # its pairs
+            r = w - first * tiles                    # position in the section
+            z = r // n                               # tile rank, longest first
+            hb = first + r - z * n
+            hh = hb // heads
+            return tiles - 1 - z, hb - hh * heads, hh
     else:
         @inline_device
         def coords(w, work):
