@@ -96,7 +96,9 @@ class MmaTiles:
     # drew short tiles take more, instead of the fixed round-robin x, x + G, ... (forward.py). Off: H100,
     # fp16, tools/tune.py 2026-12-06, d=64 causal fixed / dynamic 248.2 / 250.7 TFLOP/s at N=2048, 285.4 /
     # 287.3 at 4096 (within run-to-run noise); d=128 on block masks (--sparse, N=4096) no better than the
-    # fixed order and 0.292 against 0.258 ms at 14% density (benchmarks/results/h100-2026-12-06f-*)
+    # fixed order and 0.292 against 0.258 ms at 14% density (benchmarks/results/h100-2026-12-06f-*); with
+    # the causal order in L2 sections (walk.section_pairs, 16 MiB; 2026-12-07) fixed / dynamic at d=64
+    # causal N = 1k, 2k, 4k, 16k: 237.1 / 228.3, 302.6 / 300.3, 353.7 / 359.5, 406.1 / 401.4
     dynamic: bool = False
 
     def padded_headdim(self, headdim):
@@ -212,7 +214,9 @@ def _wgmma_tiles(role, headdim, causal=False, sparse=False):
         # against 252, 315, 437, 488 persistent: its blocks take work tiles round-robin from the longest,
         # so block 0 ends with ~6% more key tiles than block 131 at N=16k. Every other round reversed
         # ("snake") did not help (d=64 causal, 2026-12-06: 288.5 / 288.2 at N=4096, 246.3 / 251.0 at 2048)
-        # and d=128 causal persistent with TMA ran 495 against 545 at N=16384: not persistent there.
+        # and d=128 causal persistent with TMA ran 495 against 545 at N=16384: not persistent there. Since
+        # causal work runs in L2 sections (walk.py; H100 2026-12-07, N=2048): d=128 causal 444.6 with one
+        # block per tile against 437.9 persistent with the counter, so it stays so.
         # TMA producer (MmaTiles.tma), H100, same tool, cp.async / TMA: d=64 381 / 402, causal 270 / 290;
         # d=128 526 / 563, causal 462 / 484 (benchmarks/results/h100-2026-12-06b-tma-tests-tuning.md).
         # Not persistent on a block mask: its query tiles' work differs, and the fixed round-robin gives
@@ -225,11 +229,7 @@ def _wgmma_tiles(role, headdim, causal=False, sparse=False):
             return MmaTiles(128, 128, 8, a_regs=False, ring=3, pingpong=True,
                             persistent=not (causal or sparse), tma=True)
         if headdim == 64:
-            # causal: work drawn from a counter (MmaTiles.dynamic), since its order runs longest first
-            # within L2-sized sections of heads (walk.section_pairs), whose waves a fixed round-robin
-            # would deal out unevenly
-            return MmaTiles(128, 128, 8, a_regs=False, ring=2, pingpong=True, persistent=not sparse, tma=True,
-                            dynamic=causal and not sparse)
+            return MmaTiles(128, 128, 8, a_regs=False, ring=2, pingpong=True, persistent=not sparse, tma=True)
         if headdim <= 128:
             return MmaTiles(128, 128, 8, a_regs=False)
         return MmaTiles(128, 64, 8, a_regs=False)

@@ -22,12 +22,13 @@ So causal blocks run longest first (a greedy longest-processing-time order, as F
 scheduler does), but within sections of (batch, head) pairs, so that the blocks running at once share
 the tiles they stream through the L2: with the longest tile of *every* pair first, an H100's 132 blocks
 at N = 2k (B = 8, H = 32) walk 132 different heads' K, V (66 MB, beyond the 50 MB L2), and every key tile
-comes from DRAM. The causal grid is (nheads, tiles, batch), which the GPU hands out heads fastest and
-batches slowest: one section per batch element, its tiles longest first, no division in block_coords. A
-persistent kernel (persistent_grid, make_work_order) launches only as many blocks as run at once and has
-each take work tiles x, x + G, x + 2G, ... of one order (sections of `section` pairs, sized by the host so
-that a section's streamed tiles fit in the L2, section_pairs; longest first inside each), or draws them
-from a counter (the forward's MmaTiles.dynamic), which balances the blocks when sections are short.
+comes from DRAM (H100, fp16, N = 2k causal: forward d=64 246 -> 303 TFLOP/s, d=128 315 -> 445, backward
+d=64 210 -> 269 with sections). The causal grid is (nheads, tiles, batch), which the GPU hands out heads
+fastest and batches slowest: one section per batch element, its tiles longest first, no division in
+block_coords. A persistent kernel (persistent_grid, make_work_order) launches only as many blocks as run
+at once and has each take work tiles x, x + G, x + 2G, ... of one order (sections of `section` pairs,
+sized by the host so that a section's streamed tiles fit in the L2 budget, section_pairs; longest first
+inside each), or draws them from a counter (the forward's MmaTiles.dynamic).
 """
 import os
 from collections import namedtuple
@@ -44,12 +45,14 @@ Walk = namedtuple("Walk", "first_tile next_tile needs_mask visible_cols block_co
 WorkOrder = namedtuple("WorkOrder", "first more step coords")
 
 
-# What one section's streamed tiles may take of the L2 (an H100 / H200 has 50 MB, an A100 40 MB; half or
-# so, as FlashAttention-3's scheduler assumes, leaves room for the rest of the traffic).
+# What one section's streamed tiles may take of the L2 (an H100 / H200 has 50 MB, an A100 40 MB). H100,
+# fp16, d=64 causal persistent forward (tools/tune.py, 2026-12-07, TFLOP/s at N = 1k / 2k / 4k / 16k):
+# previous order 204.5 / 246.2 / 284.5 / 380.9, 32 MiB sections 220.3 / 292.9 / 341.8 / 393.6, 16 MiB
+# 237.1 / 302.6 / 353.7 / 406.1 (benchmarks/results/h100-2026-12-07-causal-l2-sections-tests-tuning.md).
 # NUMBA_FLASH_L2_SECTION overrides it (tuning; 0: one section, the plain longest-first order, in the
 # persistent order and in tile_grid's causal grids alike). Read once, when the module loads.
 L2_SECTION_ENV = "NUMBA_FLASH_L2_SECTION"
-_L2_SECTION_BYTES = int(os.environ.get(L2_SECTION_ENV, "").strip() or 32 << 20)
+_L2_SECTION_BYTES = int(os.environ.get(L2_SECTION_ENV, "").strip() or 16 << 20)
 
 
 def tile_grid(causal, seqlen, rows, nheads, batch, name):
