@@ -14,9 +14,9 @@ seqlen_q != seqlen_k, a block-sparse mask, and every way the tensor-core backwar
 separate "kernel" by default, and "atomic" and "bulk", fused into dK/dV; configs.DQ_MODES), the
 warp-specialised wgmma forward (MmaTiles.ring: a producer warpgroup and mbarriers), the wgmma dK/dV
 kernel's own dQ in both of its warpgroup splits, the persistent forward (work tiles in a fixed or a
-dynamic order, causal ones in L2-sized sections of heads), three consumer warpgroups, the TMA producer and the backward's TMA streams. Every result
-is checked against the float64 reference, so a configuration that silently did nothing fails here too.
-Exit status 1 on a mismatch.
+dynamic order, causal ones in L2-sized sections of heads), three consumer warpgroups, the TMA producer and
+the backward's TMA streams. Every result is checked against the float64 reference, so a configuration that
+silently did nothing fails here too. Exit status 1 on a mismatch.
 """
 import os
 import sys
@@ -110,7 +110,7 @@ CASES = [
     dict(path="wgmma", d=128, dtype="bfloat16", causal=False, nq=300, nk=333, aligned=True, sparse=True,
          block=(128, 128), ring=3, pingpong=True, persistent=True, tma=True, dynamic=True),
     # the causal persistent order in sections of one (batch, head) pair (walk.section_pairs with a 1-byte L2
-    # budget), drawn from the counter (the d=64 causal default) and dealt round-robin
+    # budget), drawn from the counter and dealt round-robin (the d=64 causal default)
     dict(path="wgmma", d=64, dtype="float16", causal=True, nq=700, nk=700, aligned=True, sparse=False, ring=2,
          pingpong=True, persistent=True, tma=True, dynamic=True, l2_section=1),
     dict(path="wgmma", d=64, dtype="bfloat16", causal=True, nq=500, nk=640, aligned=True, sparse=False, ring=2,

@@ -42,10 +42,10 @@ tiles of each batch element first), or for a persistent kernel walk.persistent_g
 blocks); arguments q, k, v, out, lse as flat arrays with (batch, seqlen, head) element strides, the sequence
 lengths, scale * log2(e), the causal offset, the mask lists (api.TileLists.lists), `work` = (Tr, nheads,
 batch, section) for a persistent kernel (section: the (batch, head) pairs whose K and V fit the L2 budget
-together, walk.section_pairs; (0, 0, 0, 0) otherwise, unused), and `maps`: the tensor maps of q, k, v (flat uint64, tma.py)
-for a producer that copies by TMA (MmaTiles.tma), else one zero map (unused); the warp-specialised kernel
-then takes `counter`: with MmaTiles.dynamic a zeroed int32 (work_counter) from which its blocks draw their
-work tiles after the first (blockIdx.x), else a placeholder it never reads.
+together, walk.section_pairs; (0, 0, 0, 0) otherwise, unused), and `maps`: the tensor maps of q, k, v
+(flat uint64, tma.py) for a producer that copies by TMA (MmaTiles.tma), else one zero map (unused); the
+warp-specialised kernel then takes `counter`: with MmaTiles.dynamic a zeroed int32 (work_counter) from
+which its blocks draw their work tiles after the first (blockIdx.x), else a placeholder it never reads.
 """
 from dataclasses import replace
 from functools import lru_cache
