@@ -794,7 +794,8 @@ if SIMULATOR:
     def _bulk_operands(blk, sarr, s_byte_offset, garr, g_elem_index, nbytes, what, shared_is, global_is):
         """(shared address, global bytes as uint8, global byte offset, size) of a bulk copy or reduction,
         checked as the GPU requires (a positive multiple of 16 bytes, both ends 16-byte aligned, inside
-        their arrays); shared_is / global_is name the two ends in the errors ("source", "destination")."""
+        their arrays; the shared end by the caller's blk.locate); shared_is / global_is name the two ends
+        in the errors ("source", "destination")."""
         n = int(nbytes)
         if n <= 0 or n % 16:
             raise ValueError(f"{what}: size {n} is not a positive multiple of 16 bytes")
@@ -807,7 +808,6 @@ if SIMULATOR:
             raise ValueError(f"{what}: global {global_is} byte offset {goff} is not 16-byte aligned")
         if goff < 0 or goff + n > gbuf.size:
             raise IndexError(f"{what}: global bytes [{goff}, {goff + n}) outside an array of {gbuf.size} bytes")
-        blk.locate(saddr, n, f"{what} {shared_is}")
         return saddr, gbuf, goff, n
 
     def cp_async_bulk_g2s(sarr, s_byte_offset, garr, g_elem_index, nbytes, bars, bar_idx):
@@ -841,6 +841,7 @@ if SIMULATOR:
             raise TypeError(f"{what}: needs a float32 global array, got {g.dtype}")
         src, _, goff, n = _bulk_operands(blk, sarr, s_byte_offset, garr, g_elem_index, nbytes, what, "source",
                                          "destination")
+        blk.locate(src, n, f"{what} source")          # read at the wait that covers it; checked now
         _bulk_groups()[0].append((blk, src, g.reshape(-1), goff // 4, n // 4))
 
     def bulk_commit_group():
