@@ -66,9 +66,16 @@ def _check_device(name, fw, dev):
 
 def check_qkv(q, k, v):
     """Problem of a (q, k, v) call; TypeError / ValueError naming the argument for anything unsupported."""
-    descs = {}
+    return _check_qkv(q, k, v)[0]
+
+
+def _check_qkv(q, k, v):
+    """(Problem, the interop.describe of q, k and v): each array is described once per call."""
+    descs, full = {}, []
     for name, x in (("q", q), ("k", k), ("v", v)):
-        fw, shape, strides, dtype, dev = interop.describe(x, name)
+        desc = interop.describe(x, name)
+        full.append(desc)
+        fw, shape, strides, dtype, dev = desc
         if len(shape) != 4:
             raise ValueError(f"{name} must have shape (batch, seqlen, nheads, headdim), got {shape}")
         if dtype not in DTYPES:
@@ -100,7 +107,7 @@ def check_qkv(q, k, v):
                          f"supports head dims {configs.MIN_HEADDIM}..{configs.MAX_HEADDIM}")
     if dq == "bfloat16" and fq == "cupy":
         raise TypeError("q: CuPy has no bfloat16 dtype")
-    return Problem(sq[0], sq[1], descs["k"][1][1], sq[2], d, dq, fq, devq)
+    return Problem(sq[0], sq[1], descs["k"][1][1], sq[2], d, dq, fq, devq), full
 
 
 def check_scale(softmax_scale, headdim):
@@ -132,7 +139,8 @@ def causal_offset(causal, causal_align, seqlen_q, seqlen_k):
 
 
 def _check_out(name, x, p, shape, dtype, contiguous=False):
-    fw, s, strides, dt, dev = interop.describe(x, name)
+    """Check an output (or a saved forward array) against problem p; returns its interop.describe."""
+    desc = fw, s, strides, dt, dev = interop.describe(x, name)
     if fw != p.framework or dev != p.device:
         raise ValueError(f"{name} must be a {p.framework} array on device {p.device}, got {fw} on {dev}")
     if s != tuple(shape):
@@ -140,14 +148,29 @@ def _check_out(name, x, p, shape, dtype, contiguous=False):
     if dt != dtype:
         raise TypeError(f"{name} must have dtype {dtype}, got {dt}")
     if 0 in s:          # no elements: any strides will do (out.sum()'s gradient of an empty out: all 0)
-        return x
+        return desc
     if contiguous:
-        expect = tuple(int(np.prod(shape[i + 1:])) for i in range(len(shape)))
+        expect = _contiguous_strides(shape)
         if any(n > 1 and st != e for n, st, e in zip(s, strides, expect)):
             raise ValueError(f"{name} must be C-contiguous, got strides {strides}")
     elif s[-1] > 1 and strides[-1] != 1:
         raise ValueError(f"{name} must be contiguous in its last dim, got strides {strides}")
-    return x
+    return desc
+
+
+def _contiguous_strides(shape):
+    """C-contiguous element strides of `shape`."""
+    strides, n = [], 1
+    for dim in reversed(shape):
+        strides.append(n)
+        n *= dim
+    return tuple(reversed(strides))
+
+
+def _new_array(p, name, shape, dtype):
+    """(array, its interop.describe): a fresh C-contiguous array of p's framework and device."""
+    x = interop.empty_like_framework(p.framework, p.device, shape, dtype)
+    return x, (p.framework, tuple(shape), _contiguous_strides(shape), dtype, p.device)
 
 
 def lse_dtype(dtype):
@@ -172,14 +195,15 @@ def capability_of(p):
     return cap
 
 
-def path_of(p, backend, block_mask=None, pass_="fwd"):
+def path_of(p, backend, block_mask=None, pass_="fwd", memo=None):
     """The kernel path for problem p's pass ("fwd" or "bwd"): configs.resolve_backend with the device's
     compute capability. Where only the default (not an explicit backend) chose "wgmma" and the block
-    mask's blocks are not multiples of its tiles, "mma" (whose tiles are smaller) runs instead."""
+    mask's blocks are not multiples of its tiles, "mma" (whose tiles are smaller) runs instead.
+    memo: a dict one call shares between its path_of and validate_block_mask (see _mask_tile)."""
     cap = capability_of(p)
     path = configs.resolve_backend(backend, p.dtype, cap, p.headdim, pass_)
     if path == "wgmma" and block_mask is not None and configs.resolve_backend(backend, p.dtype, cap) != "wgmma":
-        br, bc = configs.mask_tile("wgmma", p.headdim)
+        br, bc = _mask_tile("wgmma", p.headdim, memo)
         bq, bk = block_mask.block_size
         if bq % br or bk % bc:
             path = "mma"
@@ -193,12 +217,23 @@ def _aligned(path, p, *views):
     return p.dtype != "float64" and p.headdim % n == 0 and all(v.aligned(n) for v in views)
 
 
-def validate_block_mask(block_mask, p, path):
+def _mask_tile(path, headdim, memo=None):
+    """configs.mask_tile, asked once per path within one call when the call passes a `memo` dict (each
+    answer reads the tile overrides from the environment: microseconds that add up on every call)."""
+    if memo is None:
+        return configs.mask_tile(path, headdim)
+    t = memo.get(path)
+    if t is None:
+        t = memo[path] = configs.mask_tile(path, headdim)
+    return t
+
+
+def validate_block_mask(block_mask, p, path, memo=None):
     if block_mask is None or isinstance(block_mask, MaskLists):
         return
     if not isinstance(block_mask, BlockMask):
         raise TypeError(f"block_mask must be a numba_flash.BlockMask, got {type(block_mask).__name__}")
-    block_mask.check(p.nheads, p.seqlen_q, p.seqlen_k, configs.mask_tile(path, p.headdim))
+    block_mask.check(p.nheads, p.seqlen_q, p.seqlen_k, _mask_tile(path, p.headdim, memo))
 
 
 _dense_lists = {}
@@ -238,8 +273,7 @@ class TileLists:
             self.views, self.block = views, None
         else:
             ml = mask_lists_of(block_mask, p)
-            self.views = tuple(interop.flat_view(a, "block_mask")
-                               for a in (ml.kv_count, ml.kv_index, ml.q_count, ml.q_index))
+            self.views = _list_views(ml)
             self.block = (ml.block_q, ml.block_k)
 
     def lists(self, br, bc, transpose):
@@ -249,6 +283,26 @@ class TileLists:
             return cv.flat, iv.flat, 0, 1, max(tq, 1), tk
         hm, rows = cv.shape
         return cv.flat, iv.flat, rows if hm > 1 else 0, iv.shape[2], self.block[0] // br, self.block[1] // bc
+
+
+_LIST_VIEWS_KEPT = 64
+_list_views_cache = {}      # ids of the four list arrays -> (the arrays, their views)
+
+
+def _list_views(ml):
+    """The Views of a MaskLists' four arrays. Kept for the last _LIST_VIEWS_KEPT list sets, keyed by the
+    arrays' identities (a BlockMask's device copies, or autograd's tensors, are the same objects call
+    after call); the entry holds the arrays, so an id in the cache is never a dead object's."""
+    arrays = (ml.kv_count, ml.kv_index, ml.q_count, ml.q_index)
+    key = tuple(map(id, arrays))
+    hit = _list_views_cache.get(key)
+    if hit is not None:
+        return hit[1]
+    views = tuple(interop.flat_view(a, "block_mask") for a in arrays)
+    if len(_list_views_cache) >= _LIST_VIEWS_KEPT:
+        _list_views_cache.pop(next(iter(_list_views_cache)))
+    _list_views_cache[key] = (arrays, views)
+    return views
 
 
 def _alloc(p):
@@ -293,24 +347,35 @@ def flash_attn_forward(q, k, v, *, softmax_scale=None, causal=False, causal_alig
         by matrix products (PyTorch's included), possibly rows of the same tile that mask it out
         (0 * NaN = NaN).
     """
-    p = check_qkv(q, k, v)
+    return forward_checked(_check_qkv(q, k, v), q, k, v, softmax_scale, causal, causal_align, block_mask, out,
+                           lse, backend)
+
+
+def forward_checked(checked, q, k, v, softmax_scale=None, causal=False, causal_align="bottom_right",
+                    block_mask=None, out=None, lse=None, backend=None):
+    """flash_attn_forward after its q, k, v checks: `checked` is `_check_qkv(q, k, v)`, which the torch
+    wrapper (functional.py) has made already (every check on one call costs host time)."""
+    p, descs = checked
     scale = check_scale(softmax_scale, p.headdim)
     offset = causal_offset(causal, causal_align, p.seqlen_q, p.seqlen_k)
-    path = path_of(p, backend, block_mask)
-    validate_block_mask(block_mask, p, path)
+    memo = {}
+    path = path_of(p, backend, block_mask, memo=memo)
+    validate_block_mask(block_mask, p, path, memo)
     B, Nq, H, d = p.batch, p.seqlen_q, p.nheads, p.headdim
     if out is None:
-        out = interop.empty_like_framework(p.framework, p.device, (B, Nq, H, d), p.dtype)
+        out, out_desc = _new_array(p, "out", (B, Nq, H, d), p.dtype)
     else:
-        _check_out("out", out, p, (B, Nq, H, d), p.dtype)
+        out_desc = _check_out("out", out, p, (B, Nq, H, d), p.dtype)
     if lse is None:
-        lse = interop.empty_like_framework(p.framework, p.device, (B, H, Nq), lse_dtype(p.dtype))
+        lse, lse_desc = _new_array(p, "lse", (B, H, Nq), lse_dtype(p.dtype))
     else:
-        _check_out("lse", lse, p, (B, H, Nq), lse_dtype(p.dtype), contiguous=True)
+        lse_desc = _check_out("lse", lse, p, (B, H, Nq), lse_dtype(p.dtype), contiguous=True)
     if B * H * Nq == 0:
         return out, lse
 
-    views = [interop.flat_view(x, n) for x, n in ((q, "q"), (k, "k"), (v, "v"), (out, "out"), (lse, "lse"))]
+    views = [interop.flat_view(x, n, desc) for x, n, desc in
+             ((q, "q", descs[0]), (k, "k", descs[1]), (v, "v", descs[2]), (out, "out", out_desc),
+              (lse, "lse", lse_desc))]
     plan = configs.forward_plan(path, d, p.dtype, causal, _aligned(path, p, *views[:4]), scale > 0,
                                 sparse=block_mask is not None)
     with _on_device(p):
@@ -344,32 +409,42 @@ def flash_attn_backward(dout, q, k, v, out, lse, *, softmax_scale=None, causal=F
         deterministic kernels copy by TMA, 1-5% slower at N = 4k, 12-21% causal
         (benchmarks/results/h100-2026-12-06d-bwd-tma-tests-tuning.md).
     """
-    p = check_qkv(q, k, v)
+    return backward_checked(_check_qkv(q, k, v), dout, q, k, v, out, lse, softmax_scale, causal, causal_align,
+                            block_mask, dq, dk, dv, backend, deterministic, dlse)
+
+
+def backward_checked(checked, dout, q, k, v, out, lse, softmax_scale=None, causal=False,
+                     causal_align="bottom_right", block_mask=None, dq=None, dk=None, dv=None, backend=None,
+                     deterministic=True, dlse=None):
+    """flash_attn_backward after its q, k, v checks: `checked` is `_check_qkv(q, k, v)` (autograd's backward
+    takes it from the forward call, whose q, k, v it saved)."""
+    p, (q_desc, k_desc, v_desc) = checked
     scale = check_scale(softmax_scale, p.headdim)
     offset = causal_offset(causal, causal_align, p.seqlen_q, p.seqlen_k)
-    path = path_of(p, backend, block_mask, "bwd")
-    validate_block_mask(block_mask, p, path)
+    memo = {}
+    path = path_of(p, backend, block_mask, "bwd", memo)
+    validate_block_mask(block_mask, p, path, memo)
     B, Nq, Nk, H, d = p.batch, p.seqlen_q, p.seqlen_k, p.nheads, p.headdim
-    _check_out("dout", dout, p, (B, Nq, H, d), p.dtype)
-    _check_out("out", out, p, (B, Nq, H, d), p.dtype)
-    _check_out("lse", lse, p, (B, H, Nq), lse_dtype(p.dtype), contiguous=True)
+    dout_desc = _check_out("dout", dout, p, (B, Nq, H, d), p.dtype)
+    out_desc = _check_out("out", out, p, (B, Nq, H, d), p.dtype)
+    lse_desc = _check_out("lse", lse, p, (B, H, Nq), lse_dtype(p.dtype), contiguous=True)
     if dlse is not None:
-        _check_out("dlse", dlse, p, (B, H, Nq), lse_dtype(p.dtype), contiguous=True)
+        dlse_desc = _check_out("dlse", dlse, p, (B, H, Nq), lse_dtype(p.dtype), contiguous=True)
     outs = []
     for name, x, n in (("dq", dq, Nq), ("dk", dk, Nk), ("dv", dv, Nk)):
         if x is None:
-            x = interop.empty_like_framework(p.framework, p.device, (B, n, H, d), p.dtype)
+            outs.append(_new_array(p, name, (B, n, H, d), p.dtype))
         else:
-            _check_out(name, x, p, (B, n, H, d), p.dtype)
-        outs.append(x)
-    dq, dk, dv = outs
+            outs.append((x, _check_out(name, x, p, (B, n, H, d), p.dtype)))
+    (dq, dq_desc), (dk, dk_desc), (dv, dv_desc) = outs
     if B * H == 0 or (Nq == 0 and Nk == 0):
         return dq, dk, dv
 
-    views = [interop.flat_view(x, n) for x, n in
-             ((dout, "dout"), (q, "q"), (k, "k"), (v, "v"), (out, "out"), (lse, "lse"), (dq, "dq"),
-              (dk, "dk"), (dv, "dv"))]
-    dlse_view = None if dlse is None else interop.flat_view(dlse, "dlse")
+    views = [interop.flat_view(x, n, desc) for x, n, desc in
+             ((dout, "dout", dout_desc), (q, "q", q_desc), (k, "k", k_desc), (v, "v", v_desc),
+              (out, "out", out_desc), (lse, "lse", lse_desc), (dq, "dq", dq_desc), (dk, "dk", dk_desc),
+              (dv, "dv", dv_desc))]
+    dlse_view = None if dlse is None else interop.flat_view(dlse, "dlse", dlse_desc)
     if not isinstance(deterministic, bool):
         raise TypeError(f"deterministic must be a bool, got {type(deterministic).__name__}")
     lists = TileLists(p, block_mask)

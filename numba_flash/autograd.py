@@ -110,25 +110,47 @@ flash_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 class FlashAttnFunction(torch.autograd.Function):
-    """Eager-mode autograd with the custom ops' arguments, forward and backward, minus their dispatch."""
+    """Eager-mode autograd with the custom ops' arguments, forward and backward, minus their dispatch.
+    One more, last argument: `checked`, api._check_qkv(q, k, v) where the caller has made it (None: the
+    API checks q, k, v itself); the backward uses it too, since q, k, v are the ones it saved."""
 
     @staticmethod
-    def forward(ctx, *inputs):
-        out, lse = _forward(*inputs)
+    def forward(ctx, *args):
+        *inputs, checked = args
+        if checked is None:
+            out, lse = _forward(*inputs)
+        else:
+            (q, k, v, scale, causal, top_left, kv_count, kv_index, q_count, q_index, block_q, block_k, backend,
+             _) = inputs
+            out, lse = api.forward_checked(checked, q, k, v, scale, causal, _align(top_left),
+                                           _lists(kv_count, kv_index, q_count, q_index, block_q, block_k),
+                                           backend=backend)
         _setup_context(ctx, inputs, (out, lse))
+        ctx.checked = checked
         ctx.set_materialize_grads(False)     # an unused lse gets no zero gradient to read
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        return _backward(ctx, dout, dlse, _backward_launch)
+        checked = ctx.checked
+        if checked is None:
+            launch = _backward_launch
+        else:
+            def launch(dout, q, k, v, out, lse, scale, causal, top_left, kv_count, kv_index, q_count, q_index,
+                       block_q, block_k, backend, deterministic, dlse):
+                return api.backward_checked(
+                    checked, dout, q, k, v, out, lse, scale, causal, _align(top_left),
+                    _lists(kv_count, kv_index, q_count, q_index, block_q, block_k), backend=backend,
+                    deterministic=deterministic, dlse=dlse)
+        return _backward(ctx, dout, dlse, launch) + (None,)
 
 
-def attention(*inputs):
-    """(out, lse) with autograd: the custom op under torch.compile, FlashAttnFunction in eager mode."""
+def attention(*inputs, checked=None):
+    """(out, lse) with autograd: the custom op under torch.compile, FlashAttnFunction in eager mode
+    (`checked`: api._check_qkv(q, k, v), where the caller has made it)."""
     if torch.compiler.is_compiling():
         return flash_fwd_op(*inputs)
-    return FlashAttnFunction.apply(*inputs)
+    return FlashAttnFunction.apply(*inputs, checked)
 
 
 def mask_tensors(block_mask, device):

@@ -84,16 +84,19 @@ def _attention(q, k, v, softmax_scale, causal, top_left, return_lse, block_mask,
     return_lse = api.check_bool("return_lse", return_lse)
     if interop.framework_of(q) == "torch":
         from . import autograd
-        p = api.check_qkv(q, k, v)
+        checked = api._check_qkv(q, k, v)
+        p = checked[0]
         scale = api.check_scale(softmax_scale, p.headdim)
         api.causal_offset(causal, align, p.seqlen_q, p.seqlen_k)
         # each pass resolves its own path from the same choice ("auto" may pick wgmma for one of them)
         choice = configs.backend_choice(backend)[0]
+        memo = {}
         for pass_ in configs.PASSES:
-            api.validate_block_mask(block_mask, p, api.path_of(p, choice, block_mask, pass_))
+            api.validate_block_mask(block_mask, p, api.path_of(p, choice, block_mask, pass_, memo), memo)
         deterministic = api.check_bool("deterministic", deterministic)
         out, lse = autograd.attention(q, k, v, scale, causal, top_left,
-                                      *autograd.mask_tensors(block_mask, q.device), choice, deterministic)
+                                      *autograd.mask_tensors(block_mask, q.device), choice, deterministic,
+                                      checked=checked)
     else:
         out, lse = api.flash_attn_forward(q, k, v, softmax_scale=softmax_scale, causal=causal,
                                           causal_align=align, block_mask=block_mask, backend=backend)

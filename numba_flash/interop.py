@@ -37,15 +37,25 @@ class View:
         return self.ptr % (nelem * item) == 0 and all(st % nelem == 0 for st in self.strides[:-1])
 
 
+_FRAMEWORK_OF_TYPE = {}     # type -> "torch" / "cupy" / "numpy" (decided by the type alone)
+
+
 def framework_of(x):
-    mod = type(x).__module__
+    t = type(x)
+    fw = _FRAMEWORK_OF_TYPE.get(t)
+    if fw is not None:
+        return fw
+    mod = t.__module__
     if mod.startswith("torch"):
-        return "torch"
-    if mod.startswith("cupy"):
-        return "cupy"
-    if isinstance(x, np.ndarray):
-        return "numpy"
-    if _is_numba_device_array(x):
+        fw = "torch"
+    elif mod.startswith("cupy"):
+        fw = "cupy"
+    elif isinstance(x, np.ndarray):
+        fw = "numpy"
+    if fw is not None:
+        _FRAMEWORK_OF_TYPE[t] = fw
+        return fw
+    if _is_numba_device_array(x):      # per object: any class with __cuda_array_interface__ qualifies
         return "numba"
     return None
 
@@ -64,11 +74,15 @@ def _kernel_host_array(a):
     return FakeCUDAArray(a)
 
 
+_TORCH_NAMES = {}
+
+
 def _torch_dtype_name(t):
-    import torch
-    names = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16",
-             torch.float64: "float64", torch.int32: "int32"}
-    return names.get(t.dtype, str(t.dtype).replace("torch.", ""))
+    dt = t.dtype
+    name = _TORCH_NAMES.get(dt)
+    if name is None:
+        name = _TORCH_NAMES[dt] = str(dt).replace("torch.", "")    # "float16", "bfloat16", "int32", ...
+    return name
 
 
 def describe(x, name):
@@ -100,14 +114,18 @@ def _numba_device_of(x):
 
 def _span(shape, strides):
     """Elements from the first to one past the last element the view touches (strides >= 0)."""
-    if any(s == 0 for s in shape):
-        return 0
-    return 1 + sum((n - 1) * st for n, st in zip(shape, strides))
+    span = 1
+    for n, st in zip(shape, strides):
+        if n == 0:
+            return 0
+        span += (n - 1) * st
+    return span
 
 
-def flat_view(x, name):
-    fw, shape, strides, dtype, dev = describe(x, name)
-    if any(st < 0 for st in strides):
+def flat_view(x, name, desc=None):
+    """The View of array `x` (`desc`: its `describe(x, name)`, where the caller has it already)."""
+    fw, shape, strides, dtype, dev = describe(x, name) if desc is None else desc
+    if min(strides, default=0) < 0:
         raise ValueError(f"{name} has negative strides {strides}; make it contiguous first")
     span = _span(shape, strides)
     if dev == "cpu":

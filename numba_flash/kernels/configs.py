@@ -37,6 +37,7 @@ NUMBA_FLASH_DQ_MODE overrides the choice for tensor-core plans (tuning runs).
 import math
 import os
 from dataclasses import dataclass, fields
+from functools import lru_cache
 
 from .launch import SIMULATOR
 
@@ -248,29 +249,47 @@ def _wgmma_tiles(role, headdim, causal=False, sparse=False):
     return MmaTiles(128, 128, 8, a_regs=False, tma=tma)
 
 
-def _override(path, role):
-    """Tile overrides for tuning runs only: NUMBA_FLASH_{FWD,DQ,DKDV,BWD}_TILES = "br,bc,ty,tx[,min_blocks]"
-    (simt) or "br,bc,warps,a_regs[,min_blocks[,ring[,pingpong[,late_pv_wait[,persistent[,tma[,dynamic]]]]]]]"
-    (mma, wgmma)."""
+def _override_text(role):
+    """The tile override in force for `role` (its environment variable's text), or None."""
     for var in _ENV[role]:
         v = os.environ.get(var)
         if v:
-            vals = [int(x) for x in v.split(",")]
-            if path == "simt":
-                return SimtTiles(*vals)
-            # the fields in declaration order (MmaTiles.override writes them so), flags as bools
-            return MmaTiles(*(bool(x) if f.type is bool else x for f, x in zip(fields(MmaTiles), vals)))
+            return v
     return None
+
+
+def _override(path, role):
+    """Tile overrides for tuning runs only: NUMBA_FLASH_{FWD,DQ,DKDV,BWD}_TILES = "br,bc,ty,tx[,min_blocks]"
+    (simt) or "br,bc,warps,a_regs[,min_blocks[,ring[,pingpong[,late_pv_wait[,persistent[,tma[,dynamic]]]]]]]"
+    (mma, wgmma). None where no override is set."""
+    text = _override_text(role)
+    return None if text is None else _parse_override(path, text)
+
+
+@lru_cache(maxsize=None)
+def _parse_override(path, text):
+    vals = [int(x) for x in text.split(",")]
+    if path == "simt":
+        return SimtTiles(*vals)
+    # the fields in declaration order (MmaTiles.override writes them so), flags as bools
+    return MmaTiles(*(bool(x) if f.type is bool else x for f, x in zip(fields(MmaTiles), vals)))
 
 
 def tiles(path, role, headdim, block_k=None, causal=False, sparse=False):
     """Tiles of kernel `role` ("fwd", "dkdv", "dq", or "dkdv_atomic": the dK/dV kernel with the fused
     dQ). block_k: a block mask's key block size, which the key tiles must divide (None: dense). causal,
-    sparse (a block mask): the forward's wgmma tiles differ (persistent or not)."""
+    sparse (a block mask): the forward's wgmma tiles differ (persistent or not). Kept per answer (every
+    call asks, several times): the environment's override is read each time and is part of the key."""
     if SIMULATOR:
         sim = _SIM[path]
         return sim[role] if role in sim else sim["dkdv" if role == "dkdv_atomic" else role]
-    t = _override(path, "dkdv" if role == "dkdv_atomic" else role)
+    return _tiles(path, role, headdim, block_k, bool(causal), bool(sparse),
+                  _override_text("dkdv" if role == "dkdv_atomic" else role))
+
+
+@lru_cache(maxsize=4096)
+def _tiles(path, role, headdim, block_k, causal, sparse, override):
+    t = None if override is None else _parse_override(path, override)
     if t is None:
         if path == "wgmma" and role == "dkdv_atomic":
             role = "dkdv"                            # the fused dQ runs on the dK/dV kernel's tiles
@@ -384,5 +403,10 @@ def backward_plan(path, headdim, dtype_name, causal, aligned, deterministic=True
 
 def mask_tile(path, headdim):
     """The (Br, Bc) a block mask's block size must be a multiple of, for both passes of `path`."""
-    ts = [tiles(path, "fwd", headdim)] + [tiles(backward_path(path, headdim), role, headdim) for role in ("dkdv", "dq")]
+    ts = (tiles(path, "fwd", headdim), *(tiles(backward_path(path, headdim), role, headdim) for role in ("dkdv", "dq")))
+    return _lcm_tile(ts)
+
+
+@lru_cache(maxsize=1024)
+def _lcm_tile(ts):
     return (math.lcm(*(t.br for t in ts)), math.lcm(*(t.bc for t in ts)))

@@ -30,13 +30,14 @@ import numpy as np
 class DeviceBuffer:
     """A flat device allocation as the kernels take it (a 1-D C-contiguous array of `size` elements)."""
 
-    __slots__ = ("ptr", "size", "dtype", "owner")
+    __slots__ = ("ptr", "size", "dtype", "owner", "itemsize", "char")
 
     def __init__(self, ptr, size, dtype, owner=None):
         self.ptr = int(ptr)
         self.size = int(size)
-        self.dtype = np.dtype(dtype)
+        self.dtype = dt = np.dtype(dtype)
         self.owner = owner
+        self.itemsize, self.char = dt.itemsize, dt.char      # what every launch packs (ArgPacker.flatten)
 
     @property
     def __cuda_array_interface__(self):
@@ -63,24 +64,34 @@ class ArgPacker:
 
     @staticmethod
     def flatten(args, values=None, key=None):
-        """Parameter values in Numba's order, and a key that is equal for argument lists of one signature."""
+        """Parameter values in Numba's order, and a key that is equal for argument lists of one signature.
+        (Every launch runs this: the common cases are tested first and the lists' methods bound once.)"""
         values = [] if values is None else values
         key = [] if key is None else key
+        put, put_all, mark = values.append, values.extend, key.append
         for a in args:
             t = type(a)
-            if t is DeviceBuffer:
-                n, item = a.size, a.dtype.itemsize
-                values.extend((0, 0, n, item, a.ptr, n, item))
-                key.append(a.dtype.char)
-            elif t is tuple:
-                key.append("(")
-                ArgPacker.flatten(a, values, key)
-                key.append(")")
-            elif t in _SCALARS:
-                if t is int and not -2**63 <= a < 2**63:
+            if t is int:
+                if not -9223372036854775808 <= a <= 9223372036854775807:
                     raise OverflowError(f"kernel argument {a} does not fit in int64")
-                values.append(a)
-                key.append(t)
+                put(a)
+                mark(int)
+            elif t is DeviceBuffer:
+                n, item = a.size, a.itemsize
+                put_all((0, 0, n, item, a.ptr, n, item))
+                mark(a.char)
+            elif t is tuple:
+                mark("(")
+                for b in a:
+                    if type(b) is int and -9223372036854775808 <= b <= 9223372036854775807:
+                        put(b)
+                        mark(int)
+                    else:
+                        ArgPacker.flatten((b,), values, key)
+                mark(")")
+            elif t in _SCALARS:
+                put(a)
+                mark(t)
             else:
                 raise TypeError(f"no direct launch for a kernel argument of type {t.__name__}")
         return key, values
