@@ -299,8 +299,11 @@ def _list_views(ml):
     if hit is not None:
         return hit[1]
     views = tuple(interop.flat_view(a, "block_mask") for a in arrays)
-    if len(_list_views_cache) >= _LIST_VIEWS_KEPT:
-        _list_views_cache.pop(next(iter(_list_views_cache)))
+    while len(_list_views_cache) >= _LIST_VIEWS_KEPT:     # the oldest first (another thread may be here too)
+        try:
+            _list_views_cache.pop(next(iter(_list_views_cache)), None)
+        except (StopIteration, RuntimeError):
+            break
     _list_views_cache[key] = (arrays, views)
     return views
 

@@ -127,3 +127,33 @@ def test_autograd_with_the_wrappers_checks_is_bitwise_the_api(rng, dtype, causal
     assert_bitwise_equal(lse.detach(), lse_api, "lse")
     for name, g, ga in zip("qkv", grads, grads_api):
         assert_bitwise_equal(g, ga, f"d{name}")
+
+
+@pytest.mark.skipif(torch is None, reason="needs torch")
+def test_host_emulation_records_the_gpu_launches_and_compare_tells_a_change(tmp_path):
+    """tools/host_emulate.py runs the GPU host path on CPU tensors in a child process (it needs
+    NUMBA_ENABLE_CUDASIM=0): what it records is the launch sequence of a wgmma plan (forward, then the
+    backward's prepare, dK/dV and dQ kernels), and comparing a changed record fails."""
+    import json
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    tool = os.path.join(root, "tools", "host_emulate.py")
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    done = subprocess.run([sys.executable, tool, "record", str(a), "--quick"], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    calls = json.loads(a.read_text())["calls"]
+    assert len(calls) == 4
+    kernels = [launch[0] for launch in calls["float16 d=64 causal=False mask=False det=True"]]
+    assert kernels[:4] == ["flash_fwd", "bwd_prepare", "flash_bwd_dkdv", "flash_bwd_dq"]
+    assert all("address" in launch[5] for launch in calls["float16 d=64 causal=True mask=True det=True"])
+    same = subprocess.run([sys.executable, tool, "compare", str(a), str(a)], capture_output=True, text=True)
+    assert same.returncode == 0, same.stdout
+    record = json.loads(a.read_text())
+    record["calls"]["float16 d=64 causal=True mask=False det=True"][0][1][0] += 1       # one grid changed
+    b.write_text(json.dumps(record))
+    changed = subprocess.run([sys.executable, tool, "compare", str(a), str(b)], capture_output=True, text=True)
+    assert changed.returncode == 1 and "1 of 4 call sets differ" in changed.stdout
