@@ -10,6 +10,10 @@
 #   tools/gpu_check.sh bench    OUT [ARGS...]  fp16, d = 64 and 128, N = 1k/2k/4k/16k, causal and not, fwd
 #                                              and fwd+bwd, against naive, SDPA FlashAttention-2 and cuDNN
 #                                              (~130 s); ARGS replace those options (numba_flash.bench)
+#   tools/gpu_check.sh host     OUT [ARGS...]  python tools/host_overhead.py ARGS (default: N = 1k and 4k, 8k
+#                                              tokens, 12 heads, bf16): host against GPU ms per call, the
+#                                              API, the torch op and autograd steps, with and without a
+#                                              block mask (~60 s)
 #   tools/gpu_check.sh tune     OUT ARGS...    python tools/tune.py ARGS (A/B of tile options in one run:
 #                                              the spread between leases is ~10%, so compare in one call)
 #   tools/gpu_check.sh ncu      OUT [D...]     ncu --clock-control none on one forward and one backward per
@@ -30,7 +34,7 @@
 # image's numpy must be < 2.5 (numba-cuda 0.30 calls np.row_stack); the stage refuses to run otherwise.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-stage=${1:?stage: suite, sanitize, bench or paper}
+stage=${1:?stage: suite, sanitize, bench, host, tune, ncu, profile or paper}
 out=${2:?output folder}
 shift 2
 mkdir -p "$out"
@@ -72,6 +76,12 @@ bench)
                                    --pass fwd,fwd+bwd --impl numba_flash,naive,sdpa_flash,sdpa_cudnn)
     timeout 560 python3 -m numba_flash.bench "${args[@]}" --out "$out/bench" > "$out/bench.log" 2>&1
     echo "bench exit $?"; grep -E "numba_flash[a-z_]* / " "$out/bench.md" | head -40
+    ;;
+host)
+    args=("$@")
+    [ ${#args[@]} -gt 0 ] || args=(--seqlen 1024 4096 --tokens 8192 --nheads 12 --dtype bfloat16 --calls 50)
+    timeout 300 python3 tools/host_overhead.py "${args[@]}" > "$out/host.log" 2>&1
+    echo "host exit $?"; grep -E "^\|" "$out/host.log" | head -40
     ;;
 tune)
     timeout 560 python3 tools/tune.py "$@" > "$out/tune.log" 2>&1

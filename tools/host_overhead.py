@@ -75,11 +75,23 @@ def steps(torch, nf, B, N, H, d, dtype):
         with torch.no_grad():
             return nf.flash_attn_func(q, k, v)
 
+    mask = nf.BlockMask.random(0.125, seed=0, seqlen_q=N, seqlen_k=N)
+
+    def op_forward_masked():
+        with torch.no_grad():
+            return nf.flash_attn_func(q, k, v, block_mask=mask)
+
+    def autograd_step_masked():
+        nf.flash_attn_func(qg, kg, vg, block_mask=mask).backward(dout)
+
     return {
         "api forward": lambda: nf.flash_attn_forward(q, k, v),
+        "api forward, block mask 12.5%": lambda: nf.flash_attn_forward(q, k, v, block_mask=mask),
         "api backward": lambda: nf.flash_attn_backward(dout, q, k, v, out, lse),
         "torch op forward (no grad)": op_forward,
+        "torch op forward, block mask 12.5% (no grad)": op_forward_masked,
         "autograd forward+backward": autograd_step,
+        "autograd forward+backward, block mask 12.5%": autograd_step_masked,
         "autograd forward+backward, backward on the calling thread": autograd_step_here,
         "autograd.Function launching nothing, forward+backward": empty_step,
         "SDPA FA2 forward+backward": sdpa_step,
@@ -107,7 +119,9 @@ def breakdown(torch, nf, B, N, H, d, dtype, calls):
                 where = "calling" if threading.current_thread() is threading.main_thread() else "device"
                 acc[f"{name} ({where} thread)"] += time.perf_counter() - t0
         setattr(mod, name, wrapper)
-    for mod, name in ((api, "flash_attn_forward"), (api, "flash_attn_backward"), (backward, "launch")):
+    # the API bodies: flash_attn_forward / _backward and the autograd path both run them (forward_checked,
+    # backward_checked), the autograd path with the wrapper's checks of q, k, v
+    for mod, name in ((api, "forward_checked"), (api, "backward_checked"), (backward, "launch")):
         timed(mod, name)
     try:
         q, k, v = (torch.randn(B, N, H, d, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
