@@ -167,7 +167,7 @@ def _contiguous_strides(shape):
     return tuple(reversed(strides))
 
 
-def _new_array(p, name, shape, dtype):
+def _new_array(p, shape, dtype):
     """(array, its interop.describe): a fresh C-contiguous array of p's framework and device."""
     x = interop.empty_like_framework(p.framework, p.device, shape, dtype)
     return x, (p.framework, tuple(shape), _contiguous_strides(shape), dtype, p.device)
@@ -366,11 +366,11 @@ def forward_checked(checked, q, k, v, softmax_scale=None, causal=False, causal_a
     validate_block_mask(block_mask, p, path, memo)
     B, Nq, H, d = p.batch, p.seqlen_q, p.nheads, p.headdim
     if out is None:
-        out, out_desc = _new_array(p, "out", (B, Nq, H, d), p.dtype)
+        out, out_desc = _new_array(p, (B, Nq, H, d), p.dtype)
     else:
         out_desc = _check_out("out", out, p, (B, Nq, H, d), p.dtype)
     if lse is None:
-        lse, lse_desc = _new_array(p, "lse", (B, H, Nq), lse_dtype(p.dtype))
+        lse, lse_desc = _new_array(p, (B, H, Nq), lse_dtype(p.dtype))
     else:
         lse_desc = _check_out("lse", lse, p, (B, H, Nq), lse_dtype(p.dtype), contiguous=True)
     if B * H * Nq == 0:
@@ -436,7 +436,7 @@ def backward_checked(checked, dout, q, k, v, out, lse, softmax_scale=None, causa
     outs = []
     for name, x, n in (("dq", dq, Nq), ("dk", dk, Nk), ("dv", dv, Nk)):
         if x is None:
-            outs.append(_new_array(p, name, (B, n, H, d), p.dtype))
+            outs.append(_new_array(p, (B, n, H, d), p.dtype))
         else:
             outs.append((x, _check_out(name, x, p, (B, n, H, d), p.dtype)))
     (dq, dq_desc), (dk, dk_desc), (dv, dv_desc) = outs

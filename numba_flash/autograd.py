@@ -9,6 +9,7 @@ machine and more on the GPU host, next to ~0.1 ms for the launches themselves, s
 and launch, through `api.py`. A block mask travels as its four list tensors plus its block size, since
 custom ops take tensors and scalars, not Python objects.
 """
+from functools import partial
 from typing import Optional
 
 import torch
@@ -39,10 +40,11 @@ def flash_fwd_op(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float, causal: 
 
 
 def _forward(q, k, v, softmax_scale, causal, top_left, kv_count, kv_index, q_count, q_index, block_q, block_k,
-             backend="auto", deterministic=True):
-    return api.flash_attn_forward(
-        q, k, v, softmax_scale=softmax_scale, causal=causal, causal_align=_align(top_left),
-        block_mask=_lists(kv_count, kv_index, q_count, q_index, block_q, block_k), backend=backend)
+             backend="auto", deterministic=True, checked=None):
+    """checked: api._check_qkv(q, k, v) where the caller has made it (None: checked here)."""
+    return api.forward_checked(
+        checked or api._check_qkv(q, k, v), q, k, v, softmax_scale, causal, _align(top_left),
+        _lists(kv_count, kv_index, q_count, q_index, block_q, block_k), backend=backend)
 
 
 @flash_fwd_op.register_fake
@@ -65,11 +67,11 @@ def flash_bwd_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse
 
 
 def _backward_launch(dout, q, k, v, out, lse, softmax_scale, causal, top_left, kv_count, kv_index, q_count,
-                     q_index, block_q, block_k, backend="auto", deterministic=True, dlse=None):
-    return api.flash_attn_backward(
-        dout, q, k, v, out, lse, softmax_scale=softmax_scale, causal=causal,
-        causal_align=_align(top_left),
-        block_mask=_lists(kv_count, kv_index, q_count, q_index, block_q, block_k), backend=backend,
+                     q_index, block_q, block_k, backend="auto", deterministic=True, dlse=None, checked=None):
+    """checked: api._check_qkv(q, k, v), the forward call's (None: checked here)."""
+    return api.backward_checked(
+        checked or api._check_qkv(q, k, v), dout, q, k, v, out, lse, softmax_scale, causal, _align(top_left),
+        _lists(kv_count, kv_index, q_count, q_index, block_q, block_k), backend=backend,
         deterministic=deterministic, dlse=dlse)
 
 
@@ -117,14 +119,7 @@ class FlashAttnFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, *args):
         *inputs, checked = args
-        if checked is None:
-            out, lse = _forward(*inputs)
-        else:
-            (q, k, v, scale, causal, top_left, kv_count, kv_index, q_count, q_index, block_q, block_k, backend,
-             _) = inputs
-            out, lse = api.forward_checked(checked, q, k, v, scale, causal, _align(top_left),
-                                           _lists(kv_count, kv_index, q_count, q_index, block_q, block_k),
-                                           backend=backend)
+        out, lse = _forward(*inputs, checked=checked)
         _setup_context(ctx, inputs, (out, lse))
         ctx.checked = checked
         ctx.set_materialize_grads(False)     # an unused lse gets no zero gradient to read
@@ -132,17 +127,7 @@ class FlashAttnFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        checked = ctx.checked
-        if checked is None:
-            launch = _backward_launch
-        else:
-            def launch(dout, q, k, v, out, lse, scale, causal, top_left, kv_count, kv_index, q_count, q_index,
-                       block_q, block_k, backend, deterministic, dlse):
-                return api.backward_checked(
-                    checked, dout, q, k, v, out, lse, scale, causal, _align(top_left),
-                    _lists(kv_count, kv_index, q_count, q_index, block_q, block_k), backend=backend,
-                    deterministic=deterministic, dlse=dlse)
-        return _backward(ctx, dout, dlse, launch) + (None,)
+        return _backward(ctx, dout, dlse, partial(_backward_launch, checked=ctx.checked)) + (None,)
 
 
 def attention(*inputs, checked=None):

@@ -403,10 +403,5 @@ def backward_plan(path, headdim, dtype_name, causal, aligned, deterministic=True
 
 def mask_tile(path, headdim):
     """The (Br, Bc) a block mask's block size must be a multiple of, for both passes of `path`."""
-    ts = (tiles(path, "fwd", headdim), *(tiles(backward_path(path, headdim), role, headdim) for role in ("dkdv", "dq")))
-    return _lcm_tile(ts)
-
-
-@lru_cache(maxsize=1024)
-def _lcm_tile(ts):
+    ts = [tiles(path, "fwd", headdim)] + [tiles(backward_path(path, headdim), role, headdim) for role in ("dkdv", "dq")]
     return (math.lcm(*(t.br for t in ts)), math.lcm(*(t.bc for t in ts)))

@@ -56,6 +56,7 @@ _SCALARS = {
     int: ("q", "int64"), np.int64: ("q", "int64"), np.int32: ("i4x", "int32"),
     float: ("d", "float64"), np.float64: ("d", "float64"), np.float32: ("f4x", "float32"),
 }
+_INT64_MIN, _INT64_MAX = -2**63, 2**63 - 1
 _ARRAY_SLOTS = "QQqqQqq"   # meminfo, parent, nitems, itemsize, data, shape[0], strides[0] (bytes)
 
 
@@ -72,7 +73,7 @@ class ArgPacker:
         for a in args:
             t = type(a)
             if t is int:
-                if not -9223372036854775808 <= a <= 9223372036854775807:
+                if not _INT64_MIN <= a <= _INT64_MAX:
                     raise OverflowError(f"kernel argument {a} does not fit in int64")
                 put(a)
                 mark(int)
@@ -83,7 +84,7 @@ class ArgPacker:
             elif t is tuple:
                 mark("(")
                 for b in a:
-                    if type(b) is int and -9223372036854775808 <= b <= 9223372036854775807:
+                    if type(b) is int and _INT64_MIN <= b <= _INT64_MAX:
                         put(b)
                         mark(int)
                     else:
