@@ -334,13 +334,15 @@ def flash_attn_forward(q, k, v, *, softmax_scale=None, causal=False, causal_alig
         block_mask: optional `BlockMask`; only its nonzero blocks are computed.
         out: optional preallocated (batch, seqlen_q, nheads, headdim) output, input dtype.
         lse: optional preallocated C-contiguous (batch, nheads, seqlen_q) float32 (float64 for float64 inputs).
-        backend: "auto" (default; None reads NUMBA_FLASH_BACKEND), "simt", "mma" or "wgmma". "auto" runs
+        backend: "auto" (default; None reads NUMBA_FLASH_BACKEND), "simt", "mma", "wgmma" or "tf32". "auto" runs
             float16 / bfloat16 on tensor cores (mma.sync, compute capability >= 8.0; on a cc 9.0 GPU
             Hopper's wgmma instead where it measured faster: the forward for 64 <= headdim <= 128, the
             backward for 64 <= headdim <= 128) and everything else on the SIMT kernels (fp32
             arithmetic; float64 in float64); "mma" insists on mma.sync tensor cores (float16 / bfloat16
             only), "wgmma" on warpgroup MMA (cc 9.0 only; the backward past headdim 128 on mma.sync),
-            "simt" on CUDA cores.
+            "simt" on CUDA cores. "tf32" (opt-in; float32 inputs, cc 9.0, headdim <= 128): the forward
+            on tensor cores at float32 accuracy by split TF32 (three tf32 products per product; its
+            backward runs the SIMT kernels).
 
     Returns:
         (out, lse), arrays of the inputs' framework. lse is the natural-log log-sum-exp of each row's scaled

@@ -19,7 +19,7 @@ def flash_attn_func(q, k, v, softmax_scale=None, causal=False, return_lse=False,
         return_lse: also return the log-sum-exp.
         block_mask: optional `numba_flash.BlockMask`; only its nonzero blocks are computed (and combined
             with `causal` if both are given).
-        backend: "auto" (default; None reads NUMBA_FLASH_BACKEND), "simt", "mma" or "wgmma": which
+        backend: "auto" (default; None reads NUMBA_FLASH_BACKEND), "simt", "mma", "wgmma" or "tf32": which
             kernels run (see `flash_attn_forward`). "auto" puts float16/bfloat16 on tensor cores, and
             chooses the forward's and the backward's kernels separately.
         deterministic: the backward pass gives bitwise the same gradients for the same inputs (default).

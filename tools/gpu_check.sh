@@ -47,7 +47,7 @@ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$out/gpu
 
 case "$stage" in
 suite)
-    timeout 560 python3 -m pytest tests -q -n 16 --ignore=tests/test_sanitizer.py -p no:cacheprovider \
+    timeout ${SUITE_TIMEOUT:-560} python3 -m pytest tests -q -n 16 --ignore=tests/test_sanitizer.py -p no:cacheprovider \
         --durations=25 \
         > "$out/suite.log" 2>&1
     echo "suite exit $?: $(tail -1 "$out/suite.log")"

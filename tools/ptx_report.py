@@ -167,10 +167,10 @@ def report(name, kern, args, plan, arch, sass_dir, events=False):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--path", nargs="+", default=["mma", "simt"], choices=["mma", "wgmma", "simt"])
+    ap.add_argument("--path", nargs="+", default=["mma", "simt"], choices=["mma", "wgmma", "tf32", "simt"])
     ap.add_argument("--headdim", type=int, nargs="+", default=[64, 128])
     ap.add_argument("--dtype", nargs="+", default=None,
-                    help="default: float16 for mma, float32 and float16 for simt")
+                    help="default: float16 for mma and wgmma, float32 for tf32, float32 and float16 for simt")
     ap.add_argument("--causal", type=int, nargs="+", default=[0])
     ap.add_argument("--arch", default="sm_90", help="sm_80, sm_90 (compiled as sm_90a), ...")
     ap.add_argument("--sass", default=None, help="keep the cubins in this folder")
@@ -191,7 +191,8 @@ def main(argv=None):
         return 1
     for path in a.path:
         for d in a.headdim:
-            for dt in a.dtype or (["float16"] if path in ("mma", "wgmma") else ["float32", "float16"]):
+            for dt in a.dtype or {"mma": ["float16"], "wgmma": ["float16"], "tf32": ["float32"]}.get(
+                    path, ["float32", "float16"]):
                 for causal in a.causal:
                     for name, kern, args, plan in kernels_of(path, d, dt, bool(causal), not a.unaligned,
                                                              (int(a.arch[3]), int(a.arch[4:]))):

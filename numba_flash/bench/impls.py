@@ -4,6 +4,7 @@
     numba_flash_nd   the same with deterministic=False (tensor cores: dQ by atomics, 5 products)
     numba_flash_mma, numba_flash_wgmma
                      the same on backend="mma" / "wgmma" (the default picks one per head dim and GPU)
+    numba_flash_tf32 the same on backend="tf32" (float32 inputs: split TF32 forward, SIMT backward)
     naive            matmul -> softmax -> matmul in the input dtype (PyTorch)
     sdpa_flash       F.scaled_dot_product_attention under SDPBackend.FLASH_ATTENTION
     sdpa_efficient   ... under SDPBackend.EFFICIENT_ATTENTION
@@ -98,7 +99,7 @@ def make_forward(impl: str, q, k, v, causal: bool, *, block_mask=None):
     qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
     if impl in OWN_IMPLS:
         deterministic = impl != "numba_flash_nd"
-        backend = {"numba_flash_mma": "mma", "numba_flash_wgmma": "wgmma"}.get(impl)
+        backend = {"numba_flash_mma": "mma", "numba_flash_wgmma": "wgmma", "numba_flash_tf32": "tf32"}.get(impl)
 
         def forward():
             return numba_flash.flash_attn_func(q, k, v, causal=causal, block_mask=block_mask,

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import dataclasses
 
-IMPLS = ("numba_flash", "numba_flash_nd", "numba_flash_mma", "numba_flash_wgmma", "naive", "sdpa_flash",
-         "sdpa_efficient", "sdpa_cudnn", "flex")
-OWN_IMPLS = ("numba_flash", "numba_flash_nd", "numba_flash_mma", "numba_flash_wgmma")
+IMPLS = ("numba_flash", "numba_flash_nd", "numba_flash_mma", "numba_flash_wgmma", "numba_flash_tf32", "naive",
+         "sdpa_flash", "sdpa_efficient", "sdpa_cudnn", "flex")
+OWN_IMPLS = ("numba_flash", "numba_flash_nd", "numba_flash_mma", "numba_flash_wgmma", "numba_flash_tf32")
 # flex compiles per shape (minutes over the full sweep), and numba_flash_nd (deterministic=False) differs
 # from numba_flash only on tensor cores: both opt in
 DEFAULT_IMPLS = ("numba_flash", "naive", "sdpa_flash", "sdpa_efficient", "sdpa_cudnn")

@@ -9,6 +9,9 @@ Paths:
   "mma"   tensor cores through mma.sync m16n8k16 (sm_80+), float16 and bfloat16 only.
   "wgmma" Hopper warpgroup MMA (sm_90a: compute capability 9.0), float16 and bfloat16 (wgmma_tiles.py),
           forward and backward; past head dim 128 its backward runs the "mma" kernels (`backward_path`).
+  "tf32"  float32 inputs at float32 accuracy on warpgroup MMA (cc 9.0) by split TF32, three tf32 products
+          per product (tf32_tiles.py); the forward only, head dims up to TF32_MAX_HEADDIM: its backward
+          runs the "simt" kernels. Opt-in (backend="tf32"): "auto" keeps float32 on SIMT.
 `backend="auto"` (the default, or NUMBA_FLASH_BACKEND) takes "mma" for float16/bfloat16 on compute
 capability >= 8.0 (and under the simulator, so CI runs it), "wgmma" instead on a cc 9.0 GPU for the head
 dims where it measured faster, chosen per pass (WGMMA_AUTO_HEADDIMS for the forward,
@@ -41,12 +44,13 @@ from functools import lru_cache
 
 from .launch import SIMULATOR
 
-BACKENDS = ("auto", "simt", "mma", "wgmma")
+BACKENDS = ("auto", "simt", "mma", "wgmma", "tf32")
 BACKEND_ENV = "NUMBA_FLASH_BACKEND"
 DQ_MODES = ("kernel", "atomic", "bulk")
 DQ_MODE_ENV = "NUMBA_FLASH_DQ_MODE"
 MMA_DTYPES = ("float16", "bfloat16")
 MAX_HEADDIM = 256
+TF32_MAX_HEADDIM = 128       # the tf32 forward's shared images (Q, K, V twice each) fit up to here
 MIN_HEADDIM = 16
 
 
@@ -140,7 +144,8 @@ _SIM = {"simt": dict(fwd=SimtTiles(16, 16, 4, 4), dkdv=SimtTiles(16, 16, 4, 4), 
         "wgmma": dict(fwd=MmaTiles(64, 32, 4, a_regs=False), dkdv=MmaTiles(32, 64, 4, a_regs=False),
                       dq=MmaTiles(64, 32, 4, a_regs=False),
                       # the fused dQ's product takes 64 query rows (one wgmma M)
-                      dkdv_atomic=MmaTiles(64, 64, 4, a_regs=False))}
+                      dkdv_atomic=MmaTiles(64, 64, 4, a_regs=False)),
+        "tf32": dict(fwd=MmaTiles(64, 32, 4, a_regs=False))}
 
 
 def _simt_tiles(role, headdim):
@@ -249,6 +254,14 @@ def _wgmma_tiles(role, headdim, causal=False, sparse=False):
     return MmaTiles(128, 128, 8, a_regs=False, tma=tma)
 
 
+def _tf32_tiles(role, headdim):
+    # The split-TF32 forward (tf32_tiles.py) holds Q, K and V twice (high and low parts) in shared memory,
+    # plus the transposed V: 128 x 64 tiles (two warpgroups) take ~179 KB at d = 64, 64 x 32 (one) the
+    # same at d = 128. Not tuned on a GPU yet.
+    assert role == "fwd", role
+    return MmaTiles(128, 64, 8, a_regs=False) if headdim <= 64 else MmaTiles(64, 32, 4, a_regs=False)
+
+
 def _override_text(role):
     """The tile override in force for `role` (its environment variable's text), or None."""
     for var in _ENV[role]:
@@ -294,7 +307,7 @@ def _tiles(path, role, headdim, block_k, causal, sparse, override):
         if path == "wgmma" and role == "dkdv_atomic":
             role = "dkdv"                            # the fused dQ runs on the dK/dV kernel's tiles
         t = (_wgmma_tiles(role, headdim, causal, sparse) if path == "wgmma"
-             else {"simt": _simt_tiles, "mma": _mma_tiles}[path](role, headdim))
+             else {"simt": _simt_tiles, "mma": _mma_tiles, "tf32": _tf32_tiles}[path](role, headdim))
         if role == "dkdv_atomic" and block_k is not None and block_k % t.bc:
             t = _mma_tiles("dkdv", headdim)          # the mask's key blocks are narrower than 128
     return t
@@ -326,7 +339,7 @@ def backend_choice(backend):
 
 
 def resolve_backend(backend, dtype_name, capability, headdim=None, pass_="fwd"):
-    """The path for `backend` ("auto", "simt", "mma", "wgmma"; None reads NUMBA_FLASH_BACKEND) and an input
+    """The path for `backend` ("auto", "simt", "mma", "wgmma", "tf32"; None reads NUMBA_FLASH_BACKEND) and an input
     dtype on a device of compute `capability` ((major, minor); None under the simulator). headdim: the
     problem's, for "auto" on a cc 9.0 GPU (WGMMA_AUTO_HEADDIMS for the forward pass, pass_="fwd",
     WGMMA_BWD_AUTO_HEADDIMS for the backward, "bwd"); None: never wgmma by default."""
@@ -339,6 +352,17 @@ def resolve_backend(backend, dtype_name, capability, headdim=None, pass_="fwd"):
             return "simt"
         auto_dims = WGMMA_AUTO_HEADDIMS if pass_ == "fwd" else WGMMA_BWD_AUTO_HEADDIMS
         return "wgmma" if sm90 and headdim in auto_dims else "mma"
+    if backend == "tf32":
+        if dtype_name != "float32":
+            raise ValueError(f"{source} is split TF32 for float32 inputs; the inputs are {dtype_name} (use "
+                             f"backend='auto', 'mma' or 'wgmma' for float16/bfloat16)")
+        if not (sm90 or capability is None):
+            raise ValueError(f"{source} needs compute capability 9.0 (tf32 wgmma is an sm_90a instruction); "
+                             f"this GPU has {capability[0]}.{capability[1]} (use backend='simt')")
+        if headdim is not None and headdim > TF32_MAX_HEADDIM:
+            raise ValueError(f"{source} takes head dims up to {TF32_MAX_HEADDIM}; headdim is {headdim} "
+                             f"(use backend='simt')")
+        return backend
     if backend in ("mma", "wgmma") and dtype_name not in MMA_DTYPES:
         raise ValueError(f"{source} computes in float16/bfloat16 on tensor cores; the inputs are "
                          f"{dtype_name} (use backend='simt' or 'auto')")
@@ -358,7 +382,9 @@ WGMMA_BWD_MAX_HEADDIM = 128
 
 def backward_path(path, headdim):
     """The path of the backward kernels for a `path` call (the same, but "mma" for a "wgmma" call whose
-    head dim is past WGMMA_BWD_MAX_HEADDIM)."""
+    head dim is past WGMMA_BWD_MAX_HEADDIM, and "simt" for a "tf32" call)."""
+    if path == "tf32":
+        return "simt"
     return "mma" if path == "wgmma" and headdim > WGMMA_BWD_MAX_HEADDIM else path
 
 

@@ -21,6 +21,10 @@ warpgroup through `simwarp.exchange_group`.
                                                         A and B from shared memory (descriptors)
     wgmma_f16_rs / wgmma_bf16_rs(a0, a1, a2, a3, desc_b, acc, scale_d, trans_b)
                                                      -> acc: the same with A from registers
+    wgmma_tf32(desc_a, desc_b, acc, scale_d)         -> acc: D = A.B (+ C if scale_d), m64nNk8, tf32 inputs
+                                                        (32-bit words, both operands K-major), f32 acc
+    wgmma_tf32_rs(a0, a1, a2, a3, desc_b, acc, scale_d)
+                                                     -> acc: the same with A from registers (tf32 words)
     wgmma_acc_zeros(n), wgmma_acc_load(arr, start, n), wgmma_acc_store(arr, start, acc)
                                                      the N/2 float32 accumulators of an m64nNk16 wgmma
     wgmma_fence_operand(acc)                         -> acc, pinned (see "Ordering" below)
@@ -64,6 +68,13 @@ Fragments, per thread of rank q in its warpgroup (w = q // 32 its warp, g = (q %
                            a_i holds A[16w + g + 8 * (i & 1)][2t + 8 * (i >> 1) + {0, 1}]
 (the m16n8k16 mma.sync layouts, one 16-row slab per warp).
 
+tf32 (wgmma_tf32, wgmma_tf32_rs): shape m64nNk8, each element a 32-bit word of which the tensor cores read
+the tf32 part (sign, 8 exponent bits, the 10 high mantissa bits; give values already rounded to tf32,
+ptx.tf32_round, and it does not matter how the rest would be treated). Both operands must be K-major (the
+ISA has no transpose for tf32). A from registers, one element per register:
+                           a_i holds A[16w + g + 8 * (i & 1)][t + 4 * (i >> 1)]
+(the m16n8k8 tf32 mma.sync layout). The accumulators are those of the 16-bit shapes.
+
 Shared-memory operands (16-byte aligned start) are read through 64-bit matrix descriptors:
   bits 0-13  start address >> 4, bits 16-29 leading-dimension byte offset (LBO) >> 4,
   bits 32-45 stride-dimension byte offset (SBO) >> 4, bits 49-51 base offset (0 here),
@@ -75,6 +86,9 @@ bytes) sits at byte  start + offset, the offset given by the ISA's canonical lay
   K-major,            swizzled:    (row % 8) * s  + (row // 8) * SBO + k * 2            (LBO unused)
   MN-major (trans 1), no swizzle:  (row % 8) * 2  + (row // 8) * SBO + (k % 8) * 16 + (k // 8) * LBO
   MN-major,           swizzled:    (row % (s/2)) * 2 + (row // (s/2)) * LBO + (k % 8) * s + (k // 8) * SBO
+A tf32 operand (K-major, k = 0..7, 4-byte elements) uses the same core matrices of 8 rows x 16 bytes, each
+row now 4 elements: no swizzle (row % 8) * 16 + (row // 8) * SBO + (k % 4) * 4 + (k // 4) * LBO; swizzled
+(row % 8) * s + (row // 8) * SBO + k * 4. Either way a k-step is 32 bytes of a row, as for 16-bit inputs,
 and a swizzled layout then XORs the 16-byte chunk bits of the *absolute* address with the bits above:
   128B: addr ^= ((addr >> 7) & 7) << 4,   64B: ((addr >> 7) & 3) << 4,   32B: ((addr >> 7) & 1) << 4
 so a 128B-swizzled operand is made of 1024-byte-aligned atoms of 8 rows x 128 bytes in which 16-byte chunk c
@@ -459,14 +473,27 @@ if SIMULATOR:
         return ((d & 0x3FFF) << 4, ((d >> 16) & 0x3FFF) << 4, ((d >> 32) & 0x3FFF) << 4,
                 (d >> 49) & 7, d >> 62)
 
-    def _operand_addresses(desc, rows, mn_major):
-        """Shared addresses (rows x 16) of a 16-bit operand's elements, per the canonical layouts and the
-        swizzle of the module docstring."""
+    def _operand_addresses(desc, rows, mn_major, esize=2):
+        """Shared addresses (rows x k) of an operand's elements, per the canonical layouts and the swizzle
+        of the module docstring: 16-bit elements (esize 2, k = 16) or tf32 words (esize 4, k = 8,
+        K-major only)."""
         start, lbo, sbo, base_offset, swz = _decode(desc)
         if base_offset:
             raise NotImplementedError("wgmma: the matrix base offset (descriptor bits 49-51) is not simulated; "
                                       "start swizzled operands on a swizzle-pattern boundary")
         r = _np.arange(rows, dtype=_np.int64).reshape(-1, 1)
+        if esize == 4:
+            assert not mn_major
+            k = _np.arange(8, dtype=_np.int64).reshape(1, -1)
+            if swz == SWIZZLE_NONE:
+                off = (r % 8) * 16 + (r // 8) * sbo + (k % 4) * 4 + (k // 4) * lbo
+            else:
+                off = (r % 8) * _SWIZZLE_BYTES[swz] + (r // 8) * sbo + k * 4
+            addr = start + off
+            bits = _SWIZZLE_BITS[swz]
+            if bits:
+                addr = addr ^ (((addr >> 7) & ((1 << bits) - 1)) << 4)
+            return addr
         k = _np.arange(16, dtype=_np.int64).reshape(1, -1)
         if swz == SWIZZLE_NONE:
             if mn_major:
@@ -487,12 +514,23 @@ if SIMULATOR:
         return addr
 
     def _read_operand(blk, desc, rows, mn_major, to_f64, what):
+        if to_f64 is _tf32_to_f64:
+            addr = _operand_addresses(desc, rows, mn_major, 4)
+            lo, hi = int(addr.min()), int(addr.max()) + 4
+            buf, off = blk.locate(lo, hi - lo, what)
+            rel = addr - lo + off
+            bits = sum(buf[rel + i].astype(_np.uint32) << (8 * i) for i in range(4))
+            return to_f64(bits)
         addr = _operand_addresses(desc, rows, mn_major)
         lo, hi = int(addr.min()), int(addr.max()) + 2
         buf, off = blk.locate(lo, hi - lo, what)
         rel = addr - lo + off
         bits = buf[rel].astype(_np.uint16) | (buf[rel + 1].astype(_np.uint16) << 8)
         return to_f64(bits)
+
+    def _tf32_to_f64(bits):
+        """32-bit words as the tensor cores read tf32: the 13 low mantissa bits are not used."""
+        return (_np.asarray(bits, dtype=_np.uint32) & _np.uint32(0xFFFFE000)).view(_np.float32).astype(_np.float64)
 
     # ----------------------------------------------------------------------------------------------
     # wgmma
@@ -507,6 +545,14 @@ if SIMULATOR:
         return tuple(_np.broadcast_arrays(*a))
 
     _A_MAP = _frag_maps()
+
+    def _frag_maps_tf32():
+        q = _np.arange(WARPGROUP).reshape(-1, 1)
+        w, g, t = q // 32, (q % 32) // 4, q % 4
+        i = _np.arange(4).reshape(1, -1)        # A: register i holds one tf32 element
+        return tuple(_np.broadcast_arrays(16 * w + g + 8 * (i & 1), t + 4 * (i >> 1)))
+
+    _A_MAP_TF32 = _frag_maps_tf32()
     _D_MAPS = {}
 
     def _d_map(nacc):
@@ -577,6 +623,10 @@ if SIMULATOR:
         B = _read_operand(blk, desc_b, n, trans_b, to_f64, "wgmma operand B")     # Bt[n][k]
         if kind == "ss":
             A = _read_operand(blk, desc_a, 64, trans_a, to_f64, "wgmma operand A")
+        elif to_f64 is _tf32_to_f64:
+            regs = _np.array([d[5] for d in deps], dtype=_np.uint32)
+            A = _np.empty((64, 8))
+            A[_A_MAP_TF32] = to_f64(regs)
         else:
             regs = _np.array([d[5] for d in deps], dtype=_np.uint32)
             A = _np.empty((64, 16))
@@ -625,6 +675,16 @@ if SIMULATOR:
     def wgmma_bf16_rs(a0, a1, a2, a3, desc_b, acc, scale_d, trans_b):
         return _wgmma("rs", _bf16_to_f64, 0, _regs(a0, a1, a2, a3), desc_b, acc, scale_d, 0, trans_b,
                       "wgmma_bf16_rs")
+
+    def wgmma_tf32(desc_a, desc_b, acc, scale_d):
+        return _wgmma("ss", _tf32_to_f64, desc_a, None, desc_b, acc, scale_d, 0, 0, "wgmma_tf32")
+
+    def _regs_f32(a0, a1, a2, a3):
+        return tuple(int(_np.float32(x).view(_np.uint32)) for x in (a0, a1, a2, a3))
+
+    def wgmma_tf32_rs(a0, a1, a2, a3, desc_b, acc, scale_d):
+        return _wgmma("rs", _tf32_to_f64, 0, _regs_f32(a0, a1, a2, a3), desc_b, acc, scale_d, 0, 0,
+                      "wgmma_tf32_rs")
 
     def wgmma_fence():
         _wg_state().fenced = True
@@ -1088,6 +1148,53 @@ else:
 
             return acc(a0, a1, a2, a3, desc_b, acc, scale_d, trans_b), codegen
         return wgmma
+
+    @_intrinsic
+    def wgmma_tf32(typingctx, desc_a, desc_b, acc, scale_d):
+        nacc = _nacc(acc)
+        if nacc is None or not (_is_int(desc_a) and _is_int(desc_b) and _is_int(scale_d)):
+            return None
+        n = 2 * nacc
+        regs = ",".join(f"${i}" for i in range(nacc))
+        text = (f"{{ .reg .pred p; setp.ne.b32 p, ${nacc + 2}, 0; "
+                f"wgmma.mma_async.sync.aligned.m64n{n}k8.f32.tf32.tf32 {{{regs}}}, ${nacc}, ${nacc + 1}, "
+                f"p, 1, 1; }}")
+
+        def codegen(context, builder, signature, args):
+            t = signature.args
+            da = _to(context, builder, args[0], t[0], _types.uint64)
+            db = _to(context, builder, args[1], t[1], _types.uint64)
+            sd = _to(context, builder, args[3], t[3], _types.int32)
+            out = _acc_asm(builder, nacc, [da, db, sd] + _unpack(builder, args[2], nacc),
+                           [_I64, _I64, _I32], ["l", "l", "r"], text)
+            return context.make_tuple(builder, signature.return_type, _unpack(builder, out, nacc))
+
+        return acc(desc_a, desc_b, acc, scale_d), codegen
+
+    @_intrinsic
+    def wgmma_tf32_rs(typingctx, a0, a1, a2, a3, desc_b, acc, scale_d):
+        nacc = _nacc(acc)
+        if nacc is None or not (all(isinstance(x, _types.Float) for x in (a0, a1, a2, a3))
+                                and _is_int(desc_b) and _is_int(scale_d)):
+            return None
+        n = 2 * nacc
+        regs = ",".join(f"${i}" for i in range(nacc))
+        a = ",".join(f"${nacc + i}" for i in range(4))
+        text = (f"{{ .reg .pred p; setp.ne.b32 p, ${nacc + 5}, 0; "
+                f"wgmma.mma_async.sync.aligned.m64n{n}k8.f32.tf32.tf32 {{{regs}}}, {{{a}}}, ${nacc + 4}, "
+                f"p, 1, 1; }}")
+
+        def codegen(context, builder, signature, args):
+            t = signature.args
+            ar = [builder.bitcast(_to(context, builder, v, ty, _types.float32), _I32)
+                  for v, ty in zip(args[:4], t[:4])]
+            db = _to(context, builder, args[4], t[4], _types.uint64)
+            sd = _to(context, builder, args[6], t[6], _types.int32)
+            out = _acc_asm(builder, nacc, ar + [db, sd] + _unpack(builder, args[5], nacc),
+                           [_I32] * 4 + [_I64, _I32], ["r"] * 4 + ["l", "r"], text)
+            return context.make_tuple(builder, signature.return_type, _unpack(builder, out, nacc))
+
+        return acc(a0, a1, a2, a3, desc_b, acc, scale_d), codegen
 
     wgmma_f16 = _make_wgmma_ss("f16")
     wgmma_bf16 = _make_wgmma_ss("bf16")

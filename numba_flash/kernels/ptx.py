@@ -143,6 +143,9 @@ ld1, st1 = _make_scalar_access()
 #                                                    module-level int name (not an expression)
 #   pack_f16x2(lo, hi), pack_bf16x2(lo, hi)          -> u32: two f32 rounded (nearest even), lo in bits 0-15
 #   ex2(x)                                           -> f32: 2^x, ex2.approx.ftz.f32
+#   tf32_round(x)                                    -> f32: x rounded to tf32 (10 mantissa bits, nearest,
+#                                                    ties away from zero; cvt.rna.tf32.f32, sm_80), the
+#                                                    13 low bits zero: what tf32 tensor-core inputs hold
 #   fma(a, b, c)                                     a * b + c rounded once (f32, or f64 if an argument is;
 #                                                    llvm.fma: fma.rn), where the compiler must not choose
 #                                                    whether to fuse
@@ -385,6 +388,14 @@ if SIMULATOR:
             if f32 and _Fraction(r) != exact and not (int(_np.float64(r).view(_np.uint64)) & 1):
                 r = float(_np.nextafter(r, _np.inf if exact > _Fraction(r) else -_np.inf))    # to odd
             return t(r)
+
+    def tf32_round(x):
+        b = int(_f32(x).view(_np.uint32))
+        if (b & 0x7F800000) == 0x7F800000:           # inf stays, NaN stays NaN
+            return _np.uint32(b if not (b & 0x7FFFFF) else b | 0x400000).view(_np.float32)
+        # sign-magnitude: adding half a unit to the magnitude's bits rounds it half away from zero
+        # (a carry into the exponent is the correct rounding, up to inf)
+        return _np.uint32(((b & 0x7FFFFFFF) + 0x1000 & 0xFFFFE000) | (b & 0x80000000)).view(_np.float32)
 
     def ex2(x):
         x = _f32(x)
@@ -715,6 +726,18 @@ else:
             return builder.call(fn, vs)              # fma.rn.f32 / .f64
 
         return t(a, b, c), codegen
+
+    @_intrinsic
+    def tf32_round(typingctx, x):
+        if not isinstance(x, _types.Number):
+            return None
+
+        def codegen(context, builder, signature, args):
+            v = context.cast(builder, args[0], signature.args[0], _types.float32)
+            bits = _asm(builder, _I32, [_F32], "cvt.rna.tf32.f32 $0, $1;", "=r,f", [v], attrs=_PURE)
+            return builder.bitcast(bits, _F32)
+
+        return _types.float32(x), codegen
 
     @_intrinsic
     def ex2(typingctx, x):

@@ -6,6 +6,10 @@ def make_ops(plan, role):
     t = getattr(plan, role)
     if plan.path == "simt":
         return make_simt_ops(role, t, plan.headdim, plan.dtype, plan.aligned)
+    if plan.path == "tf32":
+        assert role == "fwd", ("the tf32 path is forward only (configs.backward_path)", role)
+        from .tf32_tiles import make_tf32_fwd_ops
+        return make_tf32_fwd_ops(t, plan.headdim, plan.aligned)
     fused = role == "dkdv" and plan.dq_mode != "kernel"
     if plan.path == "wgmma":
         from .wgmma_tiles import make_wgmma_ops

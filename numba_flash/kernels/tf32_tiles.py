@@ -1,0 +1,282 @@
+"""float32 attention on Hopper's tensor cores at float32 accuracy: split TF32 on warpgroup MMA (the "tf32" path).
+
+The forward body of forward.py (its synchronous loop: walk, masking, online softmax and epilogue shared with
+every path) with these products. A tf32 tensor-core input keeps 10 of float32's 23 mantissa bits, so each
+operand x is split into x_hi = tf32(x) and x_lo = tf32(x - x_hi) (ptx.tf32_round: nearest, ties away), and
+a product a.b is taken as three: a_lo.b_hi + a_hi.b_lo + a_hi.b_hi, accumulated in float32. What is left
+out, a_lo.b_lo and the rounding of the low parts, is ~2^-22 of |a||b| per term: float32-class accuracy
+(the SIMT path computes in float32 FMA) at three tensor-core products per product, tf32 wgmma running at
+half the 16-bit rate.
+
+Layout (bytes from the 1024-byte-aligned start of dynamic shared memory; the swizzled K-major images of
+wgmma_tiles.py, now with 4-byte elements: rows of DP words in column blocks of SW bytes, 16-byte chunk c
+of row r at c ^ (r % 8) for the 128-byte swizzle):
+  Q_hi, Q_lo     BM x DP each: Q is copied (cp.async) into Q_hi's image, then every thread splits its own
+                 words in place and writes the low parts at the same offset of Q_lo's image;
+  K_hi[2]        BN x DP, two buffers: K tile j lands in buffer j % 2 and is split the same way, into
+  K_lo           one BN x DP image;
+  Vt_hi, Vt_lo   DP x BN: V transposed, K-major for P V (tf32 wgmma reads only K-major B operands). The
+                 transposing split reads V from
+  V[2]           BN plain rows of DP + 4 words (16-byte aligned for cp.async), two buffers.
+One split pass per key tile (K in place, V transposed), a proxy fence and a block barrier; then
+S = Q K^T: 3 DP/8 SS wgmmas m64nBNk8 per warpgroup (Q_hi/Q_lo, K_hi/K_lo from shared memory);
+O += P V: P from the score registers, split there, as the A operand of 3 BN/8 RS wgmmas m64nDPk8.
+
+The A registers of a k8 step hold columns t and t + 4 of the step (hopper.py), but a thread's score
+fragment holds columns 2t and 2t + 1 (the accumulator layout). P V sums over keys, so the keys of each
+group of eight are permuted instead: Vt's k-index i holds key 2 (i % 4) + i // 4 of its group, and P's
+registers are then a thread's own columns, unshuffled.
+
+Non-finite inputs give non-finite outputs where the SIMT path's are, but an infinite V element can give NaN
+where SIMT gives inf: its low part is 0, and a probability's low part times inf is NaN when that low part is
+0 (SIMT multiplies the whole probability). NaN inputs propagate as on every path.
+
+Backward: float32 gradients stay on the SIMT kernels (configs.backward_path); this path is forward only.
+"""
+import math
+from functools import lru_cache
+
+from numba import cuda, float32, uint32
+
+from . import hopper, ptx
+from .fragments import TileOps, mma_fragment
+from .launch import inline_device
+from .wgmma_tiles import ALIGN, SWIZZLE_MODES, _acc_io, base_bytes, desc_at
+
+
+def swizzle_width32(row_bytes):
+    """The widest swizzle (128, 64, 32 bytes) dividing a row of `row_bytes`."""
+    return next(s for s in (128, 64, 32) if row_bytes % s == 0)
+
+
+def key_of(i):
+    """The key (within a group of 8) that Vt's k-index i (within the group) holds (module docstring)."""
+    return 2 * (i % 4) + i // 4
+
+
+def make_copy32(rows, dp, headdim, aligned, nthreads, chunk_word):
+    """copy(smem, off, g, base, row0, nrows, stride, tid): a rows x dp float32 tile into shared memory <- rows
+    row0.. of g (head dim contiguous), zeros past nrows rows and past the head dim. chunk_word(smem, off, r,
+    ch): the shared word where 16-byte chunk ch (4 words) of row r of the tile at byte `off` starts.
+    aligned: every source row starts 16-byte aligned and headdim % 4 == 0, so chunks move by cp.async
+    (the caller commits); otherwise by ordinary loads and stores into the same layout."""
+    cpr = dp // 4
+    nchunks = rows * cpr
+    passes = -(-nchunks // nthreads)
+    if aligned:
+        @inline_device
+        def copy(smem, off, g, base, row0, nrows, stride, tid):
+            for s in range(passes):
+                ci = tid + s * nthreads
+                if nchunks % nthreads == 0 or ci < nchunks:
+                    r = ci // cpr
+                    ch = ci - r * cpr
+                    ok = r < nrows and ch * 4 < headdim
+                    src = base + (row0 + r) * stride + ch * 4 if ok else base
+                    ptx.cp_async16(smem, chunk_word(smem, off, r, ch), g, src, ok)
+            return
+    else:
+        nelem = rows * dp
+
+        @inline_device
+        def copy(smem, off, g, base, row0, nrows, stride, tid):
+            for s in range(-(-nelem // nthreads)):
+                e = tid + s * nthreads
+                if nelem % nthreads == 0 or e < nelem:
+                    r = e // dp
+                    c = e - r * dp
+                    x = float32(0)
+                    if r < nrows and c < headdim:
+                        x = g[base + (row0 + r) * stride + c]
+                    smem[chunk_word(smem, off, r, c // 4) + c % 4] = x
+            return
+    return copy
+
+
+@inline_device
+def split(x):
+    """(hi, lo): x = hi + lo + O(2^-22 |x|), hi and lo tf32 values (lo 0 where hi is infinite, so that an
+    infinite input stays infinite instead of becoming inf - inf)."""
+    hi = ptx.tf32_round(x)
+    lo = ptx.tf32_round(x - hi) if not math.isinf(hi) else float32(0)
+    return hi, lo
+
+
+@inline_device
+def split_finite(x):
+    """split for a finite x (probabilities)."""
+    hi = ptx.tf32_round(x)
+    return hi, ptx.tf32_round(x - hi)
+
+
+@lru_cache(maxsize=None)
+def make_tf32_fwd_ops(tiles, headdim, aligned):
+    BM, BN, W = tiles.br, tiles.bc, tiles.warps
+    assert W % 4 == 0 and BM == 16 * W, ("a warp owns 16 rows, a warpgroup 64", tiles)
+    assert BN % 8 == 0 and BN <= 256, tiles
+    NTHREADS = 32 * W
+    DP = tiles.padded_headdim(headdim)
+    assert DP <= 256 and DP % 8 == 0, headdim
+    SW = swizzle_width32(4 * DP)           # Q, K images: rows of DP words
+    SWV = swizzle_width32(4 * BN)          # Vt images: rows of BN words
+    swmode, swmode_v = SWIZZLE_MODES[SW], SWIZZLE_MODES[SWV]
+    XM, XMV = SW // 16 - 1, SWV // 16 - 1  # chunk-index masks of the XOR
+    CPB, CPBV = SW // 16, SWV // 16        # 16-byte chunks per row of one column block
+    KS, KK = DP // 8, BN // 8              # k8 steps of S = Q K^T and of P V
+    NT, DT = BN // 8, DP // 8
+    VP = DP + 4                            # words per row of the plain V buffers
+    Q_BYTES, T_BYTES, VT_BYTES = BM * DP * 4, BN * DP * 4, DP * BN * 4
+    OFF_QLO = Q_BYTES
+    OFF_K = 2 * Q_BYTES                    # K_hi[2]
+    OFF_KLO = OFF_K + 2 * T_BYTES
+    OFF_VT = OFF_KLO + T_BYTES             # Vt_hi, then Vt_lo
+    OFF_V = OFF_VT + 2 * VT_BYTES          # V[2], plain rows
+    V_BYTES = BN * VP * 4
+    SMEM = ALIGN + OFF_V + 2 * V_BYTES
+    for off in (OFF_QLO, OFF_K, OFF_KLO, OFF_VT, OFF_VT + VT_BYTES):
+        assert off % ALIGN == 0, (off, tiles, headdim)
+    QLO_W = OFF_QLO // 4
+    l_q, l_k, l_vt = BM * SW, BN * SW, DP * SWV          # bytes of one column block of each image
+    SBO, SBO_V = 8 * SW, 8 * SWV
+    n_s, n_o = BN, DP                                   # literals of wgmma_acc_zeros (bound names)
+    _, from_s = _acc_io(BN // 2)
+    to_o, from_o = _acc_io(DP // 2)
+
+    @inline_device
+    def swizzled_chunk(smem, off, r, ch, rows):
+        return (base_bytes(smem) + off + (ch // CPB) * rows * SW + r * SW
+                + (((ch % CPB) ^ ((r * SW >> 7) & XM)) << 4)) // 4
+
+    @inline_device
+    def q_chunk(smem, off, r, ch):
+        return swizzled_chunk(smem, off, r, ch, BM)
+
+    @inline_device
+    def k_chunk(smem, off, r, ch):
+        return swizzled_chunk(smem, off, r, ch, BN)
+
+    @inline_device
+    def v_chunk(smem, off, r, ch):
+        return (base_bytes(smem) + off) // 4 + r * VP + 4 * ch
+
+    copy_q = make_copy32(BM, DP, headdim, aligned, NTHREADS, q_chunk)
+    copy_k = make_copy32(BN, DP, headdim, aligned, NTHREADS, k_chunk)
+    copy_v = make_copy32(BN, DP, headdim, aligned, NTHREADS, v_chunk)
+
+    @inline_device
+    def load_resident(smem, afrag, slot, g, base, row0, nrows, stride, tid):
+        copy_q(smem, 0, g, base, row0, nrows, stride, tid)
+        ptx.cp_async_commit()
+
+    @inline_device
+    def split_in_place(smem, w0, nwords, lo_words, tid):
+        """words w0 .. w0 + nwords - 1 <- their high parts, the same words + lo_words <- the low parts."""
+        for s in range(-(-nwords // NTHREADS)):
+            e = tid + s * NTHREADS
+            if nwords % NTHREADS == 0 or e < nwords:
+                hi, lo = split(smem[w0 + e])
+                smem[w0 + e] = hi
+                smem[w0 + e + lo_words] = lo
+        return
+
+    @inline_device
+    def resident_ready(smem, afrag, tid):
+        ptx.cp_async_wait_group(1)          # Q; the first K, V tiles may still fly
+        cuda.syncthreads()
+        split_in_place(smem, base_bytes(smem) // 4, BM * DP, QLO_W, tid)   # visible at the first mm_nt's fence
+
+    @inline_device
+    def stream(smem, stage, t0, n_other, operands, tid):
+        g0, b0, s0, g1, b1, s1 = operands
+        copy_k(smem, OFF_K + stage * T_BYTES, g0, b0, t0, n_other - t0, s0, tid)
+        copy_v(smem, OFF_V + stage * V_BYTES, g1, b1, t0, n_other - t0, s1, tid)
+
+    NPAIRS = (DP // 8) * (BN // 4)         # (8 head-dim rows, 4 keys) blocks of the Vt images: one warp step
+
+    @inline_device
+    def split_tiles(smem, stage, tid):
+        """K tile `stage` split in place (low parts into K_lo); V tile `stage` transposed and split into
+        Vt_hi, Vt_lo with each group of 8 keys permuted (module docstring). Lane (n % 8) + 8 w of a warp
+        takes head-dim row n and k-index 4 c + w of the images: its reads of the plain V rows and its
+        writes into the swizzled images each hit 32 different banks (for BN >= 32)."""
+        base = base_bytes(smem)
+        split_in_place(smem, (base + OFF_K + stage * T_BYTES) // 4, BN * DP,
+                       (OFF_KLO - OFF_K - stage * T_BYTES) // 4, tid)
+        lane = tid % 32
+        nl, w = lane % 8, lane // 8
+        v0 = (base + OFF_V + stage * V_BYTES) // 4
+        vt0 = (base + OFF_VT) // 4
+        for s in range(-(-NPAIRS // W)):
+            pi = tid // 32 + s * W
+            if NPAIRS % W == 0 or pi < NPAIRS:
+                nb = pi // (BN // 4)
+                c = pi - nb * (BN // 4)
+                n = 8 * nb + nl
+                i = 4 * c + w                                   # k-index in the images
+                key = 8 * (i // 8) + 2 * (i % 4) + (i % 8) // 4
+                hi, lo = split(smem[v0 + key * VP + n])
+                ci = i // 4                                     # 16-byte chunk of the image row
+                word = (vt0 + (ci // CPBV) * (DP * SWV // 4) + n * (SWV // 4)
+                        + (((ci % CPBV) ^ ((n * SWV >> 7) & XMV)) << 2) + i % 4)
+                smem[word] = hi
+                smem[word + VT_BYTES // 4] = lo
+        return
+
+    @inline_device
+    def mm_nt(smem, afrag, a_slot, stage, b_slot, c, tid):
+        """c = Q K^T for K tile `stage` (c is zero on entry: the body clears it), after splitting K and V."""
+        split_tiles(smem, stage, tid)
+        hopper.fence_proxy_async_shared()
+        cuda.syncthreads()                  # every split visible to every warpgroup's wgmmas
+        base = base_bytes(smem)
+        wg = tid // 128
+        acc = hopper.wgmma_acc_zeros(n_s)
+        qh = desc_at(smem, base + wg * 64 * SW, 16, SBO, swmode)
+        ql = desc_at(smem, base + OFF_QLO + wg * 64 * SW, 16, SBO, swmode)
+        kh = desc_at(smem, base + OFF_K + stage * T_BYTES, 16, SBO, swmode)
+        kl = desc_at(smem, base + OFF_KLO, 16, SBO, swmode)
+        hopper.wgmma_fence()
+        for ks in range(KS):
+            da = (ks * 32 // SW) * l_q + (ks * 32) % SW
+            db = (ks * 32 // SW) * l_k + (ks * 32) % SW
+            acc = hopper.wgmma_tf32(hopper.smem_desc_add(ql, da), hopper.smem_desc_add(kh, db), acc,
+                                    0 if ks == 0 else 1)
+            acc = hopper.wgmma_tf32(hopper.smem_desc_add(qh, da), hopper.smem_desc_add(kl, db), acc, 1)
+            acc = hopper.wgmma_tf32(hopper.smem_desc_add(qh, da), hopper.smem_desc_add(kh, db), acc, 1)
+        hopper.wgmma_commit_group()
+        hopper.wgmma_wait_group(0)
+        from_s(c, hopper.wgmma_fence_operand(acc))
+        return
+
+    @inline_device
+    def mm_pv(smem, p, stage, b_slot, o, tid, lead_sync):
+        """o += P V (V tile split and transposed by this tile's mm_nt)."""
+        base = base_bytes(smem)
+        vh = desc_at(smem, base + OFF_VT, 16, SBO_V, swmode_v)
+        vl = desc_at(smem, base + OFF_VT + VT_BYTES, 16, SBO_V, swmode_v)
+        acc = hopper.wgmma_fence_operand(to_o(o))
+        hopper.wgmma_fence()
+        for kk in range(KK):
+            db = (kk * 32 // SWV) * l_vt + (kk * 32) % SWV
+            h0, l0 = split_finite(p[0, 2 * kk])                 # row g,     key 8 kk + 2t     (k-index t)
+            h1, l1 = split_finite(p[1, 2 * kk])                 # row g + 8
+            h2, l2 = split_finite(p[0, 2 * kk + 1])             # row g,     key 8 kk + 2t + 1 (k-index t + 4)
+            h3, l3 = split_finite(p[1, 2 * kk + 1])
+            acc = hopper.wgmma_tf32_rs(l0, l1, l2, l3, hopper.smem_desc_add(vh, db), acc, 1)
+            acc = hopper.wgmma_tf32_rs(h0, h1, h2, h3, hopper.smem_desc_add(vl, db), acc, 1)
+            acc = hopper.wgmma_tf32_rs(h0, h1, h2, h3, hopper.smem_desc_add(vh, db), acc, 1)
+        hopper.wgmma_commit_group()
+        hopper.wgmma_wait_group(0)
+        from_o(o, hopper.wgmma_fence_operand(acc))
+        return
+
+    @inline_device
+    def wait_all():
+        ptx.cp_async_wait_all()
+
+    min_regs = min(255, max(128, BN // 2 + DP // 2 + 80))
+    return TileOps(
+        path="tf32", stages=2, threads=NTHREADS, smem_bytes=SMEM, min_blocks=max(1, tiles.min_blocks),
+        min_regs=min_regs, frag=mma_fragment(1, NT, DT), a_shape=(1,), a_dtype=uint32, exp2=math.exp2,
+        load_resident=load_resident, resident_ready=resident_ready, stream=stream, commit=ptx.cp_async_commit,
+        wait_all=wait_all, vec=None, mm_nt=mm_nt, mm_pv=mm_pv, dq=None, pipe=None, ws=None)

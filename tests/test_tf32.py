@@ -1,0 +1,294 @@
+"""Split TF32 (backend="tf32": float32 inputs on Hopper's tf32 wgmma, three products per product).
+
+The intrinsics (ptx.tf32_round, hopper.wgmma_tf32 / wgmma_tf32_rs) against numpy, then the forward
+against the float64 reference with the issue's bar: its error at most twice the SIMT float32 path's on
+the same inputs (plus 1e-7). Under the simulator the forward has one warpgroup (64 queries) and 32-key
+tiles; head dims 16, 40 (48 padded) and 64 take the 64-byte, 64-byte and 128-byte (two column blocks)
+swizzles of the Q and K images, and the 32-key Vt images the 128-byte one. Outputs are NaN-poisoned.
+"""
+import math
+
+import numpy as np
+import pytest
+from numba import cuda
+
+import numba_flash as nf
+from numba_flash import BlockMask
+from numba_flash.kernels import configs, hopper, ptx
+from conftest import (SIMULATOR, as64, assert_bitwise_equal, assert_close, assert_lse_close, block_sizes, copy,
+                      gpu_capability, make_qkv_arrays, poison, random_array, rel_err)
+
+FW = "torch"
+WG = 128
+
+pytestmark = pytest.mark.skipif(not SIMULATOR and gpu_capability() != (9, 0),
+                                reason=f"tf32 wgmma is an sm_90a instruction; this GPU is cc {gpu_capability()}")
+
+
+# --------------------------------------------------------------------------------------------------
+# ptx.tf32_round
+# --------------------------------------------------------------------------------------------------
+
+def tf32_reference(x):
+    """Round to 11 significant bits, halves away from zero, from frexp (independent of the bit trick)."""
+    x = np.asarray(x, np.float64)
+    m, e = np.frexp(x)
+    r = np.sign(m) * np.floor(np.abs(m) * 2.0 ** 11 + 0.5) / 2.0 ** 11
+    return np.ldexp(r, e).astype(np.float32)
+
+
+@cuda.jit
+def _round_kernel(x, y):
+    i = cuda.grid(1)
+    if i < x.size:
+        y[i] = ptx.tf32_round(x[i])
+
+
+def test_tf32_round_is_nearest_ties_away_with_the_low_13_bits_zero(rng):
+    x = (rng.standard_normal(256) * np.exp2(rng.integers(-60, 60, 256))).astype(np.float32)
+    ties = np.float32(1.0) + np.float32(2.0 ** -11) * np.arange(1, 8, 2, dtype=np.float32)   # exactly halfway
+    x = np.concatenate([x, ties, -ties, np.float32([3.3e38, 0.0, -0.0])])
+    y = np.full_like(x, np.nan)
+    dx, dy = cuda.to_device(x), cuda.to_device(y)
+    _round_kernel[(x.size + 127) // 128, 128](dx, dy)
+    y = dy.copy_to_host()
+    np.testing.assert_array_equal(y, tf32_reference(x))
+    assert not (y.view(np.uint32) & 0x1FFF).any()
+    np.testing.assert_array_equal(y[256:260], np.float32(1.0) + np.float32(2.0 ** -10) * np.arange(1, 5))
+    special = np.float32([np.inf, -np.inf, np.nan])
+    dy = cuda.to_device(np.zeros(3, np.float32))
+    _round_kernel[1, 32](cuda.to_device(special), dy)
+    y = dy.copy_to_host()
+    assert y[0] == np.inf and y[1] == -np.inf and np.isnan(y[2])
+
+
+# --------------------------------------------------------------------------------------------------
+# wgmma m64nNk8 tf32
+# --------------------------------------------------------------------------------------------------
+
+def tf32_values(rng, shape):
+    """Random nonzero float32 values exact in tf32 (so the product is exact in float64)."""
+    x = tf32_reference(rng.standard_normal(shape))
+    x[x == 0] = 1.0
+    return x
+
+
+def tf32_image(X, swizzle):
+    """The K-major shared image of X (R x K float32, K a multiple of 8) as uint32 words: 8-row x 16-byte
+    core matrices (no swizzle: LBO 128 between the two of a k8 step, SBO the next 8 rows), or with a
+    swizzle of s bytes atoms of 8 rows x s bytes (SBO 8 s), column blocks of s/4 words, 16-byte chunk c of
+    row r at c ^ (r % 8) (128 B). Returns (words, LBO, SBO, mode, byte start of each k8 step)."""
+    R, K = X.shape
+    r = np.arange(R).reshape(-1, 1)
+    k = np.arange(K).reshape(1, -1)
+    steps = np.arange(K // 8)
+    if swizzle == "none":
+        lbo, sbo = 128, 128 * (K // 4)
+        off = (r // 8) * sbo + (k // 4) * lbo + (r % 8) * 16 + (k % 4) * 4
+        starts, mode = steps * 2 * lbo, hopper.SWIZZLE_NONE
+    else:
+        s = int(swizzle)
+        lbo, sbo = 16, 8 * s
+        lin = (4 * k // s) * R * s + (r // 8) * sbo + (r % 8) * s + (4 * k) % s
+        b = {128: 3, 64: 2, 32: 1}[s]
+        off = lin ^ (((lin >> 7) & ((1 << b) - 1)) << 4)
+        starts = (32 * steps // s) * R * s + (32 * steps) % s
+        mode = {128: hopper.SWIZZLE_128B, 64: hopper.SWIZZLE_64B, 32: hopper.SWIZZLE_32B}[s]
+    assert np.unique(off).size == off.size and off.max() < R * K * 4
+    img = np.zeros(R * K, np.float32)
+    img[off // 4] = X
+    return img.view(np.uint32), lbo, sbo, mode, starts.astype(np.int64)
+
+
+def acc_positions(n):
+    q = np.arange(WG).reshape(-1, 1)
+    j = np.arange(n // 2).reshape(1, -1)
+    w, g, t = q // 32, (q % 32) // 4, q % 4
+    return np.broadcast_to(16 * w + g + 8 * ((j // 2) % 2), (WG, n // 2)), 8 * (j // 4) + 2 * t + j % 2
+
+
+def a_registers_tf32(A):
+    """A (64 x 8) as the tf32 A fragment: register i of thread q = A[16w + g + 8 (i % 2)][t + 4 (i // 2)]."""
+    regs = np.empty((WG, 4), np.float32)
+    for q in range(WG):
+        w, g, t = q // 32, (q % 32) // 4, q % 4
+        for i in range(4):
+            regs[q, i] = A[16 * w + g + 8 * (i % 2), t + 4 * (i // 2)]
+    return regs
+
+
+_KERNELS = {}
+
+
+def tf32_kernel(n, k, a_words, b_words, a_regs):
+    key = (n, k, a_words, b_words, a_regs)
+    if key in _KERNELS:
+        return _KERNELS[key]
+    NACC, N, KSTEPS, REGS = n // 2, n, k // 8, a_regs
+    SA, SB = a_words + 256, b_words + 256
+
+    @cuda.jit
+    def kernel(imgA, imgB, Afrag, P, startsA, startsB, Cfrag, Dfrag):
+        sa = cuda.shared.array(SA, np.uint32)
+        sb = cuda.shared.array(SB, np.uint32)
+        t = cuda.threadIdx.x
+        pa = ((1024 - hopper.shared_address(sa) % 1024) % 1024) // 4
+        pb = ((1024 - hopper.shared_address(sb) % 1024) % 1024) // 4
+        for i in range(t, imgA.size, cuda.blockDim.x):
+            sa[pa + i] = imgA[i]
+        for i in range(t, imgB.size, cuda.blockDim.x):
+            sb[pb + i] = imgB[i]
+        hopper.fence_proxy_async_shared()
+        cuda.syncthreads()
+        acc = hopper.wgmma_acc_load(Cfrag, t * NACC, N)
+        acc = hopper.wgmma_fence_operand(acc)
+        hopper.wgmma_fence()
+        for j in range(KSTEPS):
+            db = hopper.make_smem_desc(sb, pb * 4 + startsB[j], P[3], P[4], P[5])
+            if REGS:
+                r = (t * KSTEPS + j) * 4
+                acc = hopper.wgmma_tf32_rs(Afrag[r], Afrag[r + 1], Afrag[r + 2], Afrag[r + 3], db, acc, 1)
+            else:
+                da = hopper.make_smem_desc(sa, pa * 4 + startsA[j], P[0], P[1], P[2])
+                acc = hopper.wgmma_tf32(da, db, acc, 1)
+        hopper.wgmma_commit_group()
+        hopper.wgmma_wait_group(0)
+        acc = hopper.wgmma_fence_operand(acc)
+        hopper.wgmma_acc_store(Dfrag, t * NACC, acc)
+
+    _KERNELS[key] = kernel
+    return kernel
+
+
+@pytest.mark.parametrize("n,k,swz_a,swz_b,a_regs", [
+    (64, 32, "128", "128", False), (64, 16, "64", "none", False), (128, 8, "32", "32", False),
+    (64, 32, "128", "128", True), (128, 16, "none", "64", True)])
+def test_wgmma_tf32_products_exact_in_every_k_major_layout(rng, n, k, swz_a, swz_b, a_regs):
+    """D = C + A Bt^T over k/8 chained m64nNk8 tf32 wgmmas, A from shared memory or from registers."""
+    A, Bt = tf32_values(rng, (64, k)), tf32_values(rng, (n, k))
+    C = rng.standard_normal((64, n)).astype(np.float32)
+    img_a, lbo_a, sbo_a, sw_a, starts_a = tf32_image(A, swz_a)
+    img_b, lbo_b, sbo_b, sw_b, starts_b = tf32_image(Bt, swz_b)
+    afrag = np.zeros(4, np.float32)
+    if a_regs:
+        afrag = np.stack([a_registers_tf32(A[:, 8 * j:8 * j + 8]) for j in range(k // 8)], 1).reshape(-1)
+    rows, cols = acc_positions(n)
+    cfrag = np.ascontiguousarray(C[rows, cols]).reshape(-1)
+    dfrag = np.full(WG * n // 2, np.nan, np.float32)
+    P = np.array([lbo_a, sbo_a, sw_a, lbo_b, sbo_b, sw_b], np.int64)
+    kern = tf32_kernel(n, k, img_a.size, img_b.size, a_regs)
+    dev = [cuda.to_device(np.ascontiguousarray(x)) for x in (img_a, img_b, afrag, P, starts_a, starts_b, cfrag,
+                                                             dfrag)]
+    kern[1, WG](*dev)
+    D = np.full((64, n), np.nan, np.float32)
+    D[rows, cols] = dev[-1].copy_to_host().reshape(WG, n // 2)
+    ref = A.astype(np.float64) @ Bt.T.astype(np.float64) + C
+    scale = np.abs(A.astype(np.float64)) @ np.abs(Bt.T.astype(np.float64)) + np.abs(C)
+    err = np.abs(D - ref) / scale
+    assert not np.isnan(D).any() and err.max() < 1e-6, f"max error {err.max():.3g} of the terms' magnitude"
+
+
+# --------------------------------------------------------------------------------------------------
+# the forward
+# --------------------------------------------------------------------------------------------------
+
+def run(q, k, v, backend, **kw):
+    B, Nq, H, d = q.shape
+    out, lse = poison((B, Nq, H, d), "float32", FW), poison((B, H, Nq), "float32", FW)
+    nf.flash_attn_forward(q, k, v, out=out, lse=lse, backend=backend, **kw)
+    return out, lse
+
+
+def check_against_simt(q, k, v, block_mask=None, **kw):
+    """out within twice the SIMT float32 path's error (against float64) + 1e-7; lse as tight as float32's."""
+    dense = None if block_mask is None else block_mask.to_dense()
+    ref_out, ref_lse = nf.attention_reference(q, k, v, mask=dense, **kw)
+    out, lse = run(q, k, v, "tf32", block_mask=block_mask, **kw)
+    simt, _ = run(q, k, v, "simt", block_mask=block_mask, **kw)
+    err, err_simt = rel_err(out, ref_out), rel_err(simt, ref_out)
+    print(f"relative error tf32 {err:.3g}, simt {err_simt:.3g}")
+    assert err <= 2 * err_simt + 1e-7, f"tf32 error {err:.3g} > 2 x SIMT's {err_simt:.3g} + 1e-7"
+    assert_lse_close(lse, ref_lse, "float32")
+    return out, lse
+
+
+CASES = [(False, 96, 80, 2, 32), (True, 70, 100, 1, 64), (True, 100, 40, 1, 16), (False, 65, 33, 2, 40)]
+if not SIMULATOR:
+    CASES += [(False, 1000, 777, 4, 64), (True, 1024, 1024, 4, 128), (True, 513, 1100, 2, 96),
+              (False, 300, 300, 3, 128)]
+
+
+@pytest.mark.parametrize("causal,Nq,Nk,H,d", CASES)
+def test_tf32_forward_within_twice_simt_error_ragged_unequal_seqlens_and_swizzles(rng, causal, Nq, Nk, H, d):
+    q, k, v = make_qkv_arrays(rng, 1, Nq, Nk, H, d, "float32", FW)
+    out, lse = check_against_simt(q, k, v, causal=causal)
+    if causal and Nq > Nk:                 # bottom-right: rows r < Nq - Nk see no key
+        assert (as64(out)[:, :Nq - Nk] == 0).all() and np.isneginf(as64(lse)[:, :, :Nq - Nk]).all()
+
+
+def test_tf32_forward_large_values_and_negative_scale(rng):
+    """Scores in the hundreds (the split keeps float32's relative accuracy at any magnitude) and a
+    negative softmax_scale (the scores scaled before the row max)."""
+    q, k, v = make_qkv_arrays(rng, 1, 70, 70, 1, 32, "float32", FW)
+    check_against_simt(q * 30, k, v * 1e3, softmax_scale=0.05)
+    check_against_simt(q, k, v, softmax_scale=-0.3, causal=True)
+
+
+@pytest.mark.parametrize("layout", ["qkvpacked", "unaligned"])
+def test_tf32_strided_and_unaligned_views_match_contiguous_copies_bitwise(rng, layout):
+    """A packed view gives its contiguous copy's outputs bitwise; rows 1 element into their buffer are not
+    16-byte aligned and take ordinary loads into the same images."""
+    if layout == "unaligned":
+        bufs = [random_array(rng, (1, 70, 2, 32 + 4), "float32", FW) for _ in range(3)]
+        q, k, v = (b[..., 1:33] for b in bufs)
+    else:
+        q, k, v = make_qkv_arrays(rng, 1, 70, 70, 2, 32, "float32", FW, layout)
+    a = run(q, k, v, "tf32", causal=True)
+    b = run(copy(q), copy(k), copy(v), "tf32", causal=True)
+    for x, y, name in zip(a, b, ("out", "lse")):
+        assert_bitwise_equal(x, y, name)
+    ref, _ = nf.attention_reference(q, k, v, causal=True)
+    assert rel_err(a[0], ref) < 1e-6
+
+
+def test_tf32_block_sparse_nan_row_and_infinite_inputs(rng):
+    b1, b2 = block_sizes(32, "float32", "tf32")
+    nq, nk = 2 * b1 + 3, 2 * b2
+    mask = BlockMask.random(0.5, nq, nk, (b1, b2), nheads=1, seed=int(rng.integers(1 << 31)))
+    q, k, v = make_qkv_arrays(rng, 1, nq, nk, 1, 32, "float32", FW)
+    check_against_simt(q, k, v, block_mask=mask)
+    q[0, 7, 0, 3] = float("nan")
+    v[0, 5, 0, 2] = float("inf")
+    out, lse = run(q, k, v, "tf32")
+    simt, _ = run(q, k, v, "simt")
+    o, s = as64(out), as64(simt)
+    assert np.isnan(o[0, 7]).all() and np.isnan(as64(lse)[0, 0, 7])
+    # column 2 of every row is not finite (SIMT: inf; here inf or NaN, tf32_tiles' docstring), the rest is
+    np.testing.assert_array_equal(np.isfinite(o), np.isfinite(s))
+    assert not np.isfinite(o[0, :, 0, 2]).any()
+
+
+def test_tf32_forward_trains_through_autograd_with_the_simt_backward(rng):
+    torch = pytest.importorskip("torch")
+    q, k, v = make_qkv_arrays(rng, 1, 50, 60, 2, 32, "float32", FW)
+    dout = random_array(rng, (1, 50, 2, 32), "float32", FW)
+    qs, ks, vs = (x.detach().clone().requires_grad_(True) for x in (q, k, v))
+    out = nf.flash_attn_func(qs, ks, vs, causal=True, backend="tf32")
+    out.backward(dout)
+    ref_grads = nf.attention_reference_backward(dout, q, k, v, causal=True)
+    for name, x, r in zip(("dq", "dk", "dv"), (qs.grad, ks.grad, vs.grad), ref_grads):
+        assert_close(x, r, "float32", name, tol=2e-5)
+
+
+def test_tf32_backend_is_validated():
+    x16 = np.zeros((1, 8, 1, 32), np.float16)
+    with pytest.raises(ValueError, match="float32 inputs; the inputs are float16"):
+        nf.flash_attn_forward(x16, x16, x16, backend="tf32")
+    x = np.zeros((1, 8, 1, 160), np.float32)
+    with pytest.raises(ValueError, match="head dims up to 128; headdim is 160"):
+        nf.flash_attn_forward(x, x, x, backend="tf32")
+    with pytest.raises(ValueError, match="compute capability 9.0"):
+        configs.resolve_backend("tf32", "float32", (8, 0), 64)
+    assert configs.resolve_backend("auto", "float32", (9, 0), 64) == "simt"       # opt-in only
+    assert configs.backward_path("tf32", 64) == "simt"
+    assert configs.resolve_backend("tf32", "float32", None, 64, "bwd") == "tf32"
