@@ -292,3 +292,30 @@ def test_tf32_backend_is_validated():
     assert configs.resolve_backend("auto", "float32", (9, 0), 64) == "simt"       # opt-in only
     assert configs.backward_path("tf32", 64) == "simt"
     assert configs.resolve_backend("tf32", "float32", None, 64, "bwd") == "tf32"
+
+
+def use_split_ahead(monkeypatch, on, d):
+    """The tf32 forward's tiles with MmaTiles.split_ahead = on (simulator: its 64 x 32 tiles; GPU: the
+    default tiles of head dim d, through NUMBA_FLASH_FWD_TILES as a tuning run would)."""
+    import dataclasses
+    if SIMULATOR:
+        monkeypatch.setitem(configs._SIM["tf32"], "fwd", configs.MmaTiles(64, 32, 4, a_regs=False, split_ahead=on))
+    else:
+        t = dataclasses.replace(configs._tf32_tiles("fwd", d), split_ahead=on)
+        monkeypatch.setenv("NUMBA_FLASH_FWD_TILES", t.override())
+
+
+@pytest.mark.parametrize("causal,Nq,Nk,d", [(True, 70, 100, 32), (False, 65, 33, 64), (True, 100, 40, 16),
+                                            (False, 40, 20, 40)])
+def test_tf32_split_ahead_matches_the_default_bitwise(rng, monkeypatch, causal, Nq, Nk, d):
+    """Splitting tile j + 1 during tile j's P V product changes the schedule, not the arithmetic: the same
+    bits, including one-tile walks (Nk = 20) and query tiles that see no key (causal, Nq > Nk)."""
+    q, k, v = make_qkv_arrays(rng, 1, Nq, Nk, 2, d, "float32", FW)
+    use_split_ahead(monkeypatch, False, d)
+    want = run(q, k, v, "tf32", causal=causal)
+    use_split_ahead(monkeypatch, True, d)
+    got = run(q, k, v, "tf32", causal=causal)
+    for name, x, y in zip(("out", "lse"), got, want):
+        assert_bitwise_equal(x, y, name)
+    ref, _ = nf.attention_reference(q, k, v, causal=causal)
+    assert rel_err(got[0], ref) < 1e-6

@@ -15,7 +15,7 @@ separate "kernel" by default, and "atomic" and "bulk", fused into dK/dV; configs
 warp-specialised wgmma forward (MmaTiles.ring: a producer warpgroup and mbarriers), the wgmma dK/dV
 kernel's own dQ in both of its warpgroup splits, the persistent forward (work tiles in a fixed or a
 dynamic order, causal ones in L2-sized sections of heads), three consumer warpgroups, the TMA producer and
-the backward's TMA streams. Every result is checked against the float64 reference, so a configuration that
+the backward's TMA streams, and the split-TF32 forward. Every result is checked against the float64 reference, so a configuration that
 silently did nothing fails here too. Exit status 1 on a mismatch.
 """
 import os
@@ -115,6 +115,15 @@ CASES = [
          pingpong=True, persistent=True, tma=True, dynamic=True, l2_section=1),
     dict(path="wgmma", d=64, dtype="bfloat16", causal=True, nq=500, nk=640, aligned=True, sparse=False, ring=2,
          pingpong=True, persistent=True, tma=True, dynamic=False, l2_section=1),
+    # split TF32 (float32 on tf32 wgmma; its backward runs the SIMT kernels): both tile shapes (128 x 64 at
+    # d <= 64, 64 x 32 at d <= 128), aligned and not, causal and a block mask; each with the split of the
+    # next tile during the P V product (MmaTiles.split_ahead) and without
+    dict(path="tf32", d=64, dtype="float32", causal=True, nq=333, nk=500, aligned=True, sparse=False),
+    dict(path="tf32", d=128, dtype="float32", causal=False, nq=300, nk=260, aligned=False, sparse=True),
+    dict(path="tf32", d=64, dtype="float32", causal=False, nq=300, nk=333, aligned=False, sparse=True,
+         split_ahead=True),
+    dict(path="tf32", d=128, dtype="float32", causal=True, nq=200, nk=333, aligned=True, sparse=False,
+         split_ahead=True),
 ]
 
 
@@ -124,8 +133,8 @@ def rel(a, b):
 
 
 def run(c):
-    if c["path"] == "wgmma" and torch.cuda.get_device_capability() != (9, 0):
-        print(f"skip {c}: wgmma needs a cc 9.0 GPU", flush=True)
+    if c["path"] in ("wgmma", "tf32") and torch.cuda.get_device_capability() != (9, 0):
+        print(f"skip {c}: {c['path']} needs a cc 9.0 GPU", flush=True)
         return True
     os.environ["NUMBA_FLASH_DQ_MODE"] = c.get("dq", "")     # "": the default of the path
     os.environ["NUMBA_FLASH_FWD_TILES"] = ""
@@ -145,6 +154,10 @@ def run(c):
             t, br=br, warps=warps, a_regs=False, min_blocks=0, ring=c["ring"], pingpong=c.get("pingpong", False),
             late_pv_wait=False, persistent=c.get("persistent", False), tma=c.get("tma", False),
             dynamic=c.get("dynamic", False)).override()
+    if c.get("split_ahead"):
+        from numba_flash.kernels import configs
+        os.environ["NUMBA_FLASH_FWD_TILES"] = replace(configs.tiles(c["path"], "fwd", c["d"]),
+                                                      split_ahead=True).override()
     g = torch.Generator(device="cuda").manual_seed(0)
     dt = getattr(torch, c["dtype"])
     pad = 0 if c["aligned"] else 2          # views 2 elements into their rows: no 16-byte alignment

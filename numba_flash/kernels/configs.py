@@ -105,6 +105,9 @@ class MmaTiles:
     # the causal order in L2 sections (walk.section_pairs, 16 MiB; 2026-12-07) fixed / dynamic at d=64
     # causal N = 1k, 2k, 4k, 16k: 237.1 / 228.3, 302.6 / 300.3, 353.7 / 359.5, 406.1 / 401.4
     dynamic: bool = False
+    # tf32 forward only (tf32_tiles.py): split key tile j+1 into its tf32 images while tile j's P V product
+    # runs on the tensor cores (the split images double-buffered), instead of before tile j+1's S product
+    split_ahead: bool = False
 
     def padded_headdim(self, headdim):
         return -(-headdim // 16) * 16
@@ -274,7 +277,7 @@ def _override_text(role):
 def _override(path, role):
     """Tile overrides for tuning runs only: NUMBA_FLASH_{FWD,DQ,DKDV,BWD}_TILES = "br,bc,ty,tx[,min_blocks]"
     (simt) or "br,bc,warps,a_regs[,min_blocks[,ring[,pingpong[,late_pv_wait[,persistent[,tma[,dynamic]]]]]]]"
-    (mma, wgmma). None where no override is set."""
+    (mma, wgmma, tf32; then [,split_ahead] for tf32). None where no override is set."""
     text = _override_text(role)
     return None if text is None else _parse_override(path, text)
 

@@ -14,13 +14,21 @@ of row r at c ^ (r % 8) for the 128-byte swizzle):
   Q_hi, Q_lo     BM x DP each: Q is copied (cp.async) into Q_hi's image, then every thread splits its own
                  words in place and writes the low parts at the same offset of Q_lo's image;
   K_hi[2]        BN x DP, two buffers: K tile j lands in buffer j % 2 and is split the same way, into
-  K_lo           one BN x DP image;
+  K_lo           a BN x DP image;
   Vt_hi, Vt_lo   DP x BN: V transposed, K-major for P V (tf32 wgmma reads only K-major B operands). The
                  transposing split reads V from
-  V[2]           BN plain rows of DP + 4 words (16-byte aligned for cp.async), two buffers.
+  V[2]           BN rows of DP words, two buffers (16-byte chunk c of row r at c ^ (r % 8) where DP is a
+                 multiple of 32, else rows padded to DP + 4 words: either way the split's reads down a
+                 column hit different banks).
 One split pass per key tile (K in place, V transposed), a proxy fence and a block barrier; then
 S = Q K^T: 3 DP/8 SS wgmmas m64nBNk8 per warpgroup (Q_hi/Q_lo, K_hi/K_lo from shared memory);
 O += P V: P from the score registers, split there, as the A operand of 3 BN/8 RS wgmmas m64nDPk8.
+
+With MmaTiles.split_ahead, K_lo and the Vt images are double-buffered (tile j's in buffer j % 2) and the
+split of tile j + 1 runs while tile j's P V product is on the tensor cores: O += P V is issued, every
+thread waits for its copies of tile j + 1 (streamed since the start of tile j) and meets the others at a
+barrier, splits, fences, and only then waits for the product. S_j + 1 then needs no barrier of its own.
+Without it the split runs between tile j + 1's arrival and its S product, with nothing to overlap.
 
 The A registers of a k8 step hold columns t and t + 4 of the step (hopper.py), but a thread's score
 fragment holds columns 2t and 2t + 1 (the accumulator layout). P V sums over keys, so the keys of each
@@ -124,13 +132,16 @@ def make_tf32_fwd_ops(tiles, headdim, aligned):
     CPB, CPBV = SW // 16, SWV // 16        # 16-byte chunks per row of one column block
     KS, KK = DP // 8, BN // 8              # k8 steps of S = Q K^T and of P V
     NT, DT = BN // 8, DP // 8
-    VP = DP + 4                            # words per row of the plain V buffers
+    AHEAD = bool(tiles.split_ahead)
+    NB = 2 if AHEAD else 1                 # buffers of K_lo and of the Vt images
+    VSW = DP % 32 == 0                     # V rows swizzled (else padded)
+    VP = DP if VSW else DP + 4             # words per row of the V buffers
     Q_BYTES, T_BYTES, VT_BYTES = BM * DP * 4, BN * DP * 4, DP * BN * 4
     OFF_QLO = Q_BYTES
     OFF_K = 2 * Q_BYTES                    # K_hi[2]
-    OFF_KLO = OFF_K + 2 * T_BYTES
-    OFF_VT = OFF_KLO + T_BYTES             # Vt_hi, then Vt_lo
-    OFF_V = OFF_VT + 2 * VT_BYTES          # V[2], plain rows
+    OFF_KLO = OFF_K + 2 * T_BYTES          # K_lo[NB]
+    OFF_VT = OFF_KLO + NB * T_BYTES        # [NB] x (Vt_hi, Vt_lo)
+    OFF_V = OFF_VT + NB * 2 * VT_BYTES     # V[2]
     V_BYTES = BN * VP * 4
     SMEM = ALIGN + OFF_V + 2 * V_BYTES
     for off in (OFF_QLO, OFF_K, OFF_KLO, OFF_VT, OFF_VT + VT_BYTES):
@@ -157,6 +168,8 @@ def make_tf32_fwd_ops(tiles, headdim, aligned):
 
     @inline_device
     def v_chunk(smem, off, r, ch):
+        if VSW:
+            return (base_bytes(smem) + off) // 4 + r * VP + 4 * ((ch & ~7) | ((ch & 7) ^ (r & 7)))
         return (base_bytes(smem) + off) // 4 + r * VP + 4 * ch
 
     copy_q = make_copy32(BM, DP, headdim, aligned, NTHREADS, q_chunk)
@@ -179,18 +192,6 @@ def make_tf32_fwd_ops(tiles, headdim, aligned):
                 smem[w0 + e + lo_words] = lo
         return
 
-    @inline_device
-    def resident_ready(smem, afrag, tid):
-        ptx.cp_async_wait_group(1)          # Q; the first K, V tiles may still fly
-        cuda.syncthreads()
-        split_in_place(smem, base_bytes(smem) // 4, BM * DP, QLO_W, tid)   # visible at the first mm_nt's fence
-
-    @inline_device
-    def stream(smem, stage, t0, n_other, operands, tid):
-        g0, b0, s0, g1, b1, s1 = operands
-        copy_k(smem, OFF_K + stage * T_BYTES, g0, b0, t0, n_other - t0, s0, tid)
-        copy_v(smem, OFF_V + stage * V_BYTES, g1, b1, t0, n_other - t0, s1, tid)
-
     NPAIRS = (DP // 8) * (BN // 4)         # (8 head-dim rows, 4 keys) blocks of the Vt images: one warp step
 
     @inline_device
@@ -200,12 +201,13 @@ def make_tf32_fwd_ops(tiles, headdim, aligned):
         takes head-dim row n and k-index 4 c + w of the images: its reads of the plain V rows and its
         writes into the swizzled images each hit 32 different banks (for BN >= 32)."""
         base = base_bytes(smem)
+        nb = stage if AHEAD else 0
         split_in_place(smem, (base + OFF_K + stage * T_BYTES) // 4, BN * DP,
-                       (OFF_KLO - OFF_K - stage * T_BYTES) // 4, tid)
+                       (OFF_KLO + nb * T_BYTES - OFF_K - stage * T_BYTES) // 4, tid)
         lane = tid % 32
         nl, w = lane % 8, lane // 8
         v0 = (base + OFF_V + stage * V_BYTES) // 4
-        vt0 = (base + OFF_VT) // 4
+        vt0 = (base + OFF_VT + nb * 2 * VT_BYTES) // 4
         for s in range(-(-NPAIRS // W)):
             pi = tid // 32 + s * W
             if NPAIRS % W == 0 or pi < NPAIRS:
@@ -214,7 +216,10 @@ def make_tf32_fwd_ops(tiles, headdim, aligned):
                 n = 8 * nb + nl
                 i = 4 * c + w                                   # k-index in the images
                 key = 8 * (i // 8) + 2 * (i % 4) + (i % 8) // 4
-                hi, lo = split(smem[v0 + key * VP + n])
+                if VSW:
+                    hi, lo = split(smem[v0 + key * VP + 4 * ((n // 4 & ~7) | ((n // 4 & 7) ^ (key & 7))) + n % 4])
+                else:
+                    hi, lo = split(smem[v0 + key * VP + n])
                 ci = i // 4                                     # 16-byte chunk of the image row
                 word = (vt0 + (ci // CPBV) * (DP * SWV // 4) + n * (SWV // 4)
                         + (((ci % CPBV) ^ ((n * SWV >> 7) & XMV)) << 2) + i % 4)
@@ -223,18 +228,39 @@ def make_tf32_fwd_ops(tiles, headdim, aligned):
         return
 
     @inline_device
+    def resident_ready(smem, afrag, tid):
+        if AHEAD:
+            ptx.cp_async_wait_all()         # Q and the first K, V tiles
+            cuda.syncthreads()
+            split_in_place(smem, base_bytes(smem) // 4, BM * DP, QLO_W, tid)
+            split_tiles(smem, 0, tid)       # (a tile that was not streamed: stale words, never read)
+            hopper.fence_proxy_async_shared()      # then the first tile's barrier
+        else:
+            ptx.cp_async_wait_group(1)      # Q; the first K, V tiles may still fly
+            cuda.syncthreads()
+            split_in_place(smem, base_bytes(smem) // 4, BM * DP, QLO_W, tid)   # fenced at the first mm_nt
+
+    @inline_device
+    def stream(smem, stage, t0, n_other, operands, tid):
+        g0, b0, s0, g1, b1, s1 = operands
+        copy_k(smem, OFF_K + stage * T_BYTES, g0, b0, t0, n_other - t0, s0, tid)
+        copy_v(smem, OFF_V + stage * V_BYTES, g1, b1, t0, n_other - t0, s1, tid)
+
+    @inline_device
     def mm_nt(smem, afrag, a_slot, stage, b_slot, c, tid):
-        """c = Q K^T for K tile `stage` (c is zero on entry: the body clears it), after splitting K and V."""
-        split_tiles(smem, stage, tid)
-        hopper.fence_proxy_async_shared()
-        cuda.syncthreads()                  # every split visible to every warpgroup's wgmmas
+        """c = Q K^T for K tile `stage` (c is zero on entry: the body clears it), after splitting K and V
+        (split_ahead: split already, during the previous tile's mm_pv or in resident_ready)."""
+        if not AHEAD:
+            split_tiles(smem, stage, tid)
+            hopper.fence_proxy_async_shared()
+            cuda.syncthreads()              # every split visible to every warpgroup's wgmmas
         base = base_bytes(smem)
         wg = tid // 128
         acc = hopper.wgmma_acc_zeros(n_s)
         qh = desc_at(smem, base + wg * 64 * SW, 16, SBO, swmode)
         ql = desc_at(smem, base + OFF_QLO + wg * 64 * SW, 16, SBO, swmode)
         kh = desc_at(smem, base + OFF_K + stage * T_BYTES, 16, SBO, swmode)
-        kl = desc_at(smem, base + OFF_KLO, 16, SBO, swmode)
+        kl = desc_at(smem, base + OFF_KLO + (stage if AHEAD else 0) * T_BYTES, 16, SBO, swmode)
         hopper.wgmma_fence()
         for ks in range(KS):
             da = (ks * 32 // SW) * l_q + (ks * 32) % SW
@@ -250,10 +276,12 @@ def make_tf32_fwd_ops(tiles, headdim, aligned):
 
     @inline_device
     def mm_pv(smem, p, stage, b_slot, o, tid, lead_sync):
-        """o += P V (V tile split and transposed by this tile's mm_nt)."""
+        """o += P V (V tile split and transposed by this tile's mm_nt; split_ahead: split earlier, and
+        the next tile is split here while the product runs)."""
         base = base_bytes(smem)
-        vh = desc_at(smem, base + OFF_VT, 16, SBO_V, swmode_v)
-        vl = desc_at(smem, base + OFF_VT + VT_BYTES, 16, SBO_V, swmode_v)
+        vt = base + OFF_VT + (stage if AHEAD else 0) * 2 * VT_BYTES
+        vh = desc_at(smem, vt, 16, SBO_V, swmode_v)
+        vl = desc_at(smem, vt + VT_BYTES, 16, SBO_V, swmode_v)
         acc = hopper.wgmma_fence_operand(to_o(o))
         hopper.wgmma_fence()
         for kk in range(KK):
@@ -266,6 +294,13 @@ def make_tf32_fwd_ops(tiles, headdim, aligned):
             acc = hopper.wgmma_tf32_rs(h0, h1, h2, h3, hopper.smem_desc_add(vl, db), acc, 1)
             acc = hopper.wgmma_tf32_rs(h0, h1, h2, h3, hopper.smem_desc_add(vh, db), acc, 1)
         hopper.wgmma_commit_group()
+        if AHEAD:
+            # the next tile (streamed since this tile began) while the product runs; its buffers were
+            # last read by the products of the tile before this one, complete before this tile's barrier
+            ptx.cp_async_wait_all()
+            cuda.syncthreads()
+            split_tiles(smem, 1 - stage, tid)      # (after the last tile: stale words, never read)
+            hopper.fence_proxy_async_shared()      # then the next tile's barrier
         hopper.wgmma_wait_group(0)
         from_o(o, hopper.wgmma_fence_operand(acc))
         return
