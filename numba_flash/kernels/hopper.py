@@ -1092,6 +1092,45 @@ else:
     def _unpack(builder, tup, n):
         return [builder.extract_value(tup, i) for i in range(n)]
 
+    def _ss_codegen(nacc, text):
+        """codegen of an SS wgmma (desc_a, desc_b, acc, scale_d, ...): `text` takes the accumulators as
+        $0..$nacc-1, then desc_a, desc_b and scale_d."""
+        def codegen(context, builder, signature, args):
+            t = signature.args
+            da = _to(context, builder, args[0], t[0], _types.uint64)
+            db = _to(context, builder, args[1], t[1], _types.uint64)
+            sd = _to(context, builder, args[3], t[3], _types.int32)
+            out = _acc_asm(builder, nacc, [da, db, sd] + _unpack(builder, args[2], nacc),
+                           [_I64, _I64, _I32], ["l", "l", "r"], text)
+            return context.make_tuple(builder, signature.return_type, _unpack(builder, out, nacc))
+        return codegen
+
+    def _rs_codegen(nacc, text, a_bits):
+        """codegen of an RS wgmma (a0, a1, a2, a3, desc_b, acc, scale_d, ...): `text` takes the accumulators,
+        then the four A registers (a_bits(context, builder, value, type) -> i32), desc_b and scale_d."""
+        def codegen(context, builder, signature, args):
+            t = signature.args
+            ar = [a_bits(context, builder, v, ty) for v, ty in zip(args[:4], t[:4])]
+            db = _to(context, builder, args[4], t[4], _types.uint64)
+            sd = _to(context, builder, args[6], t[6], _types.int32)
+            out = _acc_asm(builder, nacc, ar + [db, sd] + _unpack(builder, args[5], nacc),
+                           [_I32] * 4 + [_I64, _I32], ["r"] * 4 + ["l", "r"], text)
+            return context.make_tuple(builder, signature.return_type, _unpack(builder, out, nacc))
+        return codegen
+
+    def _u32_bits(context, builder, v, ty):
+        return _to(context, builder, v, ty, _types.uint32)
+
+    def _f32_bits(context, builder, v, ty):
+        return builder.bitcast(_to(context, builder, v, ty, _types.float32), _I32)
+
+    def _wgmma_text(nacc, shape, scale_d, operands, flags=""):
+        """One wgmma with the accumulators $0..$nacc-1, `operands` (A, B) and scale-d from operand
+        $scale_d as a predicate; `flags` follows the immediate scale-a, scale-b (the transposes)."""
+        regs = ",".join(f"${i}" for i in range(nacc))
+        return (f"{{ .reg .pred p; setp.ne.b32 p, ${scale_d}, 0; "
+                f"wgmma.mma_async.sync.aligned.{shape} {{{regs}}}, {operands}, p, 1, 1{flags}; }}")
+
     def _make_wgmma_ss(ab):
         @_intrinsic
         def wgmma(typingctx, desc_a, desc_b, acc, scale_d, trans_a, trans_b):
@@ -1103,22 +1142,9 @@ else:
                 return None
             if ta not in (0, 1) or tb not in (0, 1):
                 raise _TypingError(f"wgmma_{ab}: trans_a, trans_b must be 0 or 1, got {ta}, {tb}")
-            n = 2 * nacc
-            regs = ",".join(f"${i}" for i in range(nacc))
-            text = (f"{{ .reg .pred p; setp.ne.b32 p, ${nacc + 2}, 0; "
-                    f"wgmma.mma_async.sync.aligned.m64n{n}k16.f32.{ab}.{ab} {{{regs}}}, ${nacc}, ${nacc + 1}, "
-                    f"p, 1, 1, {ta}, {tb}; }}")
-
-            def codegen(context, builder, signature, args):
-                t = signature.args
-                da = _to(context, builder, args[0], t[0], _types.uint64)
-                db = _to(context, builder, args[1], t[1], _types.uint64)
-                sd = _to(context, builder, args[3], t[3], _types.int32)
-                out = _acc_asm(builder, nacc, [da, db, sd] + _unpack(builder, args[2], nacc),
-                               [_I64, _I64, _I32], ["l", "l", "r"], text)
-                return context.make_tuple(builder, signature.return_type, _unpack(builder, out, nacc))
-
-            return acc(desc_a, desc_b, acc, scale_d, trans_a, trans_b), codegen
+            text = _wgmma_text(nacc, f"m64n{2 * nacc}k16.f32.{ab}.{ab}", nacc + 2, f"${nacc}, ${nacc + 1}",
+                               f", {ta}, {tb}")
+            return acc(desc_a, desc_b, acc, scale_d, trans_a, trans_b), _ss_codegen(nacc, text)
         return wgmma
 
     def _make_wgmma_rs(ab):
@@ -1130,46 +1156,20 @@ else:
                 return None
             if tb not in (0, 1):
                 raise _TypingError(f"wgmma_{ab}_rs: trans_b must be 0 or 1, got {tb}")
-            n = 2 * nacc
-            regs = ",".join(f"${i}" for i in range(nacc))
             a = ",".join(f"${nacc + i}" for i in range(4))
-            text = (f"{{ .reg .pred p; setp.ne.b32 p, ${nacc + 5}, 0; "
-                    f"wgmma.mma_async.sync.aligned.m64n{n}k16.f32.{ab}.{ab} {{{regs}}}, {{{a}}}, ${nacc + 4}, "
-                    f"p, 1, 1, {tb}; }}")
-
-            def codegen(context, builder, signature, args):
-                t = signature.args
-                ar = [_to(context, builder, v, ty, _types.uint32) for v, ty in zip(args[:4], t[:4])]
-                db = _to(context, builder, args[4], t[4], _types.uint64)
-                sd = _to(context, builder, args[6], t[6], _types.int32)
-                out = _acc_asm(builder, nacc, ar + [db, sd] + _unpack(builder, args[5], nacc),
-                               [_I32] * 4 + [_I64, _I32], ["r"] * 4 + ["l", "r"], text)
-                return context.make_tuple(builder, signature.return_type, _unpack(builder, out, nacc))
-
-            return acc(a0, a1, a2, a3, desc_b, acc, scale_d, trans_b), codegen
+            text = _wgmma_text(nacc, f"m64n{2 * nacc}k16.f32.{ab}.{ab}", nacc + 5, f"{{{a}}}, ${nacc + 4}",
+                               f", {tb}")
+            return acc(a0, a1, a2, a3, desc_b, acc, scale_d, trans_b), _rs_codegen(nacc, text, _u32_bits)
         return wgmma
 
+    # tf32: k8, both operands K-major (no transpose flags), A registers hold float32 values
     @_intrinsic
     def wgmma_tf32(typingctx, desc_a, desc_b, acc, scale_d):
         nacc = _nacc(acc)
         if nacc is None or not (_is_int(desc_a) and _is_int(desc_b) and _is_int(scale_d)):
             return None
-        n = 2 * nacc
-        regs = ",".join(f"${i}" for i in range(nacc))
-        text = (f"{{ .reg .pred p; setp.ne.b32 p, ${nacc + 2}, 0; "
-                f"wgmma.mma_async.sync.aligned.m64n{n}k8.f32.tf32.tf32 {{{regs}}}, ${nacc}, ${nacc + 1}, "
-                f"p, 1, 1; }}")
-
-        def codegen(context, builder, signature, args):
-            t = signature.args
-            da = _to(context, builder, args[0], t[0], _types.uint64)
-            db = _to(context, builder, args[1], t[1], _types.uint64)
-            sd = _to(context, builder, args[3], t[3], _types.int32)
-            out = _acc_asm(builder, nacc, [da, db, sd] + _unpack(builder, args[2], nacc),
-                           [_I64, _I64, _I32], ["l", "l", "r"], text)
-            return context.make_tuple(builder, signature.return_type, _unpack(builder, out, nacc))
-
-        return acc(desc_a, desc_b, acc, scale_d), codegen
+        text = _wgmma_text(nacc, f"m64n{2 * nacc}k8.f32.tf32.tf32", nacc + 2, f"${nacc}, ${nacc + 1}")
+        return acc(desc_a, desc_b, acc, scale_d), _ss_codegen(nacc, text)
 
     @_intrinsic
     def wgmma_tf32_rs(typingctx, a0, a1, a2, a3, desc_b, acc, scale_d):
@@ -1177,24 +1177,9 @@ else:
         if nacc is None or not (all(isinstance(x, _types.Float) for x in (a0, a1, a2, a3))
                                 and _is_int(desc_b) and _is_int(scale_d)):
             return None
-        n = 2 * nacc
-        regs = ",".join(f"${i}" for i in range(nacc))
         a = ",".join(f"${nacc + i}" for i in range(4))
-        text = (f"{{ .reg .pred p; setp.ne.b32 p, ${nacc + 5}, 0; "
-                f"wgmma.mma_async.sync.aligned.m64n{n}k8.f32.tf32.tf32 {{{regs}}}, {{{a}}}, ${nacc + 4}, "
-                f"p, 1, 1; }}")
-
-        def codegen(context, builder, signature, args):
-            t = signature.args
-            ar = [builder.bitcast(_to(context, builder, v, ty, _types.float32), _I32)
-                  for v, ty in zip(args[:4], t[:4])]
-            db = _to(context, builder, args[4], t[4], _types.uint64)
-            sd = _to(context, builder, args[6], t[6], _types.int32)
-            out = _acc_asm(builder, nacc, ar + [db, sd] + _unpack(builder, args[5], nacc),
-                           [_I32] * 4 + [_I64, _I32], ["r"] * 4 + ["l", "r"], text)
-            return context.make_tuple(builder, signature.return_type, _unpack(builder, out, nacc))
-
-        return acc(a0, a1, a2, a3, desc_b, acc, scale_d), codegen
+        text = _wgmma_text(nacc, f"m64n{2 * nacc}k8.f32.tf32.tf32", nacc + 5, f"{{{a}}}, ${nacc + 4}")
+        return acc(a0, a1, a2, a3, desc_b, acc, scale_d), _rs_codegen(nacc, text, _f32_bits)
 
     wgmma_f16 = _make_wgmma_ss("f16")
     wgmma_bf16 = _make_wgmma_ss("bf16")

@@ -727,28 +727,25 @@ else:
 
         return t(a, b, c), codegen
 
-    @_intrinsic
-    def tf32_round(typingctx, x):
-        if not isinstance(x, _types.Number):
-            return None
+    def _f32_op(text, result_bits=False):
+        """A pure one-operand f32 instruction (`text`: $0 <- $1); result_bits: its result is a .b32
+        register (read as the float32 with those bits)."""
+        @_intrinsic
+        def op(typingctx, x):
+            if not isinstance(x, _types.Number):
+                return None
 
-        def codegen(context, builder, signature, args):
-            v = context.cast(builder, args[0], signature.args[0], _types.float32)
-            bits = _asm(builder, _I32, [_F32], "cvt.rna.tf32.f32 $0, $1;", "=r,f", [v], attrs=_PURE)
-            return builder.bitcast(bits, _F32)
+            def codegen(context, builder, signature, args):
+                v = context.cast(builder, args[0], signature.args[0], _types.float32)
+                if result_bits:
+                    return builder.bitcast(_asm(builder, _I32, [_F32], text, "=r,f", [v], attrs=_PURE), _F32)
+                return _asm(builder, _F32, [_F32], text, "=f,f", [v], attrs=_PURE)
 
-        return _types.float32(x), codegen
+            return _types.float32(x), codegen
+        return op
 
-    @_intrinsic
-    def ex2(typingctx, x):
-        if not isinstance(x, _types.Number):
-            return None
-
-        def codegen(context, builder, signature, args):
-            v = context.cast(builder, args[0], signature.args[0], _types.float32)
-            return _asm(builder, _F32, [_F32], "ex2.approx.ftz.f32 $0, $1;", "=f,f", [v], attrs=_PURE)
-
-        return _types.float32(x), codegen
+    tf32_round = _f32_op("cvt.rna.tf32.f32 $0, $1;", result_bits=True)
+    ex2 = _f32_op("ex2.approx.ftz.f32 $0, $1;")
 
     @_intrinsic
     def st_global_b32(typingctx, garr, gidx, val):

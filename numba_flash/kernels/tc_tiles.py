@@ -32,20 +32,24 @@ from .launch import inline_device
 CP_ASYNC_HALVES = 8      # one cp.async moves 16 bytes = 8 halves
 
 
-def make_tile_copy(rows, dp, headdim, aligned, nthreads, chunk_word, row_words=None, pass_words=None):
-    """copy(smem, off, g, base, row0, nrows, stride, tid): a rows x dp tile of 16-bit elements into shared
-    memory <- rows row0.. of g (head dim contiguous), zeros past nrows rows and past the head dim.
-    chunk_word(smem, off, r, ch) is the layout: the shared-memory word where 16-byte chunk ch of row r of
-    the tile at `off` starts (its 8 elements are contiguous there). `aligned`: every source row starts
-    16-byte aligned, so chunks move by cp.async (committed by the caller); otherwise by ordinary loads and
-    16-bit shared stores into the same layout. row_words: where a row starts a fixed number of words after
+def make_tile_copy(rows, dp, headdim, aligned, nthreads, chunk_word, row_words=None, pass_words=None,
+                   elem_bytes=2):
+    """copy(smem, off, g, base, row0, nrows, stride, tid): a rows x dp tile of 16-bit elements (elem_bytes=4:
+    float32, into a float32 smem) into shared memory <- rows row0.. of g (head dim contiguous), zeros past
+    nrows rows and past the head dim. chunk_word(smem, off, r, ch) is the layout: the shared-memory word
+    where 16-byte chunk ch of row r of the tile at `off` starts (its 8, or 4, elements are contiguous there).
+    `aligned`: every source row starts 16-byte aligned, so chunks move by cp.async (committed by the
+    caller); otherwise by ordinary loads and 16-bit (32-bit) shared stores into the same layout. row_words: where a row starts a fixed number of words after
     the previous one and its chunks follow each other (padded rows), that number, so stepping down rows is
     one add. pass_words: where only every (nthreads // chunks per row)-th row is that far from the one
     before (a swizzle repeating down the rows), the words between them, so a thread's passes down the
     tile are fixed offsets from its first chunk (one register instead of one per pass). Used by the
-    mma.sync (padded rows) and wgmma (swizzled) paths."""
-    cpr = dp // CP_ASYNC_HALVES            # 16-byte chunks per row
+    mma.sync (padded rows), wgmma (swizzled) and tf32 (float32, swizzled) paths."""
+    assert elem_bytes in (2, 4)
+    E = 16 // elem_bytes                   # elements per 16-byte chunk
+    cpr = dp // E                          # 16-byte chunks per row
     zero_bits = np.uint16(0)
+    zero32 = np.float32(0)
     if aligned and nthreads % cpr == 0:
         # each thread keeps one chunk column and steps down the rows, so one pass costs two adds and a
         # compare
@@ -56,8 +60,8 @@ def make_tile_copy(rows, dp, headdim, aligned, nthreads, chunk_word, row_words=N
         def copy(smem, off, g, base, row0, nrows, stride, tid):
             r = tid // cpr
             ch = tid % cpr
-            col_ok = ch * CP_ASYNC_HALVES < headdim
-            src = base + (row0 + r) * stride + ch * CP_ASYNC_HALVES
+            col_ok = ch * E < headdim
+            src = base + (row0 + r) * stride + ch * E
             dst = chunk_word(smem, off, r, ch)
             for s in range(passes):
                 if rows % rstep == 0 or r + s * rstep < rows:
@@ -78,9 +82,20 @@ def make_tile_copy(rows, dp, headdim, aligned, nthreads, chunk_word, row_words=N
                 if (rows * cpr) % nthreads == 0 or ci < rows * cpr:
                     r = ci // cpr
                     ch = ci - r * cpr
-                    ok = r < nrows and ch * CP_ASYNC_HALVES < headdim
-                    src = base + (row0 + r) * stride + ch * CP_ASYNC_HALVES if ok else base
+                    ok = r < nrows and ch * E < headdim
+                    src = base + (row0 + r) * stride + ch * E if ok else base
                     ptx.cp_async16(smem, chunk_word(smem, off, r, ch), g, src, ok)
+            return
+    elif elem_bytes == 4:
+        @inline_device
+        def copy(smem, off, g, base, row0, nrows, stride, tid):
+            for s in range(-(-rows * dp // nthreads)):
+                e = tid + s * nthreads
+                if (rows * dp) % nthreads == 0 or e < rows * dp:
+                    r = e // dp
+                    c = e - r * dp
+                    w = chunk_word(smem, off, r, c // E) + c % E
+                    smem[w] = g[base + (row0 + r) * stride + c] if r < nrows and c < headdim else zero32
             return
     else:
         @inline_device

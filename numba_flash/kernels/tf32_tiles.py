@@ -49,6 +49,7 @@ from numba import cuda, float32, uint32
 from . import hopper, ptx
 from .fragments import TileOps, mma_fragment
 from .launch import inline_device
+from .tc_tiles import make_tile_copy
 from .wgmma_tiles import ALIGN, SWIZZLE_MODES, _acc_io, base_bytes, desc_at
 
 
@@ -60,45 +61,6 @@ def swizzle_width32(row_bytes):
 def key_of(i):
     """The key (within a group of 8) that Vt's k-index i (within the group) holds (module docstring)."""
     return 2 * (i % 4) + i // 4
-
-
-def make_copy32(rows, dp, headdim, aligned, nthreads, chunk_word):
-    """copy(smem, off, g, base, row0, nrows, stride, tid): a rows x dp float32 tile into shared memory <- rows
-    row0.. of g (head dim contiguous), zeros past nrows rows and past the head dim. chunk_word(smem, off, r,
-    ch): the shared word where 16-byte chunk ch (4 words) of row r of the tile at byte `off` starts.
-    aligned: every source row starts 16-byte aligned and headdim % 4 == 0, so chunks move by cp.async
-    (the caller commits); otherwise by ordinary loads and stores into the same layout."""
-    cpr = dp // 4
-    nchunks = rows * cpr
-    passes = -(-nchunks // nthreads)
-    if aligned:
-        @inline_device
-        def copy(smem, off, g, base, row0, nrows, stride, tid):
-            for s in range(passes):
-                ci = tid + s * nthreads
-                if nchunks % nthreads == 0 or ci < nchunks:
-                    r = ci // cpr
-                    ch = ci - r * cpr
-                    ok = r < nrows and ch * 4 < headdim
-                    src = base + (row0 + r) * stride + ch * 4 if ok else base
-                    ptx.cp_async16(smem, chunk_word(smem, off, r, ch), g, src, ok)
-            return
-    else:
-        nelem = rows * dp
-
-        @inline_device
-        def copy(smem, off, g, base, row0, nrows, stride, tid):
-            for s in range(-(-nelem // nthreads)):
-                e = tid + s * nthreads
-                if nelem % nthreads == 0 or e < nelem:
-                    r = e // dp
-                    c = e - r * dp
-                    x = float32(0)
-                    if r < nrows and c < headdim:
-                        x = g[base + (row0 + r) * stride + c]
-                    smem[chunk_word(smem, off, r, c // 4) + c % 4] = x
-            return
-    return copy
 
 
 @inline_device
@@ -172,9 +134,8 @@ def make_tf32_fwd_ops(tiles, headdim, aligned):
             return (base_bytes(smem) + off) // 4 + r * VP + 4 * ((ch & ~7) | ((ch & 7) ^ (r & 7)))
         return (base_bytes(smem) + off) // 4 + r * VP + 4 * ch
 
-    copy_q = make_copy32(BM, DP, headdim, aligned, NTHREADS, q_chunk)
-    copy_k = make_copy32(BN, DP, headdim, aligned, NTHREADS, k_chunk)
-    copy_v = make_copy32(BN, DP, headdim, aligned, NTHREADS, v_chunk)
+    copy_q, copy_k, copy_v = (make_tile_copy(rows, DP, headdim, aligned, NTHREADS, chunk, elem_bytes=4)
+                              for rows, chunk in ((BM, q_chunk), (BN, k_chunk), (BN, v_chunk)))
 
     @inline_device
     def load_resident(smem, afrag, slot, g, base, row0, nrows, stride, tid):
