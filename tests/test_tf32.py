@@ -6,7 +6,6 @@ the same inputs (plus 1e-7). Under the simulator the forward has one warpgroup (
 tiles; head dims 16, 40 (48 padded) and 64 take the 64-byte, 64-byte and 128-byte (two column blocks)
 swizzles of the Q and K images, and the 32-key Vt images the 128-byte one. Outputs are NaN-poisoned.
 """
-import math
 
 import numpy as np
 import pytest

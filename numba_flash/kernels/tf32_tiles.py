@@ -58,11 +58,6 @@ def swizzle_width32(row_bytes):
     return next(s for s in (128, 64, 32) if row_bytes % s == 0)
 
 
-def key_of(i):
-    """The key (within a group of 8) that Vt's k-index i (within the group) holds (module docstring)."""
-    return 2 * (i % 4) + i // 4
-
-
 @inline_device
 def split(x):
     """(hi, lo): x = hi + lo + O(2^-22 |x|), hi and lo tf32 values (lo 0 where hi is infinite, so that an
@@ -111,7 +106,7 @@ def make_tf32_fwd_ops(tiles, headdim, aligned):
     QLO_W = OFF_QLO // 4
     l_q, l_k, l_vt = BM * SW, BN * SW, DP * SWV          # bytes of one column block of each image
     SBO, SBO_V = 8 * SW, 8 * SWV
-    n_s, n_o = BN, DP                                   # literals of wgmma_acc_zeros (bound names)
+    n_s = BN                               # a literal of wgmma_acc_zeros (a bound name)
     _, from_s = _acc_io(BN // 2)
     to_o, from_o = _acc_io(DP // 2)
 
