@@ -28,7 +28,8 @@ warpgroup through `simwarp.exchange_group`.
     wgmma_acc_zeros(n), wgmma_acc_load(arr, start, n), wgmma_acc_store(arr, start, acc)
                                                      the N/2 float32 accumulators of an m64nNk16 wgmma
     wgmma_fence_operand(acc)                         -> acc, pinned (see "Ordering" below)
-    wgmma_fence_a(a0, a1, a2, a3)                    -> (a0, a1, a2, a3): u32 A registers, pinned likewise
+    wgmma_fence_a(a0, a1, a2, a3)                    -> (a0, a1, a2, a3): u32 (or tf32's f32) A registers,
+                                                        pinned likewise
     wgmma_fence(), wgmma_commit_group(), wgmma_wait_group(n), wgmma_wait_group_alt(n)
     fence_proxy_async_shared()                       generic-proxy shared stores -> visible to wgmma / bulk copy
     setmaxnreg_inc(n), setmaxnreg_dec(n)             warpgroup register reallocation (see below)
@@ -704,6 +705,8 @@ if SIMULATOR:
     wgmma_wait_group_alt = wgmma_wait_group
 
     def wgmma_fence_a(a0, a1, a2, a3):
+        if isinstance(a0, (float, _np.floating)):
+            return (_np.float32(a0), _np.float32(a1), _np.float32(a2), _np.float32(a3))
         return (_np.uint32(a0), _np.uint32(a1), _np.uint32(a2), _np.uint32(a3))
 
     def wgmma_acc_zeros(n):
@@ -1212,17 +1215,19 @@ else:
 
     @_intrinsic
     def wgmma_fence_a(typingctx, a0, a1, a2, a3):
-        if not all(isinstance(x, _types.Integer) and x.bitwidth == 32 for x in (a0, a1, a2, a3)):
+        f32 = all(isinstance(x, _types.Float) for x in (a0, a1, a2, a3))     # tf32 A registers
+        if not f32 and not all(isinstance(x, _types.Integer) and x.bitwidth == 32 for x in (a0, a1, a2, a3)):
             return None
+        ty, ir_ty, c = (_types.float32, _F32, "f") if f32 else (_types.uint32, _I32, "r")
 
         def codegen(context, builder, signature, args):
             # the same empty volatile asm for A registers: values computed before it, uses after it
-            ins = [context.cast(builder, x, t, _types.uint32) for x, t in zip(args, signature.args)]
-            out = _asm(builder, _ir.LiteralStructType([_I32] * 4), [_I32] * 4, "", "=r,=r,=r,=r,0,1,2,3", ins,
-                       side_effect=True)
+            ins = [context.cast(builder, x, t, ty) for x, t in zip(args, signature.args)]
+            out = _asm(builder, _ir.LiteralStructType([ir_ty] * 4), [ir_ty] * 4, "",
+                       f"={c},={c},={c},={c},0,1,2,3", ins, side_effect=True)
             return context.make_tuple(builder, signature.return_type, _unpack(builder, out, 4))
 
-        return _types.UniTuple(_types.uint32, 4)(a0, a1, a2, a3), codegen
+        return _types.UniTuple(ty, 4)(a0, a1, a2, a3), codegen
 
     @_intrinsic
     def wgmma_acc_zeros(typingctx, n):

@@ -238,17 +238,27 @@ def make_tf32_fwd_ops(tiles, headdim, aligned):
         vt = base + OFF_VT + (stage if AHEAD else 0) * 2 * VT_BYTES
         vh = desc_at(smem, vt, 16, SBO_V, swmode_v)
         vl = desc_at(smem, vt + VT_BYTES, 16, SBO_V, swmode_v)
-        acc = hopper.wgmma_fence_operand(to_o(o))
-        hopper.wgmma_fence()
+        ph = cuda.local.array((KK, 4), float32)
+        pl = cuda.local.array((KK, 4), float32)
         for kk in range(KK):
-            db = (kk * 32 // SWV) * l_vt + (kk * 32) % SWV
             h0, l0 = split_finite(p[0, 2 * kk])                 # row g,     key 8 kk + 2t     (k-index t)
             h1, l1 = split_finite(p[1, 2 * kk])                 # row g + 8
             h2, l2 = split_finite(p[0, 2 * kk + 1])             # row g,     key 8 kk + 2t + 1 (k-index t + 4)
             h3, l3 = split_finite(p[1, 2 * kk + 1])
-            acc = hopper.wgmma_tf32_rs(l0, l1, l2, l3, hopper.smem_desc_add(vh, db), acc, 1)
-            acc = hopper.wgmma_tf32_rs(h0, h1, h2, h3, hopper.smem_desc_add(vl, db), acc, 1)
-            acc = hopper.wgmma_tf32_rs(h0, h1, h2, h3, hopper.smem_desc_add(vh, db), acc, 1)
+            # pinned before the fence: else LLVM sinks each conversion to its wgmma and ptxas fences each
+            # wgmma apart (hopper.py, "Ordering")
+            ph[kk, 0], ph[kk, 1], ph[kk, 2], ph[kk, 3] = hopper.wgmma_fence_a(h0, h1, h2, h3)
+            pl[kk, 0], pl[kk, 1], pl[kk, 2], pl[kk, 3] = hopper.wgmma_fence_a(l0, l1, l2, l3)
+        acc = hopper.wgmma_fence_operand(to_o(o))
+        hopper.wgmma_fence()
+        for kk in range(KK):
+            db = (kk * 32 // SWV) * l_vt + (kk * 32) % SWV
+            acc = hopper.wgmma_tf32_rs(pl[kk, 0], pl[kk, 1], pl[kk, 2], pl[kk, 3], hopper.smem_desc_add(vh, db),
+                                       acc, 1)
+            acc = hopper.wgmma_tf32_rs(ph[kk, 0], ph[kk, 1], ph[kk, 2], ph[kk, 3], hopper.smem_desc_add(vl, db),
+                                       acc, 1)
+            acc = hopper.wgmma_tf32_rs(ph[kk, 0], ph[kk, 1], ph[kk, 2], ph[kk, 3], hopper.smem_desc_add(vh, db),
+                                       acc, 1)
         hopper.wgmma_commit_group()
         if AHEAD:
             # the next tile (streamed since this tile began) while the product runs; its buffers were
