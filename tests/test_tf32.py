@@ -211,7 +211,8 @@ def check_against_simt(q, k, v, block_mask=None, **kw):
     return out, lse
 
 
-CASES = [(False, 96, 80, 2, 32), (True, 70, 100, 1, 64), (True, 100, 40, 1, 16), (False, 65, 33, 2, 40)]
+CASES = [(False, 96, 80, 2, 32), (True, 70, 100, 1, 64), (True, 100, 40, 1, 16), (False, 65, 33, 2, 40),
+         (True, 40, 50, 1, 80)]             # d = 80: P V as two products of 40 output columns
 if not SIMULATOR:
     CASES += [(False, 1000, 777, 4, 64), (True, 1024, 1024, 4, 128), (True, 513, 1100, 2, 96),
               (False, 300, 300, 3, 128)]
@@ -279,13 +280,13 @@ def test_tf32_forward_trains_through_autograd_with_the_simt_backward(rng):
         assert_close(x, r, "float32", name, tol=2e-5)
 
 
-def test_tf32_backend_is_validated():
-    x16 = np.zeros((1, 8, 1, 32), np.float16)
+def test_tf32_backend_is_validated(rng):
+    q16, k16, v16 = make_qkv_arrays(rng, 1, 8, 8, 1, 32, "float16", FW)
     with pytest.raises(ValueError, match="float32 inputs; the inputs are float16"):
-        nf.flash_attn_forward(x16, x16, x16, backend="tf32")
-    x = np.zeros((1, 8, 1, 160), np.float32)
+        nf.flash_attn_forward(q16, k16, v16, backend="tf32")
+    q, k, v = make_qkv_arrays(rng, 1, 8, 8, 1, 160, "float32", FW)
     with pytest.raises(ValueError, match="head dims up to 128; headdim is 160"):
-        nf.flash_attn_forward(x, x, x, backend="tf32")
+        nf.flash_attn_forward(q, k, v, backend="tf32")
     with pytest.raises(ValueError, match="compute capability 9.0"):
         configs.resolve_backend("tf32", "float32", (8, 0), 64)
     assert configs.resolve_backend("auto", "float32", (9, 0), 64) == "simt"       # opt-in only

@@ -30,6 +30,14 @@ thread waits for its copies of tile j + 1 (streamed since the start of tile j) a
 barrier, splits, fences, and only then waits for the product. S_j + 1 then needs no barrier of its own.
 Without it the split runs between tile j + 1's arrival and its S product, with nothing to overlap.
 
+Accumulation. The tensor cores add into their float32 accumulators with truncation (measured on an H100:
+with every tile's P V added into O on the tensor cores, O's error grew with the sequence length, ~2e-8
+relative per accumulation, to 7e-6 at N = 1000, 10x the SIMT path's). So no long sum stays there: each
+product keeps the high parts' term a_hi.b_hi and the two correction terms in two accumulators, started
+from zero for every tile (a key tile for S; a key tile and at most 64 output columns for P V), and they are
+added in float32 with rounding to nearest on the CUDA cores, into S and into O (which the online softmax
+rescales there anyway). The longest chain in the tensor cores is then DP/8 (S) or BN/8 (P V) steps.
+
 The A registers of a k8 step hold columns t and t + 4 of the step (hopper.py), but a thread's score
 fragment holds columns 2t and 2t + 1 (the accumulator layout). P V sums over keys, so the keys of each
 group of eight are permuted instead: Vt's k-index i holds key 2 (i % 4) + i // 4 of its group, and P's
@@ -41,7 +49,6 @@ where SIMT gives inf: its low part is 0, and a probability's low part times inf 
 
 Backward: float32 gradients stay on the SIMT kernels (configs.backward_path); this path is forward only.
 """
-import math
 from functools import lru_cache
 
 from numba import cuda, float32, uint32
@@ -50,7 +57,7 @@ from . import hopper, ptx
 from .fragments import TileOps, mma_fragment
 from .launch import inline_device
 from .tc_tiles import make_tile_copy
-from .wgmma_tiles import ALIGN, SWIZZLE_MODES, _acc_io, base_bytes, desc_at
+from .wgmma_tiles import ALIGN, SWIZZLE_MODES, base_bytes, desc_at
 
 
 def swizzle_width32(row_bytes):
@@ -60,11 +67,27 @@ def swizzle_width32(row_bytes):
 
 @inline_device
 def split(x):
-    """(hi, lo): x = hi + lo + O(2^-22 |x|), hi and lo tf32 values (lo 0 where hi is infinite, so that an
-    infinite input stays infinite instead of becoming inf - inf)."""
+    """(hi, lo): x = hi + lo + O(2^-22 |x|), hi and lo tf32 values (lo 0 where hi is not finite, so that
+    an infinite input stays infinite instead of becoming inf - inf; the test hi - hi == 0 keeps libdevice
+    calls out of the kernel, which would make ptxas serialize its wgmmas)."""
     hi = ptx.tf32_round(x)
-    lo = ptx.tf32_round(x - hi) if not math.isinf(hi) else float32(0)
+    lo = ptx.tf32_round(x - hi) if hi - hi == float32(0) else float32(0)
     return hi, lo
+
+
+@lru_cache(maxsize=None)
+def _acc_sums(nacc, col0):
+    """sum_into(c, a, b): c[h, col0 + k] = a[j] + b[j]; add_into(c, a, b): c[h, col0 + k] += a[j] + b[j]
+    (float32, rounded to nearest: on CUDA cores, not in the tensor cores' accumulator), for the wgmma
+    accumulators j of an m64n(2 nacc) product and their places (h, k) in an m16n8 fragment array
+    (wgmma_tiles._acc_io's order)."""
+    order = [(h, col0 + 2 * (j // 4) + j % 2) for j in range(nacc) for h in [(j >> 1) & 1]]
+    src = "def sum_into(c, a, b):\n" + "".join(f"    c[{h}, {k}] = a[{j}] + b[{j}]\n" for j, (h, k) in enumerate(order))
+    src += "    return\ndef add_into(c, a, b):\n"
+    src += "".join(f"    c[{h}, {k}] += a[{j}] + b[{j}]\n" for j, (h, k) in enumerate(order)) + "    return\n"
+    ns = {}
+    exec(compile(src, f"<tf32 acc sums {nacc} {col0}>", "exec"), ns)
+    return inline_device(ns["sum_into"]), inline_device(ns["add_into"])
 
 
 @inline_device
@@ -107,8 +130,13 @@ def make_tf32_fwd_ops(tiles, headdim, aligned):
     l_q, l_k, l_vt = BM * SW, BN * SW, DP * SWV          # bytes of one column block of each image
     SBO, SBO_V = 8 * SW, 8 * SWV
     n_s = BN                               # a literal of wgmma_acc_zeros (a bound name)
-    _, from_s = _acc_io(BN // 2)
-    to_o, from_o = _acc_io(DP // 2)
+    NCH = -(-DP // 64)                     # P V in NCH products of NC <= 64 output columns (registers)
+    NC = DP // NCH
+    assert NC % 8 == 0 and NCH <= 2, DP
+    n_c = NC
+    sum_s, _ = _acc_sums(BN // 2, 0)
+    add_o0 = _acc_sums(NC // 2, 0)[1]
+    add_o1 = _acc_sums(NC // 2, NC // 4)[1]
 
     @inline_device
     def swizzled_chunk(smem, off, r, ch, rows):
@@ -212,7 +240,8 @@ def make_tf32_fwd_ops(tiles, headdim, aligned):
             cuda.syncthreads()              # every split visible to every warpgroup's wgmmas
         base = base_bytes(smem)
         wg = tid // 128
-        acc = hopper.wgmma_acc_zeros(n_s)
+        main = hopper.wgmma_acc_zeros(n_s)
+        corr = hopper.wgmma_acc_zeros(n_s)
         qh = desc_at(smem, base + wg * 64 * SW, 16, SBO, swmode)
         ql = desc_at(smem, base + OFF_QLO + wg * 64 * SW, 16, SBO, swmode)
         kh = desc_at(smem, base + OFF_K + stage * T_BYTES, 16, SBO, swmode)
@@ -221,14 +250,33 @@ def make_tf32_fwd_ops(tiles, headdim, aligned):
         for ks in range(KS):
             da = (ks * 32 // SW) * l_q + (ks * 32) % SW
             db = (ks * 32 // SW) * l_k + (ks * 32) % SW
-            acc = hopper.wgmma_tf32(hopper.smem_desc_add(ql, da), hopper.smem_desc_add(kh, db), acc,
-                                    0 if ks == 0 else 1)
-            acc = hopper.wgmma_tf32(hopper.smem_desc_add(qh, da), hopper.smem_desc_add(kl, db), acc, 1)
-            acc = hopper.wgmma_tf32(hopper.smem_desc_add(qh, da), hopper.smem_desc_add(kh, db), acc, 1)
+            first = 0 if ks == 0 else 1
+            corr = hopper.wgmma_tf32(hopper.smem_desc_add(ql, da), hopper.smem_desc_add(kh, db), corr, first)
+            corr = hopper.wgmma_tf32(hopper.smem_desc_add(qh, da), hopper.smem_desc_add(kl, db), corr, 1)
+            main = hopper.wgmma_tf32(hopper.smem_desc_add(qh, da), hopper.smem_desc_add(kh, db), main, first)
         hopper.wgmma_commit_group()
         hopper.wgmma_wait_group(0)
-        from_s(c, hopper.wgmma_fence_operand(acc))
+        sum_s(c, hopper.wgmma_fence_operand(main), hopper.wgmma_fence_operand(corr))
         return
+
+    @inline_device
+    def pv_chunk(ph, pl, vh, vl, ci):
+        """The pending products (main, corr) of output columns ci NC .. of P V (rows ci NC .. of the Vt
+        images): P_hi V_hi, and P_lo V_hi + P_hi V_lo, each from zero."""
+        main = hopper.wgmma_acc_zeros(n_c)
+        corr = hopper.wgmma_acc_zeros(n_c)
+        hopper.wgmma_fence()
+        for kk in range(KK):
+            db = (kk * 32 // SWV) * l_vt + (kk * 32) % SWV + ci * NC * SWV
+            first = 0 if kk == 0 else 1
+            corr = hopper.wgmma_tf32_rs(pl[kk, 0], pl[kk, 1], pl[kk, 2], pl[kk, 3], hopper.smem_desc_add(vh, db),
+                                        corr, first)
+            corr = hopper.wgmma_tf32_rs(ph[kk, 0], ph[kk, 1], ph[kk, 2], ph[kk, 3], hopper.smem_desc_add(vl, db),
+                                        corr, 1)
+            main = hopper.wgmma_tf32_rs(ph[kk, 0], ph[kk, 1], ph[kk, 2], ph[kk, 3], hopper.smem_desc_add(vh, db),
+                                        main, first)
+        hopper.wgmma_commit_group()
+        return main, corr
 
     @inline_device
     def mm_pv(smem, p, stage, b_slot, o, tid, lead_sync):
@@ -249,17 +297,7 @@ def make_tf32_fwd_ops(tiles, headdim, aligned):
             # wgmma apart (hopper.py, "Ordering")
             ph[kk, 0], ph[kk, 1], ph[kk, 2], ph[kk, 3] = hopper.wgmma_fence_a(h0, h1, h2, h3)
             pl[kk, 0], pl[kk, 1], pl[kk, 2], pl[kk, 3] = hopper.wgmma_fence_a(l0, l1, l2, l3)
-        acc = hopper.wgmma_fence_operand(to_o(o))
-        hopper.wgmma_fence()
-        for kk in range(KK):
-            db = (kk * 32 // SWV) * l_vt + (kk * 32) % SWV
-            acc = hopper.wgmma_tf32_rs(pl[kk, 0], pl[kk, 1], pl[kk, 2], pl[kk, 3], hopper.smem_desc_add(vh, db),
-                                       acc, 1)
-            acc = hopper.wgmma_tf32_rs(ph[kk, 0], ph[kk, 1], ph[kk, 2], ph[kk, 3], hopper.smem_desc_add(vl, db),
-                                       acc, 1)
-            acc = hopper.wgmma_tf32_rs(ph[kk, 0], ph[kk, 1], ph[kk, 2], ph[kk, 3], hopper.smem_desc_add(vh, db),
-                                       acc, 1)
-        hopper.wgmma_commit_group()
+        main, corr = pv_chunk(ph, pl, vh, vl, 0)
         if AHEAD:
             # the next tile (streamed since this tile began) while the product runs; its buffers were
             # last read by the products of the tile before this one, complete before this tile's barrier
@@ -268,7 +306,11 @@ def make_tf32_fwd_ops(tiles, headdim, aligned):
             split_tiles(smem, 1 - stage, tid)      # (after the last tile: stale words, never read)
             hopper.fence_proxy_async_shared()      # then the next tile's barrier
         hopper.wgmma_wait_group(0)
-        from_o(o, hopper.wgmma_fence_operand(acc))
+        add_o0(o, hopper.wgmma_fence_operand(main), hopper.wgmma_fence_operand(corr))
+        if NCH > 1:
+            main, corr = pv_chunk(ph, pl, vh, vl, 1)
+            hopper.wgmma_wait_group(0)
+            add_o1(o, hopper.wgmma_fence_operand(main), hopper.wgmma_fence_operand(corr))
         return
 
     @inline_device
@@ -278,6 +320,6 @@ def make_tf32_fwd_ops(tiles, headdim, aligned):
     min_regs = min(255, max(128, BN // 2 + DP // 2 + 80))
     return TileOps(
         path="tf32", stages=2, threads=NTHREADS, smem_bytes=SMEM, min_blocks=max(1, tiles.min_blocks),
-        min_regs=min_regs, frag=mma_fragment(1, NT, DT), a_shape=(1,), a_dtype=uint32, exp2=math.exp2,
+        min_regs=min_regs, frag=mma_fragment(1, NT, DT), a_shape=(1,), a_dtype=uint32, exp2=ptx.ex2,
         load_resident=load_resident, resident_ready=resident_ready, stream=stream, commit=ptx.cp_async_commit,
         wait_all=wait_all, vec=None, mm_nt=mm_nt, mm_pv=mm_pv, dq=None, pipe=None, ws=None)
