@@ -2,7 +2,8 @@
 # A kernel change's verification on a GPU, in stages that each fit one 10-minute remote call (H200 times):
 #
 #   tools/gpu_check.sh suite    OUT            GPU test suite without the sanitizer sweep (-n 16, ~290-340 s on
-#                                              an H100; the log ends with the 25 slowest tests)
+#                                              an H100; the log ends with the 25 slowest tests;
+#                                              SUITE_TIMEOUT=seconds caps it, default 560)
 #   tools/gpu_check.sh sanitize OUT CASE...    racecheck + memcheck of tools/sanitize.py cases, 6 processes
 #                                              at a time (~60-90 s per case and tool); SANITIZE_TOOLS="racecheck
 #                                              memcheck synccheck" adds synccheck (tests/test_sanitizer.py runs
