@@ -259,8 +259,9 @@ def _wgmma_tiles(role, headdim, causal=False, sparse=False):
 
 def _tf32_tiles(role, headdim):
     # The split-TF32 forward (tf32_tiles.py) holds Q, K and V twice (high and low parts) in shared memory,
-    # plus the transposed V: 128 x 64 tiles (two warpgroups) take ~179 KB at d = 64, 64 x 32 (one) the
-    # same at d = 128. Not tuned on a GPU yet.
+    # plus the transposed V: 128 x 64 tiles (two warpgroups) take 177 KB at d = 64, 64 x 32 (one) the
+    # same at d = 128 (225 KB with split_ahead). H100, first run (2026-12-07): 33 TFLOP/s at d = 64, 15 at
+    # d = 128 (docs/PERFORMANCE.md); not tuned.
     assert role == "fwd", role
     return MmaTiles(128, 64, 8, a_regs=False) if headdim <= 64 else MmaTiles(64, 32, 4, a_regs=False)
 
