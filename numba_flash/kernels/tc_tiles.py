@@ -39,9 +39,9 @@ def make_tile_copy(rows, dp, headdim, aligned, nthreads, chunk_word, row_words=N
     nrows rows and past the head dim. chunk_word(smem, off, r, ch) is the layout: the shared-memory word
     where 16-byte chunk ch of row r of the tile at `off` starts (its 8, or 4, elements are contiguous there).
     `aligned`: every source row starts 16-byte aligned, so chunks move by cp.async (committed by the
-    caller); otherwise by ordinary loads and 16-bit (32-bit) shared stores into the same layout. row_words: where a row starts a fixed number of words after
-    the previous one and its chunks follow each other (padded rows), that number, so stepping down rows is
-    one add. pass_words: where only every (nthreads // chunks per row)-th row is that far from the one
+    caller); otherwise by ordinary loads and 16-bit (32-bit) shared stores into the same layout.
+    row_words: where a row starts a fixed number of words after the previous one and its chunks follow
+    each other (padded rows), that number, so stepping down rows is one add. pass_words: where only every (nthreads // chunks per row)-th row is that far from the one
     before (a swizzle repeating down the rows), the words between them, so a thread's passes down the
     tile are fixed offsets from its first chunk (one register instead of one per pass). Used by the
     mma.sync (padded rows), wgmma (swizzled) and tf32 (float32, swizzled) paths."""
