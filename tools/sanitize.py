@@ -15,8 +15,8 @@ separate "kernel" by default, and "atomic" and "bulk", fused into dK/dV; configs
 warp-specialised wgmma forward (MmaTiles.ring: a producer warpgroup and mbarriers), the wgmma dK/dV
 kernel's own dQ in both of its warpgroup splits, the persistent forward (work tiles in a fixed or a
 dynamic order, causal ones in L2-sized sections of heads), three consumer warpgroups, the TMA producer and
-the backward's TMA streams, and the split-TF32 forward. Every result is checked against the float64 reference, so a configuration that
-silently did nothing fails here too. Exit status 1 on a mismatch.
+the backward's TMA streams, and the split-TF32 forward. Every result is checked against the float64
+reference, so a configuration that silently did nothing fails here too. Exit status 1 on a mismatch.
 """
 import os
 import sys

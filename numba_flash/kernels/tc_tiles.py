@@ -41,10 +41,11 @@ def make_tile_copy(rows, dp, headdim, aligned, nthreads, chunk_word, row_words=N
     `aligned`: every source row starts 16-byte aligned, so chunks move by cp.async (committed by the
     caller); otherwise by ordinary loads and 16-bit (32-bit) shared stores into the same layout.
     row_words: where a row starts a fixed number of words after the previous one and its chunks follow
-    each other (padded rows), that number, so stepping down rows is one add. pass_words: where only every (nthreads // chunks per row)-th row is that far from the one
-    before (a swizzle repeating down the rows), the words between them, so a thread's passes down the
-    tile are fixed offsets from its first chunk (one register instead of one per pass). Used by the
-    mma.sync (padded rows), wgmma (swizzled) and tf32 (float32, swizzled) paths."""
+    each other (padded rows), that number, so stepping down rows is one add. pass_words: where only every
+    (nthreads // chunks per row)-th row is that far from the one before (a swizzle repeating down the
+    rows), the words between them, so a thread's passes down the tile are fixed offsets from its first
+    chunk (one register instead of one per pass). Used by the mma.sync (padded rows), wgmma (swizzled)
+    and tf32 (float32, swizzled) paths."""
     assert elem_bytes in (2, 4)
     E = 16 // elem_bytes                   # elements per 16-byte chunk
     cpr = dp // E                          # 16-byte chunks per row
