@@ -75,7 +75,7 @@ def _work(cfg, a, barrier, lock, results):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("configs", nargs="+", help="KERNEL=TILES, or KERNEL alone for the default tiles")
-    ap.add_argument("--backend", default="mma", choices=["simt", "mma", "wgmma"])
+    ap.add_argument("--backend", default="mma", choices=["simt", "mma", "wgmma", "tf32"])
     ap.add_argument("--d", type=int, default=64)
     ap.add_argument("--N", type=int, default=4096)
     ap.add_argument("--dtype", default="float16")
