@@ -119,9 +119,10 @@ code before that block: wgmma_wait_group_alt(n) is the same instruction spelled 
 `if flag: wgmma_wait_group(0) else: wgmma_wait_group_alt(0)` keeps a branch (no compiler merges the two
 arms) and both ways wait. `flag` must be the same in every thread of the warpgroup (the waits are
 .aligned) and unknown to the compilers (else they fold the branch); wgmma_tiles.wait_pv.
-The simulator completes each wgmma at once but checks the protocol: a wgmma with no wgmma_fence() since the
-thread's last wait (stricter than the ISA, which asks for it only after a register access), and any read of
-accumulators whose group has not been waited for, raise.
+The simulator completes each wgmma at once, summing the exact products in float64 and rounding the result
+to float32 toward zero (the tensor cores' accumulation truncates), but checks the protocol: a wgmma with no
+wgmma_fence() since the thread's last wait (stricter than the ISA, which asks for it only after a register
+access), and any read of accumulators whose group has not been waited for, raise.
 
 setmaxnreg (PTX ISA, "setmaxnreg")
 ----------------------------------
@@ -637,7 +638,18 @@ if SIMULATOR:
             C = _np.empty((64, n))
             C[_d_map(nacc)] = _np.array([d[4] for d in deps], dtype=_np.float32)
             D = D + C
-        return D.astype(_np.float32)
+        return _to_f32_toward_zero(D)
+
+    def _to_f32_toward_zero(x):
+        """float64 -> float32 truncated (rounded toward zero), as the tensor cores round their float32
+        accumulation (H100: the error of a long accumulation grows by ~2e-8 relative per wgmma, one way;
+        docs/PERFORMANCE.md, the tf32 path). Overflow saturates to inf as on the GPU."""
+        with _np.errstate(over="ignore", invalid="ignore"):
+            r = x.astype(_np.float32)
+            up = _np.abs(r.astype(_np.float64)) > _np.abs(x)       # rounded away from zero: step back
+            up &= _np.isfinite(r)                                   # (an overflow stays inf)
+            r[up] = _np.nextafter(r[up], _np.float32(0))
+        return r
 
     def _wgmma(kind, to_f64, desc_a, a_regs, desc_b, acc, scale_d, trans_a, trans_b, what):
         thread = _threading.current_thread()
