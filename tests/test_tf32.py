@@ -4,7 +4,10 @@ The intrinsics (ptx.tf32_round, hopper.wgmma_tf32 / wgmma_tf32_rs) against numpy
 against the float64 reference with the issue's bar: its error at most twice the SIMT float32 path's on
 the same inputs (plus 1e-7). Under the simulator the forward has one warpgroup (64 queries) and 32-key
 tiles; head dims 16, 40 (48 padded) and 64 take the 64-byte, 64-byte and 128-byte (two column blocks)
-swizzles of the Q and K images, and the 32-key Vt images the 128-byte one. Outputs are NaN-poisoned.
+swizzles of the Q and K images, and the 32-key Vt images the 128-byte one; d = 80 splits P V into two
+products. The simulator's wgmma rounds toward zero as the tensor cores do, so the error bar means there
+what it means on a GPU (a scheme that accumulated every tile in the tensor cores failed it on an H100 and
+fails it here). Outputs are NaN-poisoned.
 """
 
 import numpy as np
