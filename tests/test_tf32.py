@@ -19,9 +19,9 @@ from numba_flash import BlockMask
 from numba_flash.kernels import configs, hopper, ptx
 from conftest import (SIMULATOR, as64, assert_bitwise_equal, assert_close, assert_lse_close, block_sizes, copy,
                       gpu_capability, make_qkv_arrays, poison, random_array, rel_err)
+from test_hopper import WG, check_product, from_fragments, launch, swizzle_offsets, to_fragments
 
 FW = "torch"
-WG = 128
 
 pytestmark = pytest.mark.skipif(not SIMULATOR and gpu_capability() != (9, 0),
                                 reason=f"tf32 wgmma is an sm_90a instruction; this GPU is cc {gpu_capability()}")
@@ -92,21 +92,13 @@ def tf32_image(X, swizzle):
         s = int(swizzle)
         lbo, sbo = 16, 8 * s
         lin = (4 * k // s) * R * s + (r // 8) * sbo + (r % 8) * s + (4 * k) % s
-        b = {128: 3, 64: 2, 32: 1}[s]
-        off = lin ^ (((lin >> 7) & ((1 << b) - 1)) << 4)
+        off = swizzle_offsets(lin, s)
         starts = (32 * steps // s) * R * s + (32 * steps) % s
         mode = {128: hopper.SWIZZLE_128B, 64: hopper.SWIZZLE_64B, 32: hopper.SWIZZLE_32B}[s]
     assert np.unique(off).size == off.size and off.max() < R * K * 4
     img = np.zeros(R * K, np.float32)
     img[off // 4] = X
     return img.view(np.uint32), lbo, sbo, mode, starts.astype(np.int64)
-
-
-def acc_positions(n):
-    q = np.arange(WG).reshape(-1, 1)
-    j = np.arange(n // 2).reshape(1, -1)
-    w, g, t = q // 32, (q % 32) // 4, q % 4
-    return np.broadcast_to(16 * w + g + 8 * ((j // 2) % 2), (WG, n // 2)), 8 * (j // 4) + 2 * t + j % 2
 
 
 def a_registers_tf32(A):
@@ -174,20 +166,11 @@ def test_wgmma_tf32_products_exact_in_every_k_major_layout(rng, n, k, swz_a, swz
     afrag = np.zeros(4, np.float32)
     if a_regs:
         afrag = np.stack([a_registers_tf32(A[:, 8 * j:8 * j + 8]) for j in range(k // 8)], 1).reshape(-1)
-    rows, cols = acc_positions(n)
-    cfrag = np.ascontiguousarray(C[rows, cols]).reshape(-1)
     dfrag = np.full(WG * n // 2, np.nan, np.float32)
     P = np.array([lbo_a, sbo_a, sw_a, lbo_b, sbo_b, sw_b], np.int64)
     kern = tf32_kernel(n, k, img_a.size, img_b.size, a_regs)
-    dev = [cuda.to_device(np.ascontiguousarray(x)) for x in (img_a, img_b, afrag, P, starts_a, starts_b, cfrag,
-                                                             dfrag)]
-    kern[1, WG](*dev)
-    D = np.full((64, n), np.nan, np.float32)
-    D[rows, cols] = dev[-1].copy_to_host().reshape(WG, n // 2)
-    ref = A.astype(np.float64) @ Bt.T.astype(np.float64) + C
-    scale = np.abs(A.astype(np.float64)) @ np.abs(Bt.T.astype(np.float64)) + np.abs(C)
-    err = np.abs(D - ref) / scale
-    assert not np.isnan(D).any() and err.max() < 1e-6, f"max error {err.max():.3g} of the terms' magnitude"
+    *_, dfrag = launch(kern, 1, WG, img_a, img_b, afrag, P, starts_a, starts_b, to_fragments(C, n), dfrag)
+    check_product(from_fragments(dfrag, n), A.astype(np.float64), Bt.astype(np.float64), C.astype(np.float64))
 
 
 # --------------------------------------------------------------------------------------------------

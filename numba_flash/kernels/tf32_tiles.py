@@ -59,12 +59,7 @@ from . import hopper, ptx
 from .fragments import TileOps, mma_fragment
 from .launch import inline_device
 from .tc_tiles import make_tile_copy
-from .wgmma_tiles import ALIGN, SWIZZLE_MODES, base_bytes, desc_at
-
-
-def swizzle_width32(row_bytes):
-    """The widest swizzle (128, 64, 32 bytes) dividing a row of `row_bytes`."""
-    return next(s for s in (128, 64, 32) if row_bytes % s == 0)
+from .wgmma_tiles import ALIGN, SWIZZLE_MODES, base_bytes, desc_at, make_swizzled_copy, swizzle_width
 
 
 @inline_device
@@ -107,11 +102,11 @@ def make_tf32_fwd_ops(tiles, headdim, aligned):
     NTHREADS = 32 * W
     DP = tiles.padded_headdim(headdim)
     assert DP <= 256 and DP % 8 == 0, headdim
-    SW = swizzle_width32(4 * DP)           # Q, K images: rows of DP words
-    SWV = swizzle_width32(4 * BN)          # Vt images: rows of BN words
+    SW = swizzle_width(DP, 4)              # Q, K images: rows of DP words
+    SWV = swizzle_width(BN, 4)             # Vt images: rows of BN words
     swmode, swmode_v = SWIZZLE_MODES[SW], SWIZZLE_MODES[SWV]
-    XM, XMV = SW // 16 - 1, SWV // 16 - 1  # chunk-index masks of the XOR
-    CPB, CPBV = SW // 16, SWV // 16        # 16-byte chunks per row of one column block
+    CPBV = SWV // 16                       # 16-byte chunks per row of one column block of the Vt images
+    XMV = CPBV - 1                         # ... and the chunk-index mask of their XOR
     KS, KK = DP // 8, BN // 8              # k8 steps of S = Q K^T and of P V
     NT, DT = BN // 8, DP // 8
     AHEAD = bool(tiles.split_ahead)
@@ -141,26 +136,14 @@ def make_tf32_fwd_ops(tiles, headdim, aligned):
     add_o1 = _acc_sums(NC // 2, NC // 4)[1]
 
     @inline_device
-    def swizzled_chunk(smem, off, r, ch, rows):
-        return (base_bytes(smem) + off + (ch // CPB) * rows * SW + r * SW
-                + (((ch % CPB) ^ ((r * SW >> 7) & XM)) << 4)) // 4
-
-    @inline_device
-    def q_chunk(smem, off, r, ch):
-        return swizzled_chunk(smem, off, r, ch, BM)
-
-    @inline_device
-    def k_chunk(smem, off, r, ch):
-        return swizzled_chunk(smem, off, r, ch, BN)
-
-    @inline_device
     def v_chunk(smem, off, r, ch):
         if VSW:
             return (base_bytes(smem) + off) // 4 + r * VP + 4 * ((ch & ~7) | ((ch & 7) ^ (r & 7)))
         return (base_bytes(smem) + off) // 4 + r * VP + 4 * ch
 
-    copy_q, copy_k, copy_v = (make_tile_copy(rows, DP, headdim, aligned, NTHREADS, chunk, elem_bytes=4)
-                              for rows, chunk in ((BM, q_chunk), (BN, k_chunk), (BN, v_chunk)))
+    copy_q, copy_k = (make_swizzled_copy(rows, DP, headdim, aligned, NTHREADS, elem_bytes=4)
+                      for rows in (BM, BN))
+    copy_v = make_tile_copy(BN, DP, headdim, aligned, NTHREADS, v_chunk, elem_bytes=4)
 
     @inline_device
     def load_resident(smem, afrag, slot, g, base, row0, nrows, stride, tid):
@@ -197,9 +180,9 @@ def make_tf32_fwd_ops(tiles, headdim, aligned):
         for s in range(-(-NPAIRS // W)):
             pi = tid // 32 + s * W
             if NPAIRS % W == 0 or pi < NPAIRS:
-                nb = pi // (BN // 4)
-                c = pi - nb * (BN // 4)
-                n = 8 * nb + nl
+                rb = pi // (BN // 4)                            # block of 8 head-dim rows
+                c = pi - rb * (BN // 4)
+                n = 8 * rb + nl
                 i = 4 * c + w                                   # k-index in the images
                 key = 8 * (i // 8) + 2 * (i % 4) + (i % 8) // 4
                 if VSW:
@@ -315,13 +298,9 @@ def make_tf32_fwd_ops(tiles, headdim, aligned):
             add_o1(o, hopper.wgmma_fence_operand(main), hopper.wgmma_fence_operand(corr))
         return
 
-    @inline_device
-    def wait_all():
-        ptx.cp_async_wait_all()
-
     min_regs = min(255, max(128, BN // 2 + DP // 2 + 80))
     return TileOps(
         path="tf32", stages=2, threads=NTHREADS, smem_bytes=SMEM, min_blocks=max(1, tiles.min_blocks),
         min_regs=min_regs, frag=mma_fragment(1, NT, DT), a_shape=(1,), a_dtype=uint32, exp2=ptx.ex2,
         load_resident=load_resident, resident_ready=resident_ready, stream=stream, commit=ptx.cp_async_commit,
-        wait_all=wait_all, vec=None, mm_nt=mm_nt, mm_pv=mm_pv, dq=None, pipe=None, ws=None)
+        wait_all=ptx.cp_async_wait_all, vec=None, mm_nt=mm_nt, mm_pv=mm_pv, dq=None, pipe=None, ws=None)

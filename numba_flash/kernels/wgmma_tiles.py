@@ -48,9 +48,10 @@ from .tc_tiles import make_stream, make_tile_copy, make_vec_stream
 ALIGN = 1024               # bytes: a 128B-swizzle atom (8 rows x 128 bytes)
 
 
-def swizzle_width(padded_headdim):
-    """Bytes per row of one column block: the widest swizzle (128, 64, 32) dividing a row of the head dim."""
-    row = 2 * padded_headdim
+def swizzle_width(padded_headdim, elem_bytes=2):
+    """Bytes per row of one column block: the widest swizzle (128, 64, 32) dividing a row of the head dim
+    (elements of elem_bytes: 2, or 4 for the tf32 path's float32 images)."""
+    row = elem_bytes * padded_headdim
     return next(s for s in (128, 64, 32) if row % s == 0)
 
 
@@ -75,15 +76,16 @@ def desc_pair(smem, aoff, lbo_a, sbo_a, swizzle_a, boff, lbo_b, sbo_b, swizzle_b
     return desc_at(smem, aoff, lbo_a, sbo_a, swizzle_a), desc_at(smem, boff, lbo_b, sbo_b, swizzle_b)
 
 
-def make_swizzled_copy(rows, dp, headdim, aligned, nthreads, fixed_passes=False):
+def make_swizzled_copy(rows, dp, headdim, aligned, nthreads, fixed_passes=False, elem_bytes=2):
     """copy(smem, off, g, base, row0, nrows, stride, tid) (tc_tiles.make_tile_copy): the rows x dp tile
-    at byte `off` past the aligned start, in the swizzled K-major image (module docstring). fixed_passes:
-    where a thread's rows are a whole number of swizzle periods apart, address its later chunks as fixed
-    offsets from its first (fewer registers: the producer warpgroup's copies)."""
-    sw = swizzle_width(dp)
+    at byte `off` past the aligned start, in the swizzled K-major image (module docstring; elem_bytes=4:
+    float32 elements, the tf32 path's images). fixed_passes: where a thread's rows are a whole number of
+    swizzle periods apart, address its later chunks as fixed offsets from its first (fewer registers: the
+    producer warpgroup's copies)."""
+    sw = swizzle_width(dp, elem_bytes)
     cpb = sw // 16                         # chunks per row of one column block
     xmask = {128: 7, 64: 3, 32: 1}[sw]
-    cpr = dp // 8                          # 16-byte chunks per row
+    cpr = dp * elem_bytes // 16            # 16-byte chunks per row
     rstep = nthreads // cpr if nthreads % cpr == 0 else 0
     pass_words = None
     if fixed_passes and rstep and (rstep * sw) % 128 == 0 and (rstep * sw >> 7) % (xmask + 1) == 0:
@@ -93,7 +95,8 @@ def make_swizzled_copy(rows, dp, headdim, aligned, nthreads, fixed_passes=False)
     def swizzled_chunk(smem, off, r, ch):
         return (base_bytes(smem) + off + (ch // cpb) * rows * sw + r * sw
                 + (((ch % cpb) ^ ((r * sw >> 7) & xmask)) << 4)) // 4
-    return make_tile_copy(rows, dp, headdim, aligned, nthreads, swizzled_chunk, pass_words=pass_words)
+    return make_tile_copy(rows, dp, headdim, aligned, nthreads, swizzled_chunk, pass_words=pass_words,
+                          elem_bytes=elem_bytes)
 
 
 @inline_device
