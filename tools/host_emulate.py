@@ -23,12 +23,13 @@ the cut changed no launch (docs/PERFORMANCE.md).
 import argparse
 import json
 import os
+import re
 import struct
 import sys
 import time
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ADDRESS = 1 << 40           # parameter values at least this large are addresses (masked in records)
+ADDRESS = 1 << 40           # where the stubbed driver allocates (tensor maps); larger values are addresses too
 
 
 def emulate(tree, capability):
@@ -103,7 +104,7 @@ def emulate(tree, capability):
         packer.pack_into(buf, 0, *values)
         if emulate.recording:
             launches.append([self.kernel.py_func.__name__, list(grid), self.threads, self.smem_bytes,
-                             packer.format, [_masked(v) for v in values]])
+                             packer.format, [_masked(v, c) for v, c in zip(values, _codes(packer.format))]])
 
     launch.Launchable.__call__ = launch_call
     emulate.recording = False
@@ -114,11 +115,19 @@ def hopper_words(tma):
     return tma.hopper.TMAP_WORDS
 
 
-def _masked(v):
+def _codes(fmt):
+    """The struct code of each value a parameter format packs ("<QQqqQqqB7x..." -> Q, Q, q, q, Q, q, q, B)."""
+    return [c for c in re.findall(r"\d*([a-zA-Z?])", fmt) if c != "x"]
+
+
+def _masked(v, code):
+    """A parameter value as recorded: addresses (the unsigned 64-bit slots of an array: its data pointer;
+    meminfo and parent are 0) masked, wherever the allocator put them (a GPU host's torch allocates CPU
+    tensors below 2**32), floats rounded."""
     if isinstance(v, float):
         return round(v, 7)
     v = int(v)
-    return "address" if abs(v) >= ADDRESS else v
+    return "address" if (code == "Q" and v != 0) or abs(v) >= ADDRESS else v
 
 
 def per_call_us(fn, calls=500, rounds=7):
