@@ -293,15 +293,25 @@ def use_split_ahead(monkeypatch, on, d):
 
 @pytest.mark.parametrize("causal,Nq,Nk,d", [(True, 70, 100, 32), (False, 65, 33, 64), (True, 100, 40, 16),
                                             (False, 40, 20, 40)])
-def test_tf32_split_ahead_matches_the_default_bitwise(rng, monkeypatch, causal, Nq, Nk, d):
-    """Splitting tile j + 1 during tile j's P V product changes the schedule, not the arithmetic: the same
-    bits, including one-tile walks (Nk = 20) and query tiles that see no key (causal, Nq > Nk)."""
+def test_tf32_split_ahead_matches_the_default(rng, monkeypatch, causal, Nq, Nk, d):
+    """Splitting tile j + 1 during tile j's P V product changes the schedule, not the products: under the
+    simulator the same bits, including one-tile walks (Nk = 20) and query tiles that see no key (causal,
+    Nq > Nk). On a GPU the compiler fuses a multiply and an add into one FMA only inside a basic block,
+    and the split's loops move block boundaries (H100, 2026-12-07: each variant bitwise reproducible run
+    to run, the two 1e-7 apart with the same error against float64), so there: within 4 float32 ulps of
+    the output's scale, lse to float32 rounding."""
     q, k, v = make_qkv_arrays(rng, 1, Nq, Nk, 2, d, "float32", FW)
     use_split_ahead(monkeypatch, False, d)
     want = run(q, k, v, "tf32", causal=causal)
     use_split_ahead(monkeypatch, True, d)
     got = run(q, k, v, "tf32", causal=causal)
-    for name, x, y in zip(("out", "lse"), got, want):
-        assert_bitwise_equal(x, y, name)
     ref, _ = nf.attention_reference(q, k, v, causal=causal)
+    if SIMULATOR:
+        for name, x, y in zip(("out", "lse"), got, want):
+            assert_bitwise_equal(x, y, name)
+    else:
+        scale = float(np.abs(as64(ref)).max())
+        assert float(np.abs(as64(got[0]) - as64(want[0])).max()) <= 4 * 2.0 ** -23 * scale
+        assert float(np.abs(as64(got[1]) - as64(want[1])).max()) <= 1e-6
+        assert rel_err(got[0], ref) <= 1.1 * rel_err(want[0], ref)
     assert rel_err(got[0], ref) < 1e-6
