@@ -280,15 +280,20 @@ def test_tf32_backend_is_validated(rng):
     assert configs.resolve_backend("tf32", "float32", None, 64, "bwd") == "tf32"
 
 
-def use_split_ahead(monkeypatch, on, d):
-    """The tf32 forward's tiles with MmaTiles.split_ahead = on (simulator: its 64 x 32 tiles; GPU: the
-    default tiles of head dim d, through NUMBA_FLASH_FWD_TILES as a tuning run would)."""
+def use_tiles(monkeypatch, d, **kw):
+    """The tf32 forward's tiles with the MmaTiles fields kw replaced (simulator: its 64 x 32 tiles; GPU: the
+    default tiles of head dim d), through NUMBA_FLASH_FWD_TILES on a GPU as a tuning run would."""
     import dataclasses
     if SIMULATOR:
-        monkeypatch.setitem(configs._SIM["tf32"], "fwd", configs.MmaTiles(64, 32, 4, a_regs=False, split_ahead=on))
+        monkeypatch.setitem(configs._SIM["tf32"], "fwd",
+                            dataclasses.replace(configs.MmaTiles(64, 32, 4, a_regs=False), **kw))
     else:
-        t = dataclasses.replace(configs._tf32_tiles("fwd", d), split_ahead=on)
-        monkeypatch.setenv("NUMBA_FLASH_FWD_TILES", t.override())
+        monkeypatch.setenv("NUMBA_FLASH_FWD_TILES", dataclasses.replace(configs._tf32_tiles("fwd", d), **kw).override())
+
+
+def use_split_ahead(monkeypatch, on, d):
+    """The synchronous body's tiles with MmaTiles.split_ahead = on."""
+    use_tiles(monkeypatch, d, ring=0, pingpong=False, split_ahead=on)
 
 
 @pytest.mark.parametrize("causal,Nq,Nk,d", [(True, 70, 100, 32), (False, 65, 33, 64), (True, 100, 40, 16),
@@ -315,3 +320,57 @@ def test_tf32_split_ahead_matches_the_default(rng, monkeypatch, causal, Nq, Nk, 
         assert float(np.abs(as64(got[1]) - as64(want[1])).max()) <= 1e-6
         assert rel_err(got[0], ref) <= 1.1 * rel_err(want[0], ref)
     assert rel_err(got[0], ref) < 1e-6
+
+
+# --------------------------------------------------------------------------------------------------
+# the warp-specialised forward (MmaTiles.ring: a producer warpgroup copies and splits, consumers multiply)
+# --------------------------------------------------------------------------------------------------
+
+def assert_same_up_to_fma(got, want, ref):
+    """got equals want bitwise under the simulator; on a GPU within 4 float32 ulps of the output's scale
+    (the compiler fuses multiplies and adds into FMAs differently in differently shaped kernels), with lse
+    to float32 rounding and the same error against the float64 reference."""
+    if SIMULATOR:
+        for name, x, y in zip(("out", "lse"), got, want):
+            assert_bitwise_equal(x, y, name)
+        return
+    scale = float(np.abs(as64(ref)).max())
+    assert float(np.abs(as64(got[0]) - as64(want[0])).max()) <= 4 * 2.0 ** -23 * scale
+    finite = np.isfinite(as64(want[1]))
+    np.testing.assert_array_equal(finite, np.isfinite(as64(got[1])))
+    assert float(np.abs(as64(got[1])[finite] - as64(want[1])[finite]).max(initial=0)) <= 1e-6
+    assert rel_err(got[0], ref) <= 1.1 * rel_err(want[0], ref) + 1e-8
+
+
+@pytest.mark.parametrize("causal,Nq,Nk,d,ring", [(True, 70, 100, 32, 2), (False, 33, 100, 16, 4),
+                                                 (True, 100, 40, 64, 2), (False, 40, 20, 40, 2)])
+def test_tf32_warp_specialised_within_the_bar_and_equal_to_the_synchronous_body(rng, monkeypatch, causal, Nq, Nk,
+                                                                                d, ring):
+    """The producer warpgroup copies each K, V tile into a staging buffer and splits the previous one into
+    a ring stage (WsOps.lag); the consumers' products are the synchronous body's, in the same order, so the
+    same results: walks of several tiles and of one (Nk = 20), query rows that see no key (causal,
+    Nq > Nk), padded head dims (40 -> 48, rows of V padded), rings of 2 and 4 stages."""
+    use_tiles(monkeypatch, d, ring=ring)
+    q, k, v = make_qkv_arrays(rng, 1, Nq, Nk, 1, d, "float32", FW)
+    got = check_against_simt(q, k, v, causal=causal)
+    use_tiles(monkeypatch, d, ring=0)
+    want = run(q, k, v, "tf32", causal=causal)
+    ref, _ = nf.attention_reference(q, k, v, causal=causal)
+    assert_same_up_to_fma(got, want, ref)
+
+
+def test_tf32_warp_specialised_ping_pong_block_mask_and_unaligned_rows(rng, monkeypatch):
+    """Two consumer warpgroups taking turns on the tensor cores (MmaTiles.pingpong), on a block mask, with
+    rows that are not 16-byte aligned (the producer's copies by ordinary loads)."""
+    import dataclasses
+    if SIMULATOR:
+        monkeypatch.setitem(configs._SIM["tf32"], "fwd", configs.MmaTiles(128, 32, 8, a_regs=False, ring=2,
+                                                                         pingpong=True))
+    else:
+        monkeypatch.setenv("NUMBA_FLASH_FWD_TILES",
+                           dataclasses.replace(configs._tf32_tiles("fwd", 32), pingpong=True).override())
+    bufs = [random_array(rng, (1, 150, 1, 32 + 4), "float32", FW) for _ in range(3)]
+    q, k, v = (b[..., 1:33] for b in bufs)
+    b1, b2 = block_sizes(32, "float32", "tf32")
+    mask = BlockMask.random(0.5, 150, 150, (b1, b1), nheads=1, seed=int(rng.integers(1 << 31)))
+    check_against_simt(q, k, v, block_mask=mask, causal=True)

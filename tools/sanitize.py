@@ -15,8 +15,9 @@ separate "kernel" by default, and "atomic" and "bulk", fused into dK/dV; configs
 warp-specialised wgmma forward (MmaTiles.ring: a producer warpgroup and mbarriers), the wgmma dK/dV
 kernel's own dQ in both of its warpgroup splits, the persistent forward (work tiles in a fixed or a
 dynamic order, causal ones in L2-sized sections of heads), three consumer warpgroups, the TMA producer and
-the backward's TMA streams, and the split-TF32 forward. Every result is checked against the float64
-reference, so a configuration that silently did nothing fails here too. Exit status 1 on a mismatch.
+the backward's TMA streams, and the split-TF32 forward (warp-specialised and not). Every result is checked
+against the float64 reference, so a configuration that silently did nothing fails here too. Exit status 1
+on a mismatch.
 """
 import os
 import sys
@@ -115,15 +116,20 @@ CASES = [
          pingpong=True, persistent=True, tma=True, dynamic=True, l2_section=1),
     dict(path="wgmma", d=64, dtype="bfloat16", causal=True, nq=500, nk=640, aligned=True, sparse=False, ring=2,
          pingpong=True, persistent=True, tma=True, dynamic=False, l2_section=1),
-    # split TF32 (float32 on tf32 wgmma; its backward runs the SIMT kernels): both tile shapes (128 x 64 at
-    # d <= 64, 64 x 32 at d <= 128), aligned and not, causal and a block mask; each with the split of the
-    # next tile during the P V product (MmaTiles.split_ahead) and without
+    # split TF32 (float32 on tf32 wgmma; its backward runs the SIMT kernels): the warp-specialised forward
+    # (d <= 64: a producer warpgroup copying and splitting into a ring; 2 and 4 stages, the ping-pong) and
+    # the synchronous one (d <= 128, and at d = 64 with ring 0), aligned and not, causal and a block mask;
+    # the synchronous one with the split of the next tile during the P V product (MmaTiles.split_ahead)
+    # and without
     dict(path="tf32", d=64, dtype="float32", causal=True, nq=333, nk=500, aligned=True, sparse=False),
     dict(path="tf32", d=128, dtype="float32", causal=False, nq=300, nk=260, aligned=False, sparse=True),
     dict(path="tf32", d=64, dtype="float32", causal=False, nq=300, nk=333, aligned=False, sparse=True,
          split_ahead=True),
     dict(path="tf32", d=128, dtype="float32", causal=True, nq=200, nk=333, aligned=True, sparse=False,
          split_ahead=True),
+    dict(path="tf32", d=64, dtype="float32", causal=False, nq=300, nk=333, aligned=False, sparse=True,
+         block=(128, 128), ring=2, pingpong=True),
+    dict(path="tf32", d=32, dtype="float32", causal=True, nq=333, nk=200, aligned=True, sparse=False, ring=4),
 ]
 
 
@@ -156,8 +162,8 @@ def run(c):
             dynamic=c.get("dynamic", False)).override()
     if c.get("split_ahead"):
         from numba_flash.kernels import configs
-        os.environ["NUMBA_FLASH_FWD_TILES"] = replace(configs.tiles(c["path"], "fwd", c["d"]),
-                                                      split_ahead=True).override()
+        os.environ["NUMBA_FLASH_FWD_TILES"] = replace(configs.tiles(c["path"], "fwd", c["d"]), ring=0,
+                                                      pingpong=False, split_ahead=True).override()
     g = torch.Generator(device="cuda").manual_seed(0)
     dt = getattr(torch, c["dtype"])
     pad = 0 if c["aligned"] else 2          # views 2 elements into their rows: no 16-byte alignment

@@ -258,12 +258,16 @@ def _wgmma_tiles(role, headdim, causal=False, sparse=False):
 
 
 def _tf32_tiles(role, headdim):
-    # The split-TF32 forward (tf32_tiles.py) holds Q, K and V twice (high and low parts) in shared memory,
-    # plus the transposed V: 128 x 64 tiles (two warpgroups) take 177 KB at d = 64, 64 x 32 (one) the
-    # same at d = 128 (225 KB with split_ahead). H100, first run (2026-12-07): 33 TFLOP/s at d = 64, 15 at
-    # d = 128 (docs/PERFORMANCE.md); not tuned.
+    # The split-TF32 forward (tf32_tiles.py) holds Q, K and V twice (high and low parts) in shared memory.
+    # d <= 64: warp-specialised, 128 x 32 tiles (two consumer warpgroups; a producer warpgroup copies and
+    # splits into a 2-stage ring: 160 KB; 32 keys, as two accumulators per product leave no registers for
+    # 64). d <= 128: 64 x 32 tiles, one warpgroup, the synchronous body (177 KB). H100, first run
+    # (2026-12-07): the synchronous body at 33 TFLOP/s at d = 64 (128 x 64 tiles), 15 at d = 128
+    # (docs/PERFORMANCE.md).
     assert role == "fwd", role
-    return MmaTiles(128, 64, 8, a_regs=False) if headdim <= 64 else MmaTiles(64, 32, 4, a_regs=False)
+    if headdim <= 64:
+        return MmaTiles(128, 32, 8, a_regs=False, ring=2)
+    return MmaTiles(64, 32, 4, a_regs=False)
 
 
 def _override_text(role):

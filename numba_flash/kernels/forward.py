@@ -279,6 +279,11 @@ def _make_specialized(plan, ops, walk, scale_and_mask, update, rescale, start, e
     complete after it: the producer's wait for stage s needs tile j - S released, which the consumers do
     at tile j - S + 1, for which the producer has already marked K and the V before it.
 
+    A producer one tile behind (ws.lag: the tf32 path, which splits each tile into the images its products
+    read) copies tile j elsewhere (put_k), and only then waits for stage s' of tile j - 1 to be empty
+    (tile j - 1 - S released) and fills it from tile j - 1 (put_split). The consumers release tile j - 1 - S
+    at tile j - S, which the producer marked full at its tile j - S + 1 <= j - 1: S >= 2 suffices.
+
     Ping-pong (ws.pingpong): warpgroup g issues a tile's products only in its turn (named barrier 1 + g)
     and then hands the turn to the other, so the two alternate on the tensor cores and each one's softmax
     runs during the other's products. Warpgroup 1 hands warpgroup 0 the first turn and keeps its last,
@@ -290,7 +295,9 @@ def _make_specialized(plan, ops, walk, scale_and_mask, update, rescale, start, e
     pp, ws = ops.pipe, ops.ws
     KK, S, P, NB = pp.steps, ws.stages, ws.producers, ws.nbars
     PING = ws.pingpong
+    LAG = ws.lag
     PERSIST = plan.fwd.persistent
+    assert not (LAG and PERSIST), ("a producer one tile behind its copies runs one work tile per block", plan.fwd)
     DYN = dynamic_order(plan)
     FULL_K, FULL_V, EMPTY, Q_EMPTY = 1, 1 + S, 1 + 2 * S, 1 + 3 * S
     work_first, work_more, work_step, work_coords = make_work_order(walk, plan.causal, PERSIST)
@@ -324,18 +331,26 @@ def _make_specialized(plan, ops, walk, scale_and_mask, update, rescale, start, e
                     if DYN:
                         slot[0] = w                            # published by Q's mbarrier (release)
                     ws.put_q(smem, bars, ws.q_src(q, q_st, maps, b, h), row0, nq, tid)
-                    pstage = -1                                # stage of the V to mark full; -1: Q
+                    pstage, pphase = -1, 0                     # tile j - 1's stage (-1: Q) and phase
                     while t < nblk:
-                        ws.wait(bars, EMPTY + stage, phase ^ 1)    # tile j - S released (at once for j < S)
-                        ws.put_k(smem, bars, stage, pstage, col0, nk, kv, tid)
-                        ws.put_v(smem, bars, stage, col0, nk, kv, tid)
+                        if LAG:
+                            ws.put_k(smem, bars, stage, pstage, col0, nk, kv, tid)     # tile j copied
+                            if pstage >= 0:
+                                ws.wait(bars, EMPTY + pstage, pphase ^ 1)   # tile j - 1 - S released
+                            ws.put_split(smem, bars, pstage, tid)           # tile j - 1 (Q) in, full
+                        else:
+                            ws.wait(bars, EMPTY + stage, phase ^ 1)    # tile j - S released (at once for j < S)
+                            ws.put_k(smem, bars, stage, pstage, col0, nk, kv, tid)
+                            ws.put_v(smem, bars, stage, col0, nk, kv, tid)
                         t, sub, base, col0 = next_tile(kv_index, mrow, mask_maxk, k_per_blk, nblk, t, sub,
                                                        base, row0, nq, nk, offset)
-                        pstage = stage
+                        pstage, pphase = stage, phase
                         stage += 1
                         if stage == S:
                             stage, phase = 0, phase ^ 1
-                    ws.put_last(bars, pstage)
+                    if LAG and pstage >= 0:
+                        ws.wait(bars, EMPTY + pstage, pphase ^ 1)
+                    ws.put_last(smem, bars, pstage, tid)
                     qphase ^= 1
                     if DYN:
                         w = cuda.atomic.add(counter, 0, 1) + int32(cuda.gridDim.x)

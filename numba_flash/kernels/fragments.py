@@ -184,11 +184,16 @@ WsOps = namedtuple("WsOps", [
     "put_k",           # (smem, bars, stage, pstage, t0, nk, src, ptid): K of keys t0.. into ring stage
                        # `stage`; by cp.async also marks V of stage pstage (Q where pstage < 0) full
     "put_v",           # (smem, bars, stage, t0, nk, src, ptid): V likewise; by cp.async marks K full
-    "put_last",        # (bars, pstage): by cp.async, marks the last V (Q where pstage < 0) full
+    "put_last",        # (smem, bars, pstage, ptid): by cp.async, marks the last V (Q where pstage < 0) full
     "reg_producer", "reg_consumer",   # (): setmaxnreg of the role (no-ops where regs is None)
     "pingpong",        # the two computing warpgroups take turns to issue their products
     "my_turn", "your_turn",   # (ctid): wait for this warpgroup's turn / hand the turn to the other one
-])
+    # the producer prepares each tile one behind its copies (the tf32 path splits it into its images):
+    # put_k copies tile j (not into the ring) and waits until tile j - 1 (Q) has landed; then, once ring
+    # stage pstage is empty, put_split(smem, bars, pstage, ptid) fills it from tile j - 1 (Q where pstage
+    # < 0) and marks it full; put_v is unused, and put_last finishes the last tile (or Q) likewise
+    "lag", "put_split",
+], defaults=(False, None))
 WsOps.__doc__ = """A warp-specialised forward (forward.py, wgmma_tiles.make_wgmma_ops with tiles.ring): the producer
 warpgroup streams K and V into a ring of `stages` buffers, each buffer's "full" mbarriers completing when its
 tiles have landed and its "empty" one when every consumer thread is done reading it; consumers run the

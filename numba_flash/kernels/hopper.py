@@ -24,7 +24,8 @@ warpgroup through `simwarp.exchange_group`.
     wgmma_tf32(desc_a, desc_b, acc, scale_d)         -> acc: D = A.B (+ C if scale_d), m64nNk8, tf32 inputs
                                                         (32-bit words, both operands K-major), f32 acc
     wgmma_tf32_rs(a0, a1, a2, a3, desc_b, acc, scale_d)
-                                                     -> acc: the same with A from registers (tf32 words)
+                                                     -> acc: the same with A from registers (tf32 words:
+                                                        float32 values or their uint32 bits)
     wgmma_acc_zeros(n), wgmma_acc_load(arr, start, n), wgmma_acc_store(arr, start, acc)
                                                      the N/2 float32 accumulators of an m64nNk16 wgmma
     wgmma_fence_operand(acc)                         -> acc, pinned (see "Ordering" below)
@@ -693,7 +694,9 @@ if SIMULATOR:
         return _wgmma("ss", _tf32_to_f64, desc_a, None, desc_b, acc, scale_d, 0, 0, "wgmma_tf32")
 
     def _regs_f32(a0, a1, a2, a3):
-        return tuple(int(_np.float32(x).view(_np.uint32)) for x in (a0, a1, a2, a3))
+        """The bits of four tf32 A registers, given as float32 values or as their uint32 bit patterns."""
+        return tuple(int(x) if isinstance(x, (int, _np.integer)) else int(_np.float32(x).view(_np.uint32))
+                     for x in (a0, a1, a2, a3))
 
     def wgmma_tf32_rs(a0, a1, a2, a3, desc_b, acc, scale_d):
         return _wgmma("rs", _tf32_to_f64, 0, _regs_f32(a0, a1, a2, a3), desc_b, acc, scale_d, 0, 0,
@@ -1177,7 +1180,8 @@ else:
             return acc(a0, a1, a2, a3, desc_b, acc, scale_d, trans_b), _rs_codegen(nacc, text, _u32_bits)
         return wgmma
 
-    # tf32: k8, both operands K-major (no transpose flags), A registers hold float32 values
+    # tf32: k8, both operands K-major (no transpose flags), A registers hold float32 values or their bits
+    # (uint32)
     @_intrinsic
     def wgmma_tf32(typingctx, desc_a, desc_b, acc, scale_d):
         nacc = _nacc(acc)
@@ -1189,12 +1193,13 @@ else:
     @_intrinsic
     def wgmma_tf32_rs(typingctx, a0, a1, a2, a3, desc_b, acc, scale_d):
         nacc = _nacc(acc)
-        if nacc is None or not (all(isinstance(x, _types.Float) for x in (a0, a1, a2, a3))
-                                and _is_int(desc_b) and _is_int(scale_d)):
+        f32 = all(isinstance(x, _types.Float) for x in (a0, a1, a2, a3))
+        bits = all(isinstance(x, _types.Integer) and x.bitwidth == 32 for x in (a0, a1, a2, a3))
+        if nacc is None or not ((f32 or bits) and _is_int(desc_b) and _is_int(scale_d)):
             return None
         a = ",".join(f"${nacc + i}" for i in range(4))
         text = _wgmma_text(nacc, f"m64n{2 * nacc}k8.f32.tf32.tf32", nacc + 5, f"{{{a}}}, ${nacc + 4}")
-        return acc(a0, a1, a2, a3, desc_b, acc, scale_d), _rs_codegen(nacc, text, _f32_bits)
+        return acc(a0, a1, a2, a3, desc_b, acc, scale_d), _rs_codegen(nacc, text, _f32_bits if f32 else _u32_bits)
 
     wgmma_f16 = _make_wgmma_ss("f16")
     wgmma_bf16 = _make_wgmma_ss("bf16")

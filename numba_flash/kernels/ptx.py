@@ -146,6 +146,7 @@ ld1, st1 = _make_scalar_access()
 #   tf32_round(x)                                    -> f32: x rounded to tf32 (10 mantissa bits, nearest,
 #                                                    ties away from zero; cvt.rna.tf32.f32, sm_80), the
 #                                                    13 low bits zero: what tf32 tensor-core inputs hold
+#   f32_bits(x)                                      -> u32: the bits of f32 x (a register, reinterpreted)
 #   fma(a, b, c)                                     a * b + c rounded once (f32, or f64 if an argument is;
 #                                                    llvm.fma: fma.rn), where the compiler must not choose
 #                                                    whether to fuse
@@ -396,6 +397,9 @@ if SIMULATOR:
         # sign-magnitude: adding half a unit to the magnitude's bits rounds it half away from zero
         # (a carry into the exponent is the correct rounding, up to inf)
         return _np.uint32(((b & 0x7FFFFFFF) + 0x1000 & 0xFFFFE000) | (b & 0x80000000)).view(_np.float32)
+
+    def f32_bits(x):
+        return _f32(x).view(_np.uint32)
 
     def ex2(x):
         x = _f32(x)
@@ -746,6 +750,16 @@ else:
 
     tf32_round = _f32_op("cvt.rna.tf32.f32 $0, $1;", result_bits=True)
     ex2 = _f32_op("ex2.approx.ftz.f32 $0, $1;")
+
+    @_intrinsic
+    def f32_bits(typingctx, x):
+        if not isinstance(x, _types.Float):
+            return None
+
+        def codegen(context, builder, signature, args):
+            return builder.bitcast(context.cast(builder, args[0], signature.args[0], _types.float32), _I32)
+
+        return _types.uint32(x), codegen
 
     @_intrinsic
     def st_global_b32(typingctx, garr, gidx, val):

@@ -1,7 +1,7 @@
 """float32 attention on Hopper's tensor cores at float32 accuracy: split TF32 on warpgroup MMA (the "tf32" path).
 
-The forward body of forward.py (its synchronous loop: walk, masking, online softmax and epilogue shared with
-every path) with these products. A tf32 tensor-core input keeps 10 of float32's 23 mantissa bits, so each
+The forward bodies of forward.py (the synchronous loop, and the warp-specialised one below; walk, masking,
+online softmax and epilogue shared with every path) with these products. A tf32 tensor-core input keeps 10 of float32's 23 mantissa bits, so each
 operand x is split into x_hi = tf32(x) and x_lo = tf32(x - x_hi) (ptx.tf32_round: nearest, ties away), and
 a product a.b is taken as three: a_lo.b_hi + a_hi.b_lo + a_hi.b_hi, accumulated in float32. What is left
 out, a_lo.b_lo and the rounding of the low parts, is ~2^-22 of |a||b| per term: float32-class accuracy
@@ -30,6 +30,19 @@ thread waits for its copies of tile j + 1 (streamed since the start of tile j) a
 barrier, splits, fences, and only then waits for the product. S_j + 1 then needs no barrier of its own.
 Without it the split runs between tile j + 1's arrival and its S product, with nothing to overlap.
 
+Warp-specialised (MmaTiles.ring; the default at d <= 64; forward.py's _make_specialized with WsOps.lag).
+A producer warpgroup does the copying and the splitting, the consumer warpgroups only the products and the
+softmax, as the 16-bit wgmma path's pipelined body does: S_j issued with P_j-1 V_j-1, the softmax of S_j
+while P_j-1 V_j-1 runs. The producer, for tile j: once its warpgroup is done splitting tile j - 2 from
+staging buffer j % 2 (a named barrier), it copies tile j there (cp.async; K in the K images' layout, V in
+plain rows), waits until tile j - 1 has landed (a second named barrier), waits until ring stage (j - 1)
+% RING is empty, splits tile j - 1 into that stage's K_hi, K_lo, Vt_hi, Vt_lo, fences and marks it full.
+Q lands in Q_hi and is split in place before the first tile. So one tile's copy is in flight while the
+producer splits the one before, and the consumers never wait for a split unless the producer falls behind.
+P's high and low parts travel as their bits (uint32) in the packed-P registers between the softmax of
+tile j and the P V product issued with S_j+1. Two accumulators per product (below) leave no registers
+for 64-key tiles: 32 keys per tile.
+
 Accumulation. The tensor cores add into their float32 accumulators with truncation (measured on an H100:
 with every tile's P V added into O on the tensor cores, O's error grew with the sequence length, ~2e-8
 relative per accumulation, to 7e-6 at N = 1000, 10x the SIMT path's). So no long sum stays there: each
@@ -56,10 +69,11 @@ from functools import lru_cache
 from numba import cuda, float32, uint32
 
 from . import hopper, ptx
-from .fragments import TileOps, mma_fragment
+from .fragments import AsyncOps, TileOps, WsOps, mma_fragment
 from .launch import inline_device
 from .tc_tiles import make_tile_copy
-from .wgmma_tiles import ALIGN, SWIZZLE_MODES, base_bytes, desc_at, make_swizzled_copy, swizzle_width
+from .wgmma_tiles import (ALIGN, SWIZZLE_MODES, WS_REGS, base_bytes, desc_at, make_swizzled_copy, make_turns, swizzle_width,
+                          wait0, wait0_flag, wait1)
 
 
 @inline_device
@@ -95,7 +109,85 @@ def split_finite(x):
 
 
 @lru_cache(maxsize=None)
+def _v_geometry(bn, dp):
+    """(SWV, VSW, VP) of the V images: the Vt images' swizzle width (rows of bn words), whether the plain V
+    rows are XOR-swizzled (dp a multiple of 32) or else padded, and the words per plain V row."""
+    vsw = dp % 32 == 0
+    return swizzle_width(bn, 4), vsw, dp if vsw else dp + 4
+
+
+@lru_cache(maxsize=None)
+def _make_splits(bn, dp, nthreads):
+    """Splitting by `nthreads` threads (tid < nthreads; word offsets from smem's start, base included):
+    split_words(smem, src, hi, lo, nwords, tid): words src.. -> their high parts at hi.., low parts at lo..
+        (src may be hi: in place); an image's split has the image's layout;
+    split_v(smem, v0, vt0, tid): the plain V rows at v0 (bn keys x dp words) transposed and split into the
+        K-major images Vt_hi at vt0 and Vt_lo right after it, each group of 8 keys permuted (module docstring).
+        Lane (n % 8) + 8 w of a warp takes head-dim row n and k-index 4 c + w of the images: its reads of the
+        plain V rows and its writes into the swizzled images each hit 32 different banks (for bn >= 32)."""
+    W = nthreads // 32
+    SWV, VSW, VP = _v_geometry(bn, dp)
+    CPBV = SWV // 16                       # 16-byte chunks per row of one column block of the Vt images
+    XMV = CPBV - 1                         # ... and the chunk-index mask of their XOR
+    VT_WORDS = dp * bn
+    NPAIRS = (dp // 8) * (bn // 4)         # (8 head-dim rows, 4 keys) blocks of the Vt images: one warp step
+
+    @inline_device
+    def split_words(smem, src, hi_w, lo_w, nwords, tid):
+        for s in range(-(-nwords // nthreads)):
+            e = tid + s * nthreads
+            if nwords % nthreads == 0 or e < nwords:
+                hi, lo = split(smem[src + e])
+                smem[hi_w + e] = hi
+                smem[lo_w + e] = lo
+        return
+
+    @inline_device
+    def split_v(smem, v0, vt0, tid):
+        lane = tid % 32
+        nl, w = lane % 8, lane // 8
+        for s in range(-(-NPAIRS // W)):
+            pi = tid // 32 + s * W
+            if NPAIRS % W == 0 or pi < NPAIRS:
+                rb = pi // (bn // 4)                            # block of 8 head-dim rows
+                c = pi - rb * (bn // 4)
+                n = 8 * rb + nl
+                i = 4 * c + w                                   # k-index in the images
+                key = 8 * (i // 8) + 2 * (i % 4) + (i % 8) // 4
+                if VSW:
+                    hi, lo = split(smem[v0 + key * VP + 4 * ((n // 4 & ~7) | ((n // 4 & 7) ^ (key & 7))) + n % 4])
+                else:
+                    hi, lo = split(smem[v0 + key * VP + n])
+                ci = i // 4                                     # 16-byte chunk of the image row
+                word = (vt0 + (ci // CPBV) * (dp * SWV // 4) + n * (SWV // 4)
+                        + (((ci % CPBV) ^ ((n * SWV >> 7) & XMV)) << 2) + i % 4)
+                smem[word] = hi
+                smem[word + VT_WORDS] = lo
+        return
+
+    return split_words, split_v
+
+
+@lru_cache(maxsize=None)
+def _make_v_copy(bn, dp, headdim, aligned, nthreads):
+    """copy(smem, off, g, base, row0, nrows, stride, tid) of a V tile into plain rows (_v_geometry) at byte
+    `off` past the aligned start: 16-byte chunk ch of row r at ch ^ (r % 8) (swizzled rows) or at ch
+    (padded rows), so split_v's reads down a column hit different banks."""
+    _, VSW, VP = _v_geometry(bn, dp)
+
+    @inline_device
+    def v_chunk(smem, off, r, ch):
+        if VSW:
+            return (base_bytes(smem) + off) // 4 + r * VP + 4 * ((ch & ~7) | ((ch & 7) ^ (r & 7)))
+        return (base_bytes(smem) + off) // 4 + r * VP + 4 * ch
+
+    return make_tile_copy(bn, dp, headdim, aligned, nthreads, v_chunk, elem_bytes=4)
+
+
+@lru_cache(maxsize=None)
 def make_tf32_fwd_ops(tiles, headdim, aligned):
+    if tiles.ring:
+        return _make_tf32_ws_ops(tiles, headdim, aligned)
     BM, BN, W = tiles.br, tiles.bc, tiles.warps
     assert W % 4 == 0 and BM == 16 * W, ("a warp owns 16 rows, a warpgroup 64", tiles)
     assert BN % 8 == 0 and BN <= 256, tiles
@@ -103,16 +195,12 @@ def make_tf32_fwd_ops(tiles, headdim, aligned):
     DP = tiles.padded_headdim(headdim)
     assert DP <= 256 and DP % 8 == 0, headdim
     SW = swizzle_width(DP, 4)              # Q, K images: rows of DP words
-    SWV = swizzle_width(BN, 4)             # Vt images: rows of BN words
+    SWV, VSW, VP = _v_geometry(BN, DP)     # Vt images: rows of BN words; plain V rows
     swmode, swmode_v = SWIZZLE_MODES[SW], SWIZZLE_MODES[SWV]
-    CPBV = SWV // 16                       # 16-byte chunks per row of one column block of the Vt images
-    XMV = CPBV - 1                         # ... and the chunk-index mask of their XOR
     KS, KK = DP // 8, BN // 8              # k8 steps of S = Q K^T and of P V
     NT, DT = BN // 8, DP // 8
     AHEAD = bool(tiles.split_ahead)
     NB = 2 if AHEAD else 1                 # buffers of K_lo and of the Vt images
-    VSW = DP % 32 == 0                     # V rows swizzled (else padded)
-    VP = DP if VSW else DP + 4             # words per row of the V buffers
     Q_BYTES, T_BYTES, VT_BYTES = BM * DP * 4, BN * DP * 4, DP * BN * 4
     OFF_QLO = Q_BYTES
     OFF_K = 2 * Q_BYTES                    # K_hi[2]
@@ -135,15 +223,10 @@ def make_tf32_fwd_ops(tiles, headdim, aligned):
     add_o0 = _acc_sums(NC // 2, 0)[1]
     add_o1 = _acc_sums(NC // 2, NC // 4)[1]
 
-    @inline_device
-    def v_chunk(smem, off, r, ch):
-        if VSW:
-            return (base_bytes(smem) + off) // 4 + r * VP + 4 * ((ch & ~7) | ((ch & 7) ^ (r & 7)))
-        return (base_bytes(smem) + off) // 4 + r * VP + 4 * ch
-
     copy_q, copy_k = (make_swizzled_copy(rows, DP, headdim, aligned, NTHREADS, elem_bytes=4)
                       for rows in (BM, BN))
-    copy_v = make_tile_copy(BN, DP, headdim, aligned, NTHREADS, v_chunk, elem_bytes=4)
+    copy_v = _make_v_copy(BN, DP, headdim, aligned, NTHREADS)
+    split_words, split_v = _make_splits(BN, DP, NTHREADS)
 
     @inline_device
     def load_resident(smem, afrag, slot, g, base, row0, nrows, stride, tid):
@@ -151,49 +234,14 @@ def make_tf32_fwd_ops(tiles, headdim, aligned):
         ptx.cp_async_commit()
 
     @inline_device
-    def split_in_place(smem, w0, nwords, lo_words, tid):
-        """words w0 .. w0 + nwords - 1 <- their high parts, the same words + lo_words <- the low parts."""
-        for s in range(-(-nwords // NTHREADS)):
-            e = tid + s * NTHREADS
-            if nwords % NTHREADS == 0 or e < nwords:
-                hi, lo = split(smem[w0 + e])
-                smem[w0 + e] = hi
-                smem[w0 + e + lo_words] = lo
-        return
-
-    NPAIRS = (DP // 8) * (BN // 4)         # (8 head-dim rows, 4 keys) blocks of the Vt images: one warp step
-
-    @inline_device
     def split_tiles(smem, stage, tid):
         """K tile `stage` split in place (low parts into K_lo); V tile `stage` transposed and split into
-        Vt_hi, Vt_lo with each group of 8 keys permuted (module docstring). Lane (n % 8) + 8 w of a warp
-        takes head-dim row n and k-index 4 c + w of the images: its reads of the plain V rows and its
-        writes into the swizzled images each hit 32 different banks (for BN >= 32)."""
+        Vt_hi, Vt_lo (split_v)."""
         base = base_bytes(smem)
         nb = stage if AHEAD else 0
-        split_in_place(smem, (base + OFF_K + stage * T_BYTES) // 4, BN * DP,
-                       (OFF_KLO + nb * T_BYTES - OFF_K - stage * T_BYTES) // 4, tid)
-        lane = tid % 32
-        nl, w = lane % 8, lane // 8
-        v0 = (base + OFF_V + stage * V_BYTES) // 4
-        vt0 = (base + OFF_VT + nb * 2 * VT_BYTES) // 4
-        for s in range(-(-NPAIRS // W)):
-            pi = tid // 32 + s * W
-            if NPAIRS % W == 0 or pi < NPAIRS:
-                rb = pi // (BN // 4)                            # block of 8 head-dim rows
-                c = pi - rb * (BN // 4)
-                n = 8 * rb + nl
-                i = 4 * c + w                                   # k-index in the images
-                key = 8 * (i // 8) + 2 * (i % 4) + (i % 8) // 4
-                if VSW:
-                    hi, lo = split(smem[v0 + key * VP + 4 * ((n // 4 & ~7) | ((n // 4 & 7) ^ (key & 7))) + n % 4])
-                else:
-                    hi, lo = split(smem[v0 + key * VP + n])
-                ci = i // 4                                     # 16-byte chunk of the image row
-                word = (vt0 + (ci // CPBV) * (DP * SWV // 4) + n * (SWV // 4)
-                        + (((ci % CPBV) ^ ((n * SWV >> 7) & XMV)) << 2) + i % 4)
-                smem[word] = hi
-                smem[word + VT_BYTES // 4] = lo
+        k_w = (base + OFF_K + stage * T_BYTES) // 4
+        split_words(smem, k_w, k_w, (base + OFF_KLO + nb * T_BYTES) // 4, BN * DP, tid)
+        split_v(smem, (base + OFF_V + stage * V_BYTES) // 4, (base + OFF_VT + nb * 2 * VT_BYTES) // 4, tid)
         return
 
     @inline_device
@@ -201,13 +249,15 @@ def make_tf32_fwd_ops(tiles, headdim, aligned):
         if AHEAD:
             ptx.cp_async_wait_all()         # Q and the first K, V tiles
             cuda.syncthreads()
-            split_in_place(smem, base_bytes(smem) // 4, BM * DP, QLO_W, tid)
+            q_w = base_bytes(smem) // 4
+            split_words(smem, q_w, q_w, q_w + QLO_W, BM * DP, tid)
             split_tiles(smem, 0, tid)       # (a tile that was not streamed: stale words, never read)
             hopper.fence_proxy_async_shared()      # then the first tile's barrier
         else:
             ptx.cp_async_wait_group(1)      # Q; the first K, V tiles may still fly
             cuda.syncthreads()
-            split_in_place(smem, base_bytes(smem) // 4, BM * DP, QLO_W, tid)   # fenced at the first mm_nt
+            q_w = base_bytes(smem) // 4
+            split_words(smem, q_w, q_w, q_w + QLO_W, BM * DP, tid)       # fenced at the first mm_nt
 
     @inline_device
     def stream(smem, stage, t0, n_other, operands, tid):
@@ -304,3 +354,235 @@ def make_tf32_fwd_ops(tiles, headdim, aligned):
         min_regs=min_regs, frag=mma_fragment(1, NT, DT), a_shape=(1,), a_dtype=uint32, exp2=ptx.ex2,
         load_resident=load_resident, resident_ready=resident_ready, stream=stream, commit=ptx.cp_async_commit,
         wait_all=ptx.cp_async_wait_all, vec=None, mm_nt=mm_nt, mm_pv=mm_pv, dq=None, pipe=None, ws=None)
+
+
+# the producer warpgroup's own named barrier (ping-pong turns take 1 and 2; a literal, so ptxas reserves 0-3)
+_PRODUCERS_BAR = 3
+
+
+@lru_cache(maxsize=None)
+def _make_tf32_ws_ops(tiles, headdim, aligned):
+    """TileOps of the warp-specialised split-TF32 forward (MmaTiles.ring; forward.py's _make_specialized with
+    WsOps.lag): a producer warpgroup copies Q, and every K, V tile into one of two staging buffers, and
+    splits them into the tf32 images the consumers' products read, one tile behind its copies (module
+    docstring, "Warp-specialised").
+
+    Layout (bytes from the aligned start): Q_hi, Q_lo (BM x DP each; Q lands in Q_hi and is split in place);
+    ring stage s: K_hi, K_lo (BN x DP), Vt_hi, Vt_lo (DP x BN); staging buffer b: K (the K images' layout)
+    and V (plain rows, _v_geometry), raw float32 as copied."""
+    BM, BN, W = tiles.br, tiles.bc, tiles.warps
+    RING = tiles.ring
+    assert W % 4 == 0 and BM == 16 * W, ("a warp owns 16 rows, a warpgroup 64", tiles)
+    assert BN % 8 == 0 and BN <= 256, tiles
+    assert RING >= 2 and RING % 2 == 0, ("tile j is staged in buffer j % 2 = its ring stage % 2", tiles)
+    assert not tiles.persistent and not tiles.tma and not tiles.split_ahead, tiles
+    P = hopper.WARPGROUP
+    NTHREADS = 32 * W                      # consumers
+    CONSUMERS = W // 4
+    DP = tiles.padded_headdim(headdim)
+    assert DP <= 64 and DP % 8 == 0, ("one P V product of at most 64 output columns", headdim)
+    SW = swizzle_width(DP, 4)
+    SWV, VSW, VP = _v_geometry(BN, DP)
+    swmode, swmode_v = SWIZZLE_MODES[SW], SWIZZLE_MODES[SWV]
+    KS, KK = DP // 8, BN // 8
+    NT, DT = BN // 8, DP // 8
+    Q_BYTES, T_BYTES, V_BYTES = BM * DP * 4, BN * DP * 4, BN * VP * 4
+    OFF_QLO = Q_BYTES
+    OFF_R = 2 * Q_BYTES                    # ring stage s at OFF_R + s STAGE: K_hi, K_lo, Vt_hi, Vt_lo
+    STAGE = 4 * T_BYTES
+    OFF_ST = OFF_R + RING * STAGE          # staging buffer b at OFF_ST + b ST: K, V
+    ST = T_BYTES + V_BYTES
+    SMEM = ALIGN + OFF_ST + 2 * ST
+    for off in (OFF_QLO, OFF_R, STAGE, T_BYTES):
+        assert off % ALIGN == 0, (off, tiles, headdim)          # wgmma's images
+    assert ST % 16 == 0, (ST, tiles, headdim)                  # (staging: cp.async's 16-byte chunks)
+    l_q, l_k, l_vt = BM * SW, BN * SW, DP * SWV
+    SBO, SBO_V = 8 * SW, 8 * SWV
+    n_s, n_c = BN, DP                      # literals of wgmma_acc_zeros (bound names)
+    sum_s, _ = _acc_sums(BN // 2, 0)
+    add_o = _acc_sums(DP // 2, 0)[1]
+
+    # ---------------- consumers: the pipelined body's asynchronous products (fragments.AsyncOps) ----------
+    @inline_device
+    def s_issue(smem, buf, tid):
+        """pending (main, corr) of S = Q K[buf]^T: Q_hi K_hi, and Q_lo K_hi + Q_hi K_lo, each from zero."""
+        base = base_bytes(smem)
+        wg = tid // 128
+        st = base + OFF_R + buf * STAGE
+        qh = desc_at(smem, base + wg * 64 * SW, 16, SBO, swmode)
+        ql = desc_at(smem, base + OFF_QLO + wg * 64 * SW, 16, SBO, swmode)
+        kh = desc_at(smem, st, 16, SBO, swmode)
+        kl = desc_at(smem, st + T_BYTES, 16, SBO, swmode)
+        main = hopper.wgmma_acc_zeros(n_s)
+        corr = hopper.wgmma_acc_zeros(n_s)
+        hopper.wgmma_fence()
+        for ks in range(KS):
+            da = (ks * 32 // SW) * l_q + (ks * 32) % SW
+            db = (ks * 32 // SW) * l_k + (ks * 32) % SW
+            first = 0 if ks == 0 else 1
+            corr = hopper.wgmma_tf32(hopper.smem_desc_add(ql, da), hopper.smem_desc_add(kh, db), corr, first)
+            corr = hopper.wgmma_tf32(hopper.smem_desc_add(qh, da), hopper.smem_desc_add(kl, db), corr, 1)
+            main = hopper.wgmma_tf32(hopper.smem_desc_add(qh, da), hopper.smem_desc_add(kh, db), main, first)
+        hopper.wgmma_commit_group()
+        return main, corr
+
+    @inline_device
+    def pv_issue(smem, pk, buf, o, fence):
+        """pending (main, corr) of P V[buf] (P's high parts' bits in pk[0:KK], low parts' in pk[KK:2KK]):
+        P_hi V_hi, and P_lo V_hi + P_hi V_lo, each from zero; o is added to on the CUDA cores (o_finish)."""
+        vt = base_bytes(smem) + OFF_R + buf * STAGE + 2 * T_BYTES
+        vh = desc_at(smem, vt, 16, SBO_V, swmode_v)
+        vl = desc_at(smem, vt + T_BYTES, 16, SBO_V, swmode_v)
+        main = hopper.wgmma_acc_zeros(n_c)
+        corr = hopper.wgmma_acc_zeros(n_c)
+        hopper.wgmma_fence()               # (always: the accumulators are new registers)
+        for kk in range(KK):
+            db = (kk * 32 // SWV) * l_vt + (kk * 32) % SWV
+            first = 0 if kk == 0 else 1
+            corr = hopper.wgmma_tf32_rs(pk[KK + kk, 0], pk[KK + kk, 1], pk[KK + kk, 2], pk[KK + kk, 3],
+                                        hopper.smem_desc_add(vh, db), corr, first)
+            corr = hopper.wgmma_tf32_rs(pk[kk, 0], pk[kk, 1], pk[kk, 2], pk[kk, 3], hopper.smem_desc_add(vl, db),
+                                        corr, 1)
+            main = hopper.wgmma_tf32_rs(pk[kk, 0], pk[kk, 1], pk[kk, 2], pk[kk, 3], hopper.smem_desc_add(vh, db),
+                                        main, first)
+        hopper.wgmma_commit_group()
+        return main, corr
+
+    @inline_device
+    def s_finish(c, pend):
+        main, corr = pend
+        sum_s(c, hopper.wgmma_fence_operand(main), hopper.wgmma_fence_operand(corr))
+
+    @inline_device
+    def o_finish(c, pend):
+        main, corr = pend
+        add_o(c, hopper.wgmma_fence_operand(main), hopper.wgmma_fence_operand(corr))
+
+    @inline_device
+    def pack(p, pk):
+        """probabilities p (score fragment) -> the bits of their high parts (pk[kk]) and low parts
+        (pk[KK + kk]), in the A registers of P V's k8 steps (keys permuted as in the Vt images)."""
+        for kk in range(KK):
+            h0, l0 = split_finite(p[0, 2 * kk])                 # row g,     key 8 kk + 2t     (k-index t)
+            h1, l1 = split_finite(p[1, 2 * kk])                 # row g + 8
+            h2, l2 = split_finite(p[0, 2 * kk + 1])             # row g,     key 8 kk + 2t + 1 (k-index t + 4)
+            h3, l3 = split_finite(p[1, 2 * kk + 1])
+            pk[kk, 0], pk[kk, 1] = ptx.f32_bits(h0), ptx.f32_bits(h1)
+            pk[kk, 2], pk[kk, 3] = ptx.f32_bits(h2), ptx.f32_bits(h3)
+            pk[KK + kk, 0], pk[KK + kk, 1] = ptx.f32_bits(l0), ptx.f32_bits(l1)
+            pk[KK + kk, 2], pk[KK + kk, 3] = ptx.f32_bits(l2), ptx.f32_bits(l3)
+        return
+
+    pipe = AsyncOps(steps=2 * KK, stream_k=None, stream_v=None, visible=None, s_issue=s_issue,
+                    pv_issue=pv_issue, wait1=wait1, wait0=wait0, s_finish=s_finish, o_finish=o_finish,
+                    pack=pack, wait_pv=wait0_flag)
+
+    # ---------------- producer (fragments.WsOps with lag: splits tile j - 1 after copying tile j) ----------
+    FULL_K, FULL_V, EMPTY, Q_EMPTY = 1, 1 + RING, 1 + 2 * RING, 1 + 3 * RING
+    NB = 2 + 3 * RING
+    copy_q, copy_k = (make_swizzled_copy(rows, DP, headdim, aligned, P, elem_bytes=4) for rows in (BM, BN))
+    copy_v = _make_v_copy(BN, DP, headdim, aligned, P)
+    split_words, split_v = _make_splits(BN, DP, P)
+    regs = WS_REGS.get(CONSUMERS)
+
+    @inline_device
+    def init(bars):
+        hopper.mbarrier_init(bars, 0, P)
+        for s in range(RING):
+            hopper.mbarrier_init(bars, FULL_K + s, P)
+            hopper.mbarrier_init(bars, FULL_V + s, P)
+            hopper.mbarrier_init(bars, EMPTY + s, NTHREADS)
+        hopper.mbarrier_init(bars, Q_EMPTY, NTHREADS)
+        hopper.fence_mbarrier_init()
+
+    @inline_device
+    def arrive(bars, idx):
+        hopper.mbarrier_arrive(bars, idx)
+
+    @inline_device
+    def wait(bars, idx, parity):
+        hopper.mbarrier_wait_parity(bars, idx, parity)
+
+    @inline_device
+    def q_src(q, q_st, maps, b, h):
+        return q, b * q_st[0] + h * q_st[2], q_st[1]
+
+    @inline_device
+    def kv_src(k, k_st, v, v_st, maps, b, h):
+        return k, b * k_st[0] + h * k_st[2], k_st[1], v, b * v_st[0] + h * v_st[2], v_st[1]
+
+    @inline_device
+    def put_q(smem, bars, src, row0, nq, ptid):
+        g, base, stride = src
+        copy_q(smem, 0, g, base, row0, nq - row0, stride, ptid)
+        ptx.cp_async_commit()
+
+    @inline_device
+    def put_k(smem, bars, stage, pstage, t0, nk, src, ptid):
+        """Copy tile j (keys t0..) into staging buffer stage % 2, once every producer thread is done
+        splitting tile j - 2 from it; then wait until tile j - 1 (Q, pstage < 0) has landed."""
+        g0, b0, s0, g1, b1, s1 = src
+        hopper.named_barrier_sync(_PRODUCERS_BAR, P)
+        sb = OFF_ST + (stage % 2) * ST
+        copy_k(smem, sb, g0, b0, t0, nk - t0, s0, ptid)
+        copy_v(smem, sb + T_BYTES, g1, b1, t0, nk - t0, s1, ptid)
+        ptx.cp_async_commit()
+        ptx.cp_async_wait_group(1)
+        hopper.named_barrier_sync(_PRODUCERS_BAR, P)
+
+    @inline_device
+    def put_split(smem, bars, pstage, ptid):
+        """Split tile j - 1 from its staging buffer into ring stage pstage's images (Q in place where
+        pstage < 0), then mark them full (after the body's wait for that stage to be empty)."""
+        base = base_bytes(smem)
+        if pstage < 0:
+            q_w = base // 4
+            split_words(smem, q_w, q_w, q_w + OFF_QLO // 4, BM * DP, ptid)
+            hopper.fence_proxy_async_shared()
+            hopper.mbarrier_arrive(bars, 0)
+        else:
+            st = base + OFF_R + pstage * STAGE
+            sb = base + OFF_ST + (pstage % 2) * ST
+            split_words(smem, sb // 4, st // 4, (st + T_BYTES) // 4, BN * DP, ptid)
+            split_v(smem, (sb + T_BYTES) // 4, (st + 2 * T_BYTES) // 4, ptid)
+            hopper.fence_proxy_async_shared()
+            hopper.mbarrier_arrive(bars, FULL_K + pstage)
+            hopper.mbarrier_arrive(bars, FULL_V + pstage)
+
+    @inline_device
+    def put_v(smem, bars, stage, t0, nk, src, ptid):
+        return
+
+    @inline_device
+    def put_last(smem, bars, pstage, ptid):
+        """The last tile (Q where there are none): landed, split, marked full."""
+        ptx.cp_async_wait_group(0)
+        hopper.named_barrier_sync(_PRODUCERS_BAR, P)
+        put_split(smem, bars, pstage, ptid)
+
+    if regs:
+        @inline_device
+        def reg_producer():
+            hopper.setmaxnreg_dec(regs[0])
+
+        @inline_device
+        def reg_consumer():
+            hopper.setmaxnreg_inc(regs[1])
+    else:
+        @inline_device
+        def reg_producer():
+            return
+
+        reg_consumer = reg_producer
+
+    my_turn, your_turn = make_turns(bool(tiles.pingpong), CONSUMERS)
+    ws = WsOps(stages=RING, producers=P, fillers=P, regs=regs, nbars=NB, init=init, arrive=arrive, wait=wait,
+               q_src=q_src, kv_src=kv_src, put_q=put_q, put_k=put_k, put_v=put_v, put_last=put_last,
+               reg_producer=reg_producer, reg_consumer=reg_consumer, pingpong=bool(tiles.pingpong),
+               my_turn=my_turn, your_turn=your_turn, lag=True, put_split=put_split)
+    min_regs = min(255, max(128, BN // 2 + DP // 2 + 80))
+    return TileOps(
+        path="tf32", stages=2, threads=NTHREADS + P, smem_bytes=SMEM, min_blocks=1, min_regs=min_regs,
+        frag=mma_fragment(1, NT, DT), a_shape=(1,), a_dtype=uint32, exp2=ptx.ex2, load_resident=None,
+        resident_ready=None, stream=None, commit=ptx.cp_async_commit, wait_all=ptx.cp_async_wait_all, vec=None,
+        mm_nt=None, mm_pv=None, dq=None, pipe=pipe, ws=ws)

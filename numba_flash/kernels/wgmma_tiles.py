@@ -333,6 +333,31 @@ def make_wgmma_ops(role, tiles, headdim, dtype_name, aligned, fused_dq=False):
 WS_REGS = {2: (56, 224), 3: (32, 160)}
 
 
+@lru_cache(maxsize=None)
+def make_turns(pingpong, consumers):
+    """(my_turn, your_turn)(ctid) of the ping-pong (fragments.WsOps): named barrier 1 + g is warpgroup g's
+    turn; it completes when g's 128 threads wait there and the other warpgroup's 128 have arrived (handed
+    the turn over). Literal barrier numbers: ptxas then reserves barriers 0-2 only, not all 16."""
+    assert not pingpong or consumers == 2, ("the ping-pong takes two computing warpgroups", consumers)
+    TURN = 2 * hopper.WARPGROUP
+
+    @inline_device
+    def my_turn(ctid):
+        if ctid < 128:
+            hopper.named_barrier_sync(1, TURN)
+        else:
+            hopper.named_barrier_sync(2, TURN)
+
+    @inline_device
+    def your_turn(ctid):
+        if ctid < 128:
+            hopper.named_barrier_arrive(2, TURN)
+        else:
+            hopper.named_barrier_arrive(1, TURN)
+
+    return my_turn, your_turn
+
+
 def _make_ws_ops(ring, consumers, bm, bn, dp, headdim, aligned, off_b, t_bytes, pingpong, tma):
     """WsOps of the warp-specialised forward (fragments.WsOps; forward.py's _make_specialized), buffer
     `stage` of the ring being the pipelined body's buffer. The producer warpgroup fills the same swizzled
@@ -410,7 +435,7 @@ def _make_ws_ops(ring, consumers, bm, bn, dp, headdim, aligned, off_b, t_bytes, 
             _put(smem, bars, FULL_V + stage, off_b + (2 * stage + 1) * t_bytes, 2, v, t0, h, b, maps)
 
         @inline_device
-        def put_last(bars, pstage):
+        def put_last(smem, bars, pstage, ptid):
             return
     else:
         copy_q, copy_t = (make_swizzled_copy(rows, dp, headdim, aligned, P, fixed_passes=True) for rows in (bm, bn))
@@ -445,7 +470,7 @@ def _make_ws_ops(ring, consumers, bm, bn, dp, headdim, aligned, off_b, t_bytes, 
             hopper.mbarrier_arrive(bars, FULL_K + stage)
 
         @inline_device
-        def put_last(bars, pstage):
+        def put_last(smem, bars, pstage, ptid):
             ptx.cp_async_wait_group(0)                     # the last V (or Q: no tiles)
             hopper.fence_proxy_async_shared()
             hopper.mbarrier_arrive(bars, 0 if pstage < 0 else FULL_V + pstage)
@@ -465,26 +490,7 @@ def _make_ws_ops(ring, consumers, bm, bn, dp, headdim, aligned, off_b, t_bytes, 
 
         reg_consumer = reg_producer
 
-    # ping-pong: named barrier 1 + g is warpgroup g's turn; it completes when g's 128 threads wait there
-    # and the other warpgroup's 128 have arrived (handed the turn over)
-    assert not pingpong or consumers == 2, ("the ping-pong takes two computing warpgroups", consumers)
-    TURN = 2 * hopper.WARPGROUP
-
-    # literal barrier numbers: ptxas then reserves barriers 0-2 only, not all 16
-
-    @inline_device
-    def my_turn(ctid):
-        if ctid < 128:
-            hopper.named_barrier_sync(1, TURN)
-        else:
-            hopper.named_barrier_sync(2, TURN)
-
-    @inline_device
-    def your_turn(ctid):
-        if ctid < 128:
-            hopper.named_barrier_arrive(2, TURN)
-        else:
-            hopper.named_barrier_arrive(1, TURN)
+    my_turn, your_turn = make_turns(pingpong, consumers)
 
     return WsOps(stages=ring, producers=P, fillers=FILLERS, regs=regs, nbars=NB, init=init, arrive=arrive,
                  wait=wait, q_src=q_src, kv_src=kv_src, put_q=put_q, put_k=put_k, put_v=put_v,
