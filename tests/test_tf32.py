@@ -184,11 +184,13 @@ def run(q, k, v, backend, **kw):
     return out, lse
 
 
-def check_against_simt(q, k, v, block_mask=None, **kw):
-    """out within twice the SIMT float32 path's error (against float64) + 1e-7; lse as tight as float32's."""
+def check_against_simt(q, k, v, block_mask=None, tf32=None, **kw):
+    """out within twice the SIMT float32 path's error (against float64) + 1e-7; lse as tight as float32's.
+    tf32: the tf32 forward's (out, lse) where the caller ran it (under tile overrides the SIMT run must not
+    see), else run here."""
     dense = None if block_mask is None else block_mask.to_dense()
     ref_out, ref_lse = nf.attention_reference(q, k, v, mask=dense, **kw)
-    out, lse = run(q, k, v, "tf32", block_mask=block_mask, **kw)
+    out, lse = run(q, k, v, "tf32", block_mask=block_mask, **kw) if tf32 is None else tf32
     simt, _ = run(q, k, v, "simt", block_mask=block_mask, **kw)
     err, err_simt = rel_err(out, ref_out), rel_err(simt, ref_out)
     print(f"relative error tf32 {err:.3g}, simt {err_simt:.3g}")
@@ -280,52 +282,6 @@ def test_tf32_backend_is_validated(rng):
     assert configs.resolve_backend("tf32", "float32", None, 64, "bwd") == "tf32"
 
 
-def use_tiles(monkeypatch, d, **kw):
-    """The tf32 forward's tiles with the MmaTiles fields kw replaced (simulator: its 64 x 32 tiles; GPU: the
-    default tiles of head dim d), through NUMBA_FLASH_FWD_TILES on a GPU as a tuning run would."""
-    import dataclasses
-    if SIMULATOR:
-        monkeypatch.setitem(configs._SIM["tf32"], "fwd",
-                            dataclasses.replace(configs.MmaTiles(64, 32, 4, a_regs=False), **kw))
-    else:
-        monkeypatch.setenv("NUMBA_FLASH_FWD_TILES", dataclasses.replace(configs._tf32_tiles("fwd", d), **kw).override())
-
-
-def use_split_ahead(monkeypatch, on, d):
-    """The synchronous body's tiles with MmaTiles.split_ahead = on."""
-    use_tiles(monkeypatch, d, ring=0, pingpong=False, split_ahead=on)
-
-
-@pytest.mark.parametrize("causal,Nq,Nk,d", [(True, 70, 100, 32), (False, 65, 33, 64), (True, 100, 40, 16),
-                                            (False, 40, 20, 40)])
-def test_tf32_split_ahead_matches_the_default(rng, monkeypatch, causal, Nq, Nk, d):
-    """Splitting tile j + 1 during tile j's P V product changes the schedule, not the products: under the
-    simulator the same bits, including one-tile walks (Nk = 20) and query tiles that see no key (causal,
-    Nq > Nk). On a GPU the compiler fuses a multiply and an add into one FMA only inside a basic block,
-    and the split's loops move block boundaries (H100, 2026-12-07: each variant bitwise reproducible run
-    to run, the two 1e-7 apart with the same error against float64), so there: within 4 float32 ulps of
-    the output's scale, lse to float32 rounding."""
-    q, k, v = make_qkv_arrays(rng, 1, Nq, Nk, 2, d, "float32", FW)
-    use_split_ahead(monkeypatch, False, d)
-    want = run(q, k, v, "tf32", causal=causal)
-    use_split_ahead(monkeypatch, True, d)
-    got = run(q, k, v, "tf32", causal=causal)
-    ref, _ = nf.attention_reference(q, k, v, causal=causal)
-    if SIMULATOR:
-        for name, x, y in zip(("out", "lse"), got, want):
-            assert_bitwise_equal(x, y, name)
-    else:
-        scale = float(np.abs(as64(ref)).max())
-        assert float(np.abs(as64(got[0]) - as64(want[0])).max()) <= 4 * 2.0 ** -23 * scale
-        assert float(np.abs(as64(got[1]) - as64(want[1])).max()) <= 1e-6
-        assert rel_err(got[0], ref) <= 1.1 * rel_err(want[0], ref)
-    assert rel_err(got[0], ref) < 1e-6
-
-
-# --------------------------------------------------------------------------------------------------
-# the warp-specialised forward (MmaTiles.ring: a producer warpgroup copies and splits, consumers multiply)
-# --------------------------------------------------------------------------------------------------
-
 def assert_same_up_to_fma(got, want, ref):
     """got equals want bitwise under the simulator; on a GPU within 4 float32 ulps of the output's scale
     (the compiler fuses multiplies and adds into FMAs differently in differently shaped kernels), with lse
@@ -342,6 +298,46 @@ def assert_same_up_to_fma(got, want, ref):
     assert rel_err(got[0], ref) <= 1.1 * rel_err(want[0], ref) + 1e-8
 
 
+def use_tiles(monkeypatch, d, **kw):
+    """The tf32 forward's tiles with the MmaTiles fields kw replaced (simulator: its 64 x 32 tiles; GPU: the
+    default tiles of head dim d), through NUMBA_FLASH_FWD_TILES on a GPU as a tuning run would."""
+    import dataclasses
+    if SIMULATOR:
+        monkeypatch.setitem(configs._SIM["tf32"], "fwd",
+                            dataclasses.replace(configs.MmaTiles(64, 32, 4, a_regs=False), **kw))
+    else:
+        t = dataclasses.replace(configs._tf32_tiles("fwd", d), **kw)
+        monkeypatch.setenv("NUMBA_FLASH_FWD_TILES", t.override())
+
+
+def use_split_ahead(monkeypatch, on, d):
+    """The synchronous body's tiles with MmaTiles.split_ahead = on."""
+    use_tiles(monkeypatch, d, ring=0, pingpong=False, split_ahead=on)
+
+
+@pytest.mark.parametrize("causal,Nq,Nk,d", [(True, 70, 100, 32), (False, 65, 33, 64), (True, 100, 40, 16),
+                                            (False, 40, 20, 40)])
+def test_tf32_split_ahead_matches_the_default(rng, monkeypatch, causal, Nq, Nk, d):
+    """Splitting tile j + 1 during tile j's P V product changes the schedule, not the products: under the
+    simulator the same bits, including one-tile walks (Nk = 20) and query tiles that see no key (causal,
+    Nq > Nk). On a GPU the compiler fuses a multiply and an add into one FMA only inside a basic block,
+    and the split's loops move block boundaries (H100, 2026-12-07: each variant bitwise reproducible run
+    to run, the two 1e-7 apart with the same error against float64): there assert_same_up_to_fma's
+    bounds."""
+    q, k, v = make_qkv_arrays(rng, 1, Nq, Nk, 2, d, "float32", FW)
+    use_split_ahead(monkeypatch, False, d)
+    want = run(q, k, v, "tf32", causal=causal)
+    use_split_ahead(monkeypatch, True, d)
+    got = run(q, k, v, "tf32", causal=causal)
+    ref, _ = nf.attention_reference(q, k, v, causal=causal)
+    assert_same_up_to_fma(got, want, ref)
+    assert rel_err(got[0], ref) < 1e-6
+
+
+# --------------------------------------------------------------------------------------------------
+# the warp-specialised forward (MmaTiles.ring: a producer warpgroup copies and splits, consumers multiply)
+# --------------------------------------------------------------------------------------------------
+
 @pytest.mark.parametrize("causal,Nq,Nk,d,ring", [(True, 70, 100, 32, 2), (False, 33, 100, 16, 4),
                                                  (True, 100, 40, 64, 2), (False, 40, 20, 40, 2)])
 def test_tf32_warp_specialised_within_the_bar_and_equal_to_the_synchronous_body(rng, monkeypatch, causal, Nq, Nk,
@@ -350,11 +346,13 @@ def test_tf32_warp_specialised_within_the_bar_and_equal_to_the_synchronous_body(
     a ring stage (WsOps.lag); the consumers' products are the synchronous body's, in the same order, so the
     same results: walks of several tiles and of one (Nk = 20), query rows that see no key (causal,
     Nq > Nk), padded head dims (40 -> 48, rows of V padded), rings of 2 and 4 stages."""
-    use_tiles(monkeypatch, d, ring=ring)
     q, k, v = make_qkv_arrays(rng, 1, Nq, Nk, 1, d, "float32", FW)
-    got = check_against_simt(q, k, v, causal=causal)
-    use_tiles(monkeypatch, d, ring=0)
+    use_tiles(monkeypatch, d, ring=ring)
+    got = run(q, k, v, "tf32", causal=causal)
+    use_tiles(monkeypatch, d, ring=0, pingpong=False)
     want = run(q, k, v, "tf32", causal=causal)
+    monkeypatch.delenv("NUMBA_FLASH_FWD_TILES", raising=False)       # (SIMT reads it too)
+    check_against_simt(q, k, v, causal=causal, tf32=got)
     ref, _ = nf.attention_reference(q, k, v, causal=causal)
     assert_same_up_to_fma(got, want, ref)
 
@@ -373,4 +371,6 @@ def test_tf32_warp_specialised_ping_pong_block_mask_and_unaligned_rows(rng, monk
     q, k, v = (b[..., 1:33] for b in bufs)
     b1, b2 = block_sizes(32, "float32", "tf32")
     mask = BlockMask.random(0.5, 150, 150, (b1, b1), nheads=1, seed=int(rng.integers(1 << 31)))
-    check_against_simt(q, k, v, block_mask=mask, causal=True)
+    got = run(q, k, v, "tf32", block_mask=mask, causal=True)
+    monkeypatch.delenv("NUMBA_FLASH_FWD_TILES", raising=False)       # (SIMT reads it too)
+    check_against_simt(q, k, v, block_mask=mask, causal=True, tf32=got)

@@ -73,7 +73,7 @@ from .fragments import AsyncOps, TileOps, WsOps, mma_fragment
 from .launch import inline_device
 from .tc_tiles import make_tile_copy
 from .wgmma_tiles import (ALIGN, SWIZZLE_MODES, WS_REGS, base_bytes, desc_at, make_swizzled_copy, make_turns, swizzle_width,
-                          wait0, wait0_flag, wait1)
+                          wait0, wait0_flag, wait0_late, wait1)
 
 
 @inline_device
@@ -118,51 +118,65 @@ def _v_geometry(bn, dp):
 
 @lru_cache(maxsize=None)
 def _make_splits(bn, dp, nthreads):
-    """Splitting by `nthreads` threads (tid < nthreads; word offsets from smem's start, base included):
+    """Splitting by `nthreads` threads (tid < nthreads; word offsets from smem's start, base included, each
+    a multiple of 4):
     split_words(smem, src, hi, lo, nwords, tid): words src.. -> their high parts at hi.., low parts at lo..
-        (src may be hi: in place); an image's split has the image's layout;
+        (src may be hi: in place), four consecutive words per thread and step (16-byte loads and stores,
+        consecutive threads on consecutive chunks); an image's split has the image's layout;
     split_v(smem, v0, vt0, tid): the plain V rows at v0 (bn keys x dp words) transposed and split into the
-        K-major images Vt_hi at vt0 and Vt_lo right after it, each group of 8 keys permuted (module docstring).
-        Lane (n % 8) + 8 w of a warp takes head-dim row n and k-index 4 c + w of the images: its reads of the
-        plain V rows and its writes into the swizzled images each hit 32 different banks (for bn >= 32)."""
+        K-major images Vt_hi at vt0 and Vt_lo right after it, each group of 8 keys permuted (module
+        docstring). A warp step takes 32 k-indices (lane = k-index within the group of 32) and one 16-byte
+        chunk (4 head-dim rows n) of their V rows: one 16-byte load per lane (each quarter warp's 8 keys in
+        8 different bank groups: the rows' chunks are XOR-swizzled or the rows padded, _v_geometry), then 8
+        scalar stores, which land in 32 different banks (the k-index's chunk XOR n % 8 in the Vt rows)."""
     W = nthreads // 32
     SWV, VSW, VP = _v_geometry(bn, dp)
+    assert bn % 32 == 0, ("split_v takes the keys 32 at a time", bn)
     CPBV = SWV // 16                       # 16-byte chunks per row of one column block of the Vt images
     XMV = CPBV - 1                         # ... and the chunk-index mask of their XOR
     VT_WORDS = dp * bn
-    NPAIRS = (dp // 8) * (bn // 4)         # (8 head-dim rows, 4 keys) blocks of the Vt images: one warp step
+    CH = dp // 4                           # 16-byte chunks per V row
+    NSTEP = CH * (bn // 32)                # warp steps: (group of 32 keys, chunk)
 
     @inline_device
     def split_words(smem, src, hi_w, lo_w, nwords, tid):
-        for s in range(-(-nwords // nthreads)):
+        nv = nwords // 4
+        for s in range(-(-nv // nthreads)):
             e = tid + s * nthreads
-            if nwords % nthreads == 0 or e < nwords:
-                hi, lo = split(smem[src + e])
-                smem[hi_w + e] = hi
-                smem[lo_w + e] = lo
+            if nv % nthreads == 0 or e < nv:
+                x0, x1, x2, x3 = ptx.ld4(smem, src + 4 * e)
+                h0, l0 = split(x0)
+                h1, l1 = split(x1)
+                h2, l2 = split(x2)
+                h3, l3 = split(x3)
+                ptx.st4(smem, hi_w + 4 * e, (h0, h1, h2, h3))
+                ptx.st4(smem, lo_w + 4 * e, (l0, l1, l2, l3))
         return
 
     @inline_device
     def split_v(smem, v0, vt0, tid):
-        lane = tid % 32
-        nl, w = lane % 8, lane // 8
-        for s in range(-(-NPAIRS // W)):
-            pi = tid // 32 + s * W
-            if NPAIRS % W == 0 or pi < NPAIRS:
-                rb = pi // (bn // 4)                            # block of 8 head-dim rows
-                c = pi - rb * (bn // 4)
-                n = 8 * rb + nl
-                i = 4 * c + w                                   # k-index in the images
-                key = 8 * (i // 8) + 2 * (i % 4) + (i % 8) // 4
+        il = tid % 32                                           # k-index within the group of 32
+        key_l = 8 * (il // 8) + 2 * (il % 4) + (il % 8) // 4    # its key (module docstring)
+        k7 = key_l & 7
+        cc = (il // 4) % CPBV                                   # its 16-byte chunk in an image row's block
+        for s in range(-(-NSTEP // W)):
+            st = tid // 32 + s * W
+            if NSTEP % W == 0 or st < NSTEP:
+                kb = st // CH
+                ch = st - kb * CH
+                key = 32 * kb + key_l
                 if VSW:
-                    hi, lo = split(smem[v0 + key * VP + 4 * ((n // 4 & ~7) | ((n // 4 & 7) ^ (key & 7))) + n % 4])
+                    x = ptx.ld4(smem, v0 + key * VP + 4 * ((ch & ~7) | ((ch & 7) ^ k7)))
                 else:
-                    hi, lo = split(smem[v0 + key * VP + n])
-                ci = i // 4                                     # 16-byte chunk of the image row
-                word = (vt0 + (ci // CPBV) * (dp * SWV // 4) + n * (SWV // 4)
-                        + (((ci % CPBV) ^ ((n * SWV >> 7) & XMV)) << 2) + i % 4)
-                smem[word] = hi
-                smem[word + VT_WORDS] = lo
+                    x = ptx.ld4(smem, v0 + key * VP + 4 * ch)
+                ci = 8 * kb + il // 4                           # the k-index's chunk in the image row
+                w0 = vt0 + (ci // CPBV) * (dp * SWV // 4) + il % 4
+                for e in range(4):
+                    n = 4 * ch + e
+                    word = w0 + n * (SWV // 4) + ((cc ^ ((n * SWV >> 7) & XMV)) << 2)
+                    hi, lo = split(x[e])
+                    ptx.st1(smem, word, hi)
+                    ptx.st1(smem, word + VT_WORDS, lo)
         return
 
     return split_words, split_v
@@ -174,6 +188,10 @@ def _make_v_copy(bn, dp, headdim, aligned, nthreads):
     `off` past the aligned start: 16-byte chunk ch of row r at ch ^ (r % 8) (swizzled rows) or at ch
     (padded rows), so split_v's reads down a column hit different banks."""
     _, VSW, VP = _v_geometry(bn, dp)
+    cpr = dp // 4
+    rstep = nthreads // cpr if nthreads % cpr == 0 else 0
+    # a thread's passes down the tile: padded rows are VP words apart; swizzled ones repeat every 8 rows
+    pass_words = rstep * VP if VSW and rstep and rstep % 8 == 0 else None
 
     @inline_device
     def v_chunk(smem, off, r, ch):
@@ -181,7 +199,8 @@ def _make_v_copy(bn, dp, headdim, aligned, nthreads):
             return (base_bytes(smem) + off) // 4 + r * VP + 4 * ((ch & ~7) | ((ch & 7) ^ (r & 7)))
         return (base_bytes(smem) + off) // 4 + r * VP + 4 * ch
 
-    return make_tile_copy(bn, dp, headdim, aligned, nthreads, v_chunk, elem_bytes=4)
+    return make_tile_copy(bn, dp, headdim, aligned, nthreads, v_chunk, row_words=None if VSW else VP,
+                          pass_words=pass_words, elem_bytes=4)
 
 
 @lru_cache(maxsize=None)
@@ -475,12 +494,13 @@ def _make_tf32_ws_ops(tiles, headdim, aligned):
 
     pipe = AsyncOps(steps=2 * KK, stream_k=None, stream_v=None, visible=None, s_issue=s_issue,
                     pv_issue=pv_issue, wait1=wait1, wait0=wait0, s_finish=s_finish, o_finish=o_finish,
-                    pack=pack, wait_pv=wait0_flag)
+                    pack=pack, wait_pv=wait0_late if tiles.late_pv_wait else wait0_flag)
 
     # ---------------- producer (fragments.WsOps with lag: splits tile j - 1 after copying tile j) ----------
     FULL_K, FULL_V, EMPTY, Q_EMPTY = 1, 1 + RING, 1 + 2 * RING, 1 + 3 * RING
     NB = 2 + 3 * RING
-    copy_q, copy_k = (make_swizzled_copy(rows, DP, headdim, aligned, P, elem_bytes=4) for rows in (BM, BN))
+    copy_q, copy_k = (make_swizzled_copy(rows, DP, headdim, aligned, P, fixed_passes=True, elem_bytes=4)
+                      for rows in (BM, BN))
     copy_v = _make_v_copy(BN, DP, headdim, aligned, P)
     split_words, split_v = _make_splits(BN, DP, P)
     regs = WS_REGS.get(CONSUMERS)
