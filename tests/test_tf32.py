@@ -374,3 +374,18 @@ def test_tf32_warp_specialised_ping_pong_block_mask_and_unaligned_rows(rng, monk
     got = run(q, k, v, "tf32", block_mask=mask, causal=True)
     monkeypatch.delenv("NUMBA_FLASH_FWD_TILES", raising=False)       # (SIMT reads it too)
     check_against_simt(q, k, v, block_mask=mask, causal=True, tf32=got)
+
+
+def test_tf32_synchronous_body_on_64_key_tiles(rng, monkeypatch):
+    """64-key tiles (a tuning option at d <= 64; H100, 2026-12-07: 61.7 TFLOP/s against the default's
+    54.0): two groups of 32 k-indices per V transpose and two column blocks of the Vt images."""
+    import dataclasses
+    if SIMULATOR:
+        monkeypatch.setitem(configs._SIM["tf32"], "fwd", configs.MmaTiles(64, 64, 4, a_regs=False))
+    else:
+        t = dataclasses.replace(configs._tf32_tiles("fwd", 64), bc=64, ring=0, pingpong=False)
+        monkeypatch.setenv("NUMBA_FLASH_FWD_TILES", t.override())
+    q, k, v = make_qkv_arrays(rng, 1, 50, 100, 1, 64, "float32", FW)
+    got = run(q, k, v, "tf32", causal=True)
+    monkeypatch.delenv("NUMBA_FLASH_FWD_TILES", raising=False)       # (SIMT reads it too)
+    check_against_simt(q, k, v, causal=True, tf32=got)

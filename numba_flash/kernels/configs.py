@@ -73,16 +73,18 @@ class MmaTiles:
     warps: int
     a_regs: bool = True
     min_blocks: int = 0
-    # wgmma forward only. 0: the block's warps copy the streamed K, V tiles themselves into two buffers and
-    # meet at a block barrier per tile. n >= 2: warp-specialised: one more warpgroup (the producer) copies
-    # Q once and K, V into an n-stage ring guarded by mbarriers; the `warps` compute (forward.py).
+    # wgmma and tf32 forwards only. 0: the block's warps copy the streamed K, V tiles themselves into two
+    # buffers and meet at a block barrier per tile. n >= 2: warp-specialised: one more warpgroup (the
+    # producer) copies Q once and K, V into an n-stage ring guarded by mbarriers (tf32: copies them into
+    # staging buffers and splits them into the ring's images; n even); the `warps` compute (forward.py).
     ring: int = 0
     # with a ring and two computing warpgroups: they take turns to issue their products (named barriers),
     # so one's softmax runs while the other's products do (FlashAttention-3's ping-pong)
     pingpong: bool = False
-    # wgmma forward: the wait for P_j-1 V_j-1 in a basic block of its own after the softmax of S_j (wgmma_tiles
-    # wait_pv), so the softmax runs while that product does. False: a plain wait, which ptxas moves up to
-    # just after the wait for S_j, before the exponentials (SASS, sm_90a, every wgmma forward variant).
+    # wgmma forward (and tf32's warp-specialised one): the wait for P_j-1 V_j-1 in a basic block of its own
+    # after the softmax of S_j (wgmma_tiles wait_pv), so the softmax runs while that product does. False: a
+    # plain wait, which ptxas moves up to just after the wait for S_j, before the exponentials (SASS,
+    # sm_90a, every wgmma forward variant; tf32's too).
     # False by default: measured slower, though the SASS overlaps as designed (H100, fp16, N=4096, one run,
     # tools/tune.py 2026-12-05, TFLOP/s late / plain: d=64 294 / 372, causal 224 / 263; d=128 500 / 554,
     # causal 419 / 439; benchmarks/results/h100-2026-12-05-*).
@@ -261,9 +263,11 @@ def _tf32_tiles(role, headdim):
     # The split-TF32 forward (tf32_tiles.py) holds Q, K and V twice (high and low parts) in shared memory.
     # d <= 64: warp-specialised, 128 x 32 tiles (two consumer warpgroups; a producer warpgroup copies and
     # splits into a 2-stage ring: 160 KB; 32 keys, as two accumulators per product leave no registers for
-    # 64). d <= 128: 64 x 32 tiles, one warpgroup, the synchronous body (177 KB). H100, first run
-    # (2026-12-07): the synchronous body at 33 TFLOP/s at d = 64 (128 x 64 tiles), 15 at d = 128
-    # (docs/PERFORMANCE.md).
+    # 64). d <= 128: 64 x 32 tiles, one warpgroup, the synchronous body. H100, fp32, N = 4096, one run
+    # (tools/tune.py, 2026-12-07, after the producer's splits were vectorised), d = 64 TFLOP/s: this 54.0,
+    # ring 4 59.7, ring 2 with ping-pong and the late P V wait 53.0, the synchronous body on 128 x 64 tiles
+    # 61.7 (SDPA memory-efficient 35.3; SIMT 34.0); d = 128: 31.1 (memory-efficient 46.3). The faster
+    # two have not been through the sanitizer and GPU tests on this code, so they are not the default yet.
     assert role == "fwd", role
     if headdim <= 64:
         return MmaTiles(128, 32, 8, a_regs=False, ring=2)

@@ -50,8 +50,8 @@ product keeps the high parts' term a_hi.b_hi and the two correction terms in two
 from zero for every tile (a key tile for S; a key tile and at most 64 output columns for P V), and they are
 added in float32 with rounding to nearest on the CUDA cores, into S and into O (which the online softmax
 rescales there anyway). The longest chain in the tensor cores is then DP/8 (S) or BN/8 (P V) steps.
-(This scheme has run under the simulator only so far, whose wgmma twin truncates likewise: there the
-scheme before it fails test_tf32's bar as it did on the H100, and this one passes.)
+(The simulator's wgmma twin truncates likewise: there the scheme before it fails test_tf32's bar as it
+did on the H100, and this one passes; on the H100 it passes too, 2026-12-07.)
 
 The A registers of a k8 step hold columns t and t + 4 of the step (hopper.py), but a thread's score
 fragment holds columns 2t and 2t + 1 (the accumulator layout). P V sums over keys, so the keys of each
