@@ -130,6 +130,11 @@ CASES = [
     dict(path="tf32", d=64, dtype="float32", causal=False, nq=300, nk=333, aligned=False, sparse=True,
          block=(128, 128), ring=2, pingpong=True),
     dict(path="tf32", d=32, dtype="float32", causal=True, nq=333, nk=200, aligned=True, sparse=False, ring=4),
+    # tuning options measured faster at d = 64 (2026-12-07): the synchronous body on 64-key tiles (two
+    # groups of 32 k-indices per V transpose, two column blocks of Vt), and a 4-stage ring
+    dict(path="tf32", d=64, dtype="float32", causal=True, nq=333, nk=500, aligned=False, sparse=True,
+         block=(128, 128), fwd_tiles="128,64,8,0,0,0,0,0,0,0,0,0"),
+    dict(path="tf32", d=64, dtype="float32", causal=True, nq=500, nk=333, aligned=True, sparse=False, ring=4),
 ]
 
 
@@ -160,6 +165,8 @@ def run(c):
             t, br=br, warps=warps, a_regs=False, min_blocks=0, ring=c["ring"], pingpong=c.get("pingpong", False),
             late_pv_wait=False, persistent=c.get("persistent", False), tma=c.get("tma", False),
             dynamic=c.get("dynamic", False)).override()
+    if c.get("fwd_tiles"):
+        os.environ["NUMBA_FLASH_FWD_TILES"] = c["fwd_tiles"]             # MmaTiles.override's order
     if c.get("split_ahead"):
         from numba_flash.kernels import configs
         os.environ["NUMBA_FLASH_FWD_TILES"] = replace(configs.tiles(c["path"], "fwd", c["d"]), ring=0,
