@@ -1,12 +1,12 @@
 """float32 attention on Hopper's tensor cores at float32 accuracy: split TF32 on warpgroup MMA (the "tf32" path).
 
 The forward bodies of forward.py (the synchronous loop, and the warp-specialised one below; walk, masking,
-online softmax and epilogue shared with every path) with these products. A tf32 tensor-core input keeps 10 of float32's 23 mantissa bits, so each
-operand x is split into x_hi = tf32(x) and x_lo = tf32(x - x_hi) (ptx.tf32_round: nearest, ties away), and
-a product a.b is taken as three: a_lo.b_hi + a_hi.b_lo + a_hi.b_hi, accumulated in float32. What is left
-out, a_lo.b_lo and the rounding of the low parts, is ~2^-22 of |a||b| per term: float32-class accuracy
-(the SIMT path computes in float32 FMA) at three tensor-core products per product, tf32 wgmma running at
-half the 16-bit rate.
+online softmax and epilogue shared with every path) with these products. A tf32 tensor-core input keeps
+10 of float32's 23 mantissa bits, so each operand x is split into x_hi = tf32(x) and x_lo = tf32(x - x_hi)
+(ptx.tf32_round: nearest, ties away), and a product a.b is taken as three: a_lo.b_hi + a_hi.b_lo +
+a_hi.b_hi, accumulated in float32. What is left out, a_lo.b_lo and the rounding of the low parts, is
+~2^-22 of |a||b| per term: float32-class accuracy (the SIMT path computes in float32 FMA) at three
+tensor-core products per product, tf32 wgmma running at half the 16-bit rate.
 
 Layout (bytes from the 1024-byte-aligned start of dynamic shared memory; the swizzled K-major images of
 wgmma_tiles.py, now with 4-byte elements: rows of DP words in column blocks of SW bytes, 16-byte chunk c
@@ -72,8 +72,9 @@ from . import hopper, ptx
 from .fragments import AsyncOps, TileOps, WsOps, mma_fragment
 from .launch import inline_device
 from .tc_tiles import make_tile_copy
-from .wgmma_tiles import (ALIGN, SWIZZLE_MODES, WS_REGS, base_bytes, desc_at, make_swizzled_copy, make_turns, swizzle_width,
-                          wait0, wait0_flag, wait0_late, wait1)
+from .wgmma_tiles import (ALIGN, SWIZZLE_MODES, base_bytes, desc_at, make_swizzled_copy, make_turns,
+                          make_ws_barriers, pointer_kv_src, pointer_q_src, swizzle_width, wait0, wait0_flag,
+                          wait0_late, wait1)
 
 
 @inline_device
@@ -204,6 +205,65 @@ def _make_v_copy(bn, dp, headdim, aligned, nthreads):
 
 
 @lru_cache(maxsize=None)
+def _make_products(bm, bn, dp, nc):
+    """The split products of both bodies, issued and committed (the caller waits), each as two accumulator
+    sets from zero, (main, corr) (module docstring, "Accumulation"); addresses in bytes, base included:
+    s_product(smem, q_hi, q_lo, k_hi, k_lo) -> S = Q K^T of the warpgroup's 64 rows of the Q images at q_hi,
+        q_lo (bm rows each) and the bn x dp K images: Q_hi K_hi, and Q_lo K_hi + Q_hi K_lo;
+    pv_product(smem, hi, h0, lo, l0, vt, ci) -> output columns ci nc .. of P V, P's A registers of k8 step
+        kk at hi[h0 + kk, 0:4] (high parts) and lo[l0 + kk, 0:4] (float32 values or their bits), Vt_hi at vt
+        and Vt_lo right after it: P_hi V_hi, and P_lo V_hi + P_hi V_lo."""
+    SW = swizzle_width(dp, 4)
+    SWV = _v_geometry(bn, dp)[0]
+    swmode, swmode_v = SWIZZLE_MODES[SW], SWIZZLE_MODES[SWV]
+    KS, KK = dp // 8, bn // 8              # k8 steps of S = Q K^T and of P V
+    l_q, l_k, l_vt = bm * SW, bn * SW, dp * SWV          # bytes of one column block of each image
+    SBO, SBO_V = 8 * SW, 8 * SWV
+    VT_BYTES = dp * bn * 4
+    n_s, n_c = bn, nc                      # literals of wgmma_acc_zeros (bound names)
+
+    @inline_device
+    def s_product(smem, q_hi, q_lo, k_hi, k_lo):
+        qh = desc_at(smem, q_hi, 16, SBO, swmode)
+        ql = desc_at(smem, q_lo, 16, SBO, swmode)
+        kh = desc_at(smem, k_hi, 16, SBO, swmode)
+        kl = desc_at(smem, k_lo, 16, SBO, swmode)
+        main = hopper.wgmma_acc_zeros(n_s)
+        corr = hopper.wgmma_acc_zeros(n_s)
+        hopper.wgmma_fence()
+        for ks in range(KS):
+            da = (ks * 32 // SW) * l_q + (ks * 32) % SW
+            db = (ks * 32 // SW) * l_k + (ks * 32) % SW
+            first = 0 if ks == 0 else 1
+            corr = hopper.wgmma_tf32(hopper.smem_desc_add(ql, da), hopper.smem_desc_add(kh, db), corr, first)
+            corr = hopper.wgmma_tf32(hopper.smem_desc_add(qh, da), hopper.smem_desc_add(kl, db), corr, 1)
+            main = hopper.wgmma_tf32(hopper.smem_desc_add(qh, da), hopper.smem_desc_add(kh, db), main, first)
+        hopper.wgmma_commit_group()
+        return main, corr
+
+    @inline_device
+    def pv_product(smem, hi, h0, lo, l0, vt, ci):
+        vh = desc_at(smem, vt, 16, SBO_V, swmode_v)
+        vl = desc_at(smem, vt + VT_BYTES, 16, SBO_V, swmode_v)
+        main = hopper.wgmma_acc_zeros(n_c)
+        corr = hopper.wgmma_acc_zeros(n_c)
+        hopper.wgmma_fence()               # (always: the accumulators are new registers)
+        for kk in range(KK):
+            db = (kk * 32 // SWV) * l_vt + (kk * 32) % SWV + ci * nc * SWV
+            first = 0 if kk == 0 else 1
+            corr = hopper.wgmma_tf32_rs(lo[l0 + kk, 0], lo[l0 + kk, 1], lo[l0 + kk, 2], lo[l0 + kk, 3],
+                                        hopper.smem_desc_add(vh, db), corr, first)
+            corr = hopper.wgmma_tf32_rs(hi[h0 + kk, 0], hi[h0 + kk, 1], hi[h0 + kk, 2], hi[h0 + kk, 3],
+                                        hopper.smem_desc_add(vl, db), corr, 1)
+            main = hopper.wgmma_tf32_rs(hi[h0 + kk, 0], hi[h0 + kk, 1], hi[h0 + kk, 2], hi[h0 + kk, 3],
+                                        hopper.smem_desc_add(vh, db), main, first)
+        hopper.wgmma_commit_group()
+        return main, corr
+
+    return s_product, pv_product
+
+
+@lru_cache(maxsize=None)
 def make_tf32_fwd_ops(tiles, headdim, aligned):
     if tiles.ring:
         return _make_tf32_ws_ops(tiles, headdim, aligned)
@@ -214,9 +274,8 @@ def make_tf32_fwd_ops(tiles, headdim, aligned):
     DP = tiles.padded_headdim(headdim)
     assert DP <= 256 and DP % 8 == 0, headdim
     SW = swizzle_width(DP, 4)              # Q, K images: rows of DP words
-    SWV, VSW, VP = _v_geometry(BN, DP)     # Vt images: rows of BN words; plain V rows
-    swmode, swmode_v = SWIZZLE_MODES[SW], SWIZZLE_MODES[SWV]
-    KS, KK = DP // 8, BN // 8              # k8 steps of S = Q K^T and of P V
+    _, VSW, VP = _v_geometry(BN, DP)       # plain V rows
+    KK = BN // 8                           # k8 steps of P V
     NT, DT = BN // 8, DP // 8
     AHEAD = bool(tiles.split_ahead)
     NB = 2 if AHEAD else 1                 # buffers of K_lo and of the Vt images
@@ -231,13 +290,10 @@ def make_tf32_fwd_ops(tiles, headdim, aligned):
     for off in (OFF_QLO, OFF_K, OFF_KLO, OFF_VT, OFF_VT + VT_BYTES):
         assert off % ALIGN == 0, (off, tiles, headdim)
     QLO_W = OFF_QLO // 4
-    l_q, l_k, l_vt = BM * SW, BN * SW, DP * SWV          # bytes of one column block of each image
-    SBO, SBO_V = 8 * SW, 8 * SWV
-    n_s = BN                               # a literal of wgmma_acc_zeros (a bound name)
     NCH = -(-DP // 64)                     # P V in NCH products of NC <= 64 output columns (registers)
     NC = DP // NCH
     assert NC % 8 == 0 and NCH <= 2, DP
-    n_c = NC
+    s_product, pv_product = _make_products(BM, BN, DP, NC)
     sum_s, _ = _acc_sums(BN // 2, 0)
     add_o0 = _acc_sums(NC // 2, 0)[1]
     add_o1 = _acc_sums(NC // 2, NC // 4)[1]
@@ -293,44 +349,12 @@ def make_tf32_fwd_ops(tiles, headdim, aligned):
             hopper.fence_proxy_async_shared()
             cuda.syncthreads()              # every split visible to every warpgroup's wgmmas
         base = base_bytes(smem)
-        wg = tid // 128
-        main = hopper.wgmma_acc_zeros(n_s)
-        corr = hopper.wgmma_acc_zeros(n_s)
-        qh = desc_at(smem, base + wg * 64 * SW, 16, SBO, swmode)
-        ql = desc_at(smem, base + OFF_QLO + wg * 64 * SW, 16, SBO, swmode)
-        kh = desc_at(smem, base + OFF_K + stage * T_BYTES, 16, SBO, swmode)
-        kl = desc_at(smem, base + OFF_KLO + (stage if AHEAD else 0) * T_BYTES, 16, SBO, swmode)
-        hopper.wgmma_fence()
-        for ks in range(KS):
-            da = (ks * 32 // SW) * l_q + (ks * 32) % SW
-            db = (ks * 32 // SW) * l_k + (ks * 32) % SW
-            first = 0 if ks == 0 else 1
-            corr = hopper.wgmma_tf32(hopper.smem_desc_add(ql, da), hopper.smem_desc_add(kh, db), corr, first)
-            corr = hopper.wgmma_tf32(hopper.smem_desc_add(qh, da), hopper.smem_desc_add(kl, db), corr, 1)
-            main = hopper.wgmma_tf32(hopper.smem_desc_add(qh, da), hopper.smem_desc_add(kh, db), main, first)
-        hopper.wgmma_commit_group()
+        q = base + (tid // 128) * 64 * SW
+        main, corr = s_product(smem, q, q + OFF_QLO, base + OFF_K + stage * T_BYTES,
+                               base + OFF_KLO + (stage if AHEAD else 0) * T_BYTES)
         hopper.wgmma_wait_group(0)
         sum_s(c, hopper.wgmma_fence_operand(main), hopper.wgmma_fence_operand(corr))
         return
-
-    @inline_device
-    def pv_chunk(ph, pl, vh, vl, ci):
-        """The pending products (main, corr) of output columns ci NC .. of P V (rows ci NC .. of the Vt
-        images): P_hi V_hi, and P_lo V_hi + P_hi V_lo, each from zero."""
-        main = hopper.wgmma_acc_zeros(n_c)
-        corr = hopper.wgmma_acc_zeros(n_c)
-        hopper.wgmma_fence()
-        for kk in range(KK):
-            db = (kk * 32 // SWV) * l_vt + (kk * 32) % SWV + ci * NC * SWV
-            first = 0 if kk == 0 else 1
-            corr = hopper.wgmma_tf32_rs(pl[kk, 0], pl[kk, 1], pl[kk, 2], pl[kk, 3], hopper.smem_desc_add(vh, db),
-                                        corr, first)
-            corr = hopper.wgmma_tf32_rs(ph[kk, 0], ph[kk, 1], ph[kk, 2], ph[kk, 3], hopper.smem_desc_add(vl, db),
-                                        corr, 1)
-            main = hopper.wgmma_tf32_rs(ph[kk, 0], ph[kk, 1], ph[kk, 2], ph[kk, 3], hopper.smem_desc_add(vh, db),
-                                        main, first)
-        hopper.wgmma_commit_group()
-        return main, corr
 
     @inline_device
     def mm_pv(smem, p, stage, b_slot, o, tid, lead_sync):
@@ -338,8 +362,6 @@ def make_tf32_fwd_ops(tiles, headdim, aligned):
         the next tile is split here while the product runs)."""
         base = base_bytes(smem)
         vt = base + OFF_VT + (stage if AHEAD else 0) * 2 * VT_BYTES
-        vh = desc_at(smem, vt, 16, SBO_V, swmode_v)
-        vl = desc_at(smem, vt + VT_BYTES, 16, SBO_V, swmode_v)
         ph = cuda.local.array((KK, 4), float32)
         pl = cuda.local.array((KK, 4), float32)
         for kk in range(KK):
@@ -351,7 +373,7 @@ def make_tf32_fwd_ops(tiles, headdim, aligned):
             # wgmma apart (hopper.py, "Ordering")
             ph[kk, 0], ph[kk, 1], ph[kk, 2], ph[kk, 3] = hopper.wgmma_fence_a(h0, h1, h2, h3)
             pl[kk, 0], pl[kk, 1], pl[kk, 2], pl[kk, 3] = hopper.wgmma_fence_a(l0, l1, l2, l3)
-        main, corr = pv_chunk(ph, pl, vh, vl, 0)
+        main, corr = pv_product(smem, ph, 0, pl, 0, vt, 0)
         if AHEAD:
             # the next tile (streamed since this tile began) while the product runs; its buffers were
             # last read by the products of the tile before this one, complete before this tile's barrier
@@ -362,7 +384,7 @@ def make_tf32_fwd_ops(tiles, headdim, aligned):
         hopper.wgmma_wait_group(0)
         add_o0(o, hopper.wgmma_fence_operand(main), hopper.wgmma_fence_operand(corr))
         if NCH > 1:
-            main, corr = pv_chunk(ph, pl, vh, vl, 1)
+            main, corr = pv_product(smem, ph, 0, pl, 0, vt, 1)
             hopper.wgmma_wait_group(0)
             add_o1(o, hopper.wgmma_fence_operand(main), hopper.wgmma_fence_operand(corr))
         return
@@ -401,9 +423,8 @@ def _make_tf32_ws_ops(tiles, headdim, aligned):
     DP = tiles.padded_headdim(headdim)
     assert DP <= 64 and DP % 8 == 0, ("one P V product of at most 64 output columns", headdim)
     SW = swizzle_width(DP, 4)
-    SWV, VSW, VP = _v_geometry(BN, DP)
-    swmode, swmode_v = SWIZZLE_MODES[SW], SWIZZLE_MODES[SWV]
-    KS, KK = DP // 8, BN // 8
+    VP = _v_geometry(BN, DP)[2]
+    KK = BN // 8
     NT, DT = BN // 8, DP // 8
     Q_BYTES, T_BYTES, V_BYTES = BM * DP * 4, BN * DP * 4, BN * VP * 4
     OFF_QLO = Q_BYTES
@@ -415,57 +436,24 @@ def _make_tf32_ws_ops(tiles, headdim, aligned):
     for off in (OFF_QLO, OFF_R, STAGE, T_BYTES):
         assert off % ALIGN == 0, (off, tiles, headdim)          # wgmma's images
     assert ST % 16 == 0, (ST, tiles, headdim)                  # (staging: cp.async's 16-byte chunks)
-    l_q, l_k, l_vt = BM * SW, BN * SW, DP * SWV
-    SBO, SBO_V = 8 * SW, 8 * SWV
-    n_s, n_c = BN, DP                      # literals of wgmma_acc_zeros (bound names)
+    s_product, pv_product = _make_products(BM, BN, DP, DP)
     sum_s, _ = _acc_sums(BN // 2, 0)
     add_o = _acc_sums(DP // 2, 0)[1]
 
     # ---------------- consumers: the pipelined body's asynchronous products (fragments.AsyncOps) ----------
     @inline_device
     def s_issue(smem, buf, tid):
-        """pending (main, corr) of S = Q K[buf]^T: Q_hi K_hi, and Q_lo K_hi + Q_hi K_lo, each from zero."""
+        """pending (main, corr) of S = Q K[buf]^T."""
         base = base_bytes(smem)
-        wg = tid // 128
+        q = base + (tid // 128) * 64 * SW
         st = base + OFF_R + buf * STAGE
-        qh = desc_at(smem, base + wg * 64 * SW, 16, SBO, swmode)
-        ql = desc_at(smem, base + OFF_QLO + wg * 64 * SW, 16, SBO, swmode)
-        kh = desc_at(smem, st, 16, SBO, swmode)
-        kl = desc_at(smem, st + T_BYTES, 16, SBO, swmode)
-        main = hopper.wgmma_acc_zeros(n_s)
-        corr = hopper.wgmma_acc_zeros(n_s)
-        hopper.wgmma_fence()
-        for ks in range(KS):
-            da = (ks * 32 // SW) * l_q + (ks * 32) % SW
-            db = (ks * 32 // SW) * l_k + (ks * 32) % SW
-            first = 0 if ks == 0 else 1
-            corr = hopper.wgmma_tf32(hopper.smem_desc_add(ql, da), hopper.smem_desc_add(kh, db), corr, first)
-            corr = hopper.wgmma_tf32(hopper.smem_desc_add(qh, da), hopper.smem_desc_add(kl, db), corr, 1)
-            main = hopper.wgmma_tf32(hopper.smem_desc_add(qh, da), hopper.smem_desc_add(kh, db), main, first)
-        hopper.wgmma_commit_group()
-        return main, corr
+        return s_product(smem, q, q + OFF_QLO, st, st + T_BYTES)
 
     @inline_device
     def pv_issue(smem, pk, buf, o, fence):
-        """pending (main, corr) of P V[buf] (P's high parts' bits in pk[0:KK], low parts' in pk[KK:2KK]):
-        P_hi V_hi, and P_lo V_hi + P_hi V_lo, each from zero; o is added to on the CUDA cores (o_finish)."""
-        vt = base_bytes(smem) + OFF_R + buf * STAGE + 2 * T_BYTES
-        vh = desc_at(smem, vt, 16, SBO_V, swmode_v)
-        vl = desc_at(smem, vt + T_BYTES, 16, SBO_V, swmode_v)
-        main = hopper.wgmma_acc_zeros(n_c)
-        corr = hopper.wgmma_acc_zeros(n_c)
-        hopper.wgmma_fence()               # (always: the accumulators are new registers)
-        for kk in range(KK):
-            db = (kk * 32 // SWV) * l_vt + (kk * 32) % SWV
-            first = 0 if kk == 0 else 1
-            corr = hopper.wgmma_tf32_rs(pk[KK + kk, 0], pk[KK + kk, 1], pk[KK + kk, 2], pk[KK + kk, 3],
-                                        hopper.smem_desc_add(vh, db), corr, first)
-            corr = hopper.wgmma_tf32_rs(pk[kk, 0], pk[kk, 1], pk[kk, 2], pk[kk, 3], hopper.smem_desc_add(vl, db),
-                                        corr, 1)
-            main = hopper.wgmma_tf32_rs(pk[kk, 0], pk[kk, 1], pk[kk, 2], pk[kk, 3], hopper.smem_desc_add(vh, db),
-                                        main, first)
-        hopper.wgmma_commit_group()
-        return main, corr
+        """pending (main, corr) of P V[buf], P's high parts' bits in pk[0:KK], low parts' in pk[KK:2KK]; o
+        is added to on the CUDA cores (o_finish)."""
+        return pv_product(smem, pk, 0, pk, KK, base_bytes(smem) + OFF_R + buf * STAGE + 2 * T_BYTES, 0)
 
     @inline_device
     def s_finish(c, pend):
@@ -497,39 +485,14 @@ def _make_tf32_ws_ops(tiles, headdim, aligned):
                     pack=pack, wait_pv=wait0_late if tiles.late_pv_wait else wait0_flag)
 
     # ---------------- producer (fragments.WsOps with lag: splits tile j - 1 after copying tile j) ----------
-    FULL_K, FULL_V, EMPTY, Q_EMPTY = 1, 1 + RING, 1 + 2 * RING, 1 + 3 * RING
+    FULL_K, FULL_V = 1, 1 + RING           # make_ws_barriers' order
     NB = 2 + 3 * RING
     copy_q, copy_k = (make_swizzled_copy(rows, DP, headdim, aligned, P, fixed_passes=True, elem_bytes=4)
                       for rows in (BM, BN))
     copy_v = _make_v_copy(BN, DP, headdim, aligned, P)
     split_words, split_v = _make_splits(BN, DP, P)
-    regs = WS_REGS.get(CONSUMERS)
-
-    @inline_device
-    def init(bars):
-        hopper.mbarrier_init(bars, 0, P)
-        for s in range(RING):
-            hopper.mbarrier_init(bars, FULL_K + s, P)
-            hopper.mbarrier_init(bars, FULL_V + s, P)
-            hopper.mbarrier_init(bars, EMPTY + s, NTHREADS)
-        hopper.mbarrier_init(bars, Q_EMPTY, NTHREADS)
-        hopper.fence_mbarrier_init()
-
-    @inline_device
-    def arrive(bars, idx):
-        hopper.mbarrier_arrive(bars, idx)
-
-    @inline_device
-    def wait(bars, idx, parity):
-        hopper.mbarrier_wait_parity(bars, idx, parity)
-
-    @inline_device
-    def q_src(q, q_st, maps, b, h):
-        return q, b * q_st[0] + h * q_st[2], q_st[1]
-
-    @inline_device
-    def kv_src(k, k_st, v, v_st, maps, b, h):
-        return k, b * k_st[0] + h * k_st[2], k_st[1], v, b * v_st[0] + h * v_st[2], v_st[1]
+    init, arrive, wait, reg_producer, reg_consumer, regs = make_ws_barriers(RING, P, CONSUMERS)
+    q_src, kv_src = pointer_q_src, pointer_kv_src
 
     @inline_device
     def put_q(smem, bars, src, row0, nq, ptid):
@@ -579,21 +542,6 @@ def _make_tf32_ws_ops(tiles, headdim, aligned):
         ptx.cp_async_wait_group(0)
         hopper.named_barrier_sync(_PRODUCERS_BAR, P)
         put_split(smem, bars, pstage, ptid)
-
-    if regs:
-        @inline_device
-        def reg_producer():
-            hopper.setmaxnreg_dec(regs[0])
-
-        @inline_device
-        def reg_consumer():
-            hopper.setmaxnreg_inc(regs[1])
-    else:
-        @inline_device
-        def reg_producer():
-            return
-
-        reg_consumer = reg_producer
 
     my_turn, your_turn = make_turns(bool(tiles.pingpong), CONSUMERS)
     ws = WsOps(stages=RING, producers=P, fillers=P, regs=regs, nbars=NB, init=init, arrive=arrive, wait=wait,

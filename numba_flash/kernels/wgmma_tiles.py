@@ -358,6 +358,64 @@ def make_turns(pingpong, consumers):
     return my_turn, your_turn
 
 
+@inline_device
+def pointer_q_src(q, q_st, maps, b, h):
+    """WsOps.q_src of a producer that copies from the arrays themselves: (q, its (b, h) base, row stride)."""
+    return q, b * q_st[0] + h * q_st[2], q_st[1]
+
+
+@inline_device
+def pointer_kv_src(k, k_st, v, v_st, maps, b, h):
+    """WsOps.kv_src likewise: (k, base, row stride, v, base, row stride)."""
+    return k, b * k_st[0] + h * k_st[2], k_st[1], v, b * v_st[0] + h * v_st[2], v_st[1]
+
+
+@lru_cache(maxsize=None)
+def make_ws_barriers(ring, fillers, consumers):
+    """(init, arrive, wait, reg_producer, reg_consumer, regs) of a warp-specialised forward (fragments.WsOps):
+    the mbarriers [Q, full K x ring, full V x ring, empty x ring, Q empty] with `fillers` producer arrivals
+    for the "full" ones and every consumer thread's for the "empty" ones, and setmaxnreg by the number of
+    consumer warpgroups (WS_REGS; no-ops where it has no entry)."""
+    FULL_K, FULL_V, EMPTY, Q_EMPTY = 1, 1 + ring, 1 + 2 * ring, 1 + 3 * ring
+    CONSUMER_THREADS = 128 * consumers
+    regs = WS_REGS.get(consumers)
+    P_REGS, C_REGS = regs if regs else (None, None)
+
+    @inline_device
+    def init(bars):
+        hopper.mbarrier_init(bars, 0, fillers)               # Q has landed
+        for s in range(ring):
+            hopper.mbarrier_init(bars, FULL_K + s, fillers)
+            hopper.mbarrier_init(bars, FULL_V + s, fillers)
+            hopper.mbarrier_init(bars, EMPTY + s, CONSUMER_THREADS)   # every consumer thread done reading
+        hopper.mbarrier_init(bars, Q_EMPTY, CONSUMER_THREADS)         # persistent: done with Q
+        hopper.fence_mbarrier_init()
+
+    @inline_device
+    def arrive(bars, idx):
+        hopper.mbarrier_arrive(bars, idx)
+
+    @inline_device
+    def wait(bars, idx, parity):
+        hopper.mbarrier_wait_parity(bars, idx, parity)
+
+    if regs:
+        @inline_device
+        def reg_producer():
+            hopper.setmaxnreg_dec(P_REGS)
+
+        @inline_device
+        def reg_consumer():
+            hopper.setmaxnreg_inc(C_REGS)
+    else:
+        @inline_device
+        def reg_producer():
+            return
+
+        reg_consumer = reg_producer
+    return init, arrive, wait, reg_producer, reg_consumer, regs
+
+
 def _make_ws_ops(ring, consumers, bm, bn, dp, headdim, aligned, off_b, t_bytes, pingpong, tma):
     """WsOps of the warp-specialised forward (fragments.WsOps; forward.py's _make_specialized), buffer
     `stage` of the ring being the pipelined body's buffer. The producer warpgroup fills the same swizzled
@@ -371,29 +429,9 @@ def _make_ws_ops(ring, consumers, bm, bn, dp, headdim, aligned, off_b, t_bytes, 
         registers. The host falls back to cp.async where TMA cannot express the inputs (forward.launches)."""
     P = hopper.WARPGROUP
     NB = 2 + 3 * ring
-    FULL_K, FULL_V, EMPTY, Q_EMPTY = 1, 1 + ring, 1 + 2 * ring, 1 + 3 * ring
-    CONSUMER_THREADS = 128 * consumers
+    FULL_K, FULL_V = 1, 1 + ring                           # make_ws_barriers' order
     FILLERS = 1 if tma else P                              # producer threads that copy and arrive
-    regs = WS_REGS.get(consumers)
-    P_REGS, C_REGS = regs if regs else (None, None)
-
-    @inline_device
-    def init(bars):
-        hopper.mbarrier_init(bars, 0, FILLERS)               # Q has landed
-        for s in range(ring):
-            hopper.mbarrier_init(bars, FULL_K + s, FILLERS)
-            hopper.mbarrier_init(bars, FULL_V + s, FILLERS)
-            hopper.mbarrier_init(bars, EMPTY + s, CONSUMER_THREADS)   # every consumer thread done reading
-        hopper.mbarrier_init(bars, Q_EMPTY, CONSUMER_THREADS)         # persistent: done with Q
-        hopper.fence_mbarrier_init()
-
-    @inline_device
-    def arrive(bars, idx):
-        hopper.mbarrier_arrive(bars, idx)
-
-    @inline_device
-    def wait(bars, idx, parity):
-        hopper.mbarrier_wait_parity(bars, idx, parity)
+    init, arrive, wait, reg_producer, reg_consumer, regs = make_ws_barriers(ring, FILLERS, consumers)
 
     if tma:
         sw = swizzle_width(dp)
@@ -441,13 +479,7 @@ def _make_ws_ops(ring, consumers, bm, bn, dp, headdim, aligned, off_b, t_bytes, 
         copy_q, copy_t = (make_swizzled_copy(rows, dp, headdim, aligned, P, fixed_passes=True) for rows in (bm, bn))
         load_k, load_v = make_tile_streams(copy_t, off_b, t_bytes, ptx.cp_async_commit)   # a commit group each
 
-        @inline_device
-        def q_src(q, q_st, maps, b, h):
-            return q, b * q_st[0] + h * q_st[2], q_st[1]
-
-        @inline_device
-        def kv_src(k, k_st, v, v_st, maps, b, h):
-            return k, b * k_st[0] + h * k_st[2], k_st[1], v, b * v_st[0] + h * v_st[2], v_st[1]
+        q_src, kv_src = pointer_q_src, pointer_kv_src
 
         @inline_device
         def put_q(smem, bars, src, row0, nq, ptid):
@@ -474,21 +506,6 @@ def _make_ws_ops(ring, consumers, bm, bn, dp, headdim, aligned, off_b, t_bytes, 
             ptx.cp_async_wait_group(0)                     # the last V (or Q: no tiles)
             hopper.fence_proxy_async_shared()
             hopper.mbarrier_arrive(bars, 0 if pstage < 0 else FULL_V + pstage)
-
-    if regs:
-        @inline_device
-        def reg_producer():
-            hopper.setmaxnreg_dec(P_REGS)
-
-        @inline_device
-        def reg_consumer():
-            hopper.setmaxnreg_inc(C_REGS)
-    else:
-        @inline_device
-        def reg_producer():
-            return
-
-        reg_consumer = reg_producer
 
     my_turn, your_turn = make_turns(pingpong, consumers)
 
