@@ -26,6 +26,10 @@
 #                                              PASS fwd or bwd; N=4096, fp16): the report, its details page and
 #                                              its per-SASS-instruction source page (csv) (~30-60 s per kernel;
 #                                              python tools/ncu_sass_stats.py summarises the csv)
+#   tools/gpu_check.sh tf32     OUT            the split-TF32 forward: tests/test_tf32.py (-n 8), tools/tune.py
+#                                              at d = 64 (the default against ring 4, the ping-pong and the
+#                                              synchronous 128 x 64 tiles) and the fp32 benchmark against SIMT
+#                                              and SDPA memory-efficient at N = 4096 (~200 s on an H100)
 #   tools/gpu_check.sh paper    OUT NAME...    python -m paper_repro --quick --only NAME... into OUT/paper
 #                                              (copy its JSON/PNG into paper_repro/results/<gpu>/ and run
 #                                              python -m paper_repro --report-only to update REPORT.md)
@@ -35,7 +39,7 @@
 # image's numpy must be < 2.5 (numba-cuda 0.30 calls np.row_stack); the stage refuses to run otherwise.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-stage=${1:?stage: suite, sanitize, bench, host, tune, ncu, profile or paper}
+stage=${1:?stage: suite, sanitize, bench, host, tune, ncu, profile, tf32 or paper}
 out=${2:?output folder}
 shift 2
 mkdir -p "$out"
@@ -117,6 +121,17 @@ profile)
         > "$out/prof-$tag-sass.csv" 2>&1
     grep -E "^  [a-zA-Z_].*\(|Duration|Registers Per|Issue Slots Busy|No Eligible|Achieved Occupancy" \
         "$out/prof-$tag-details.txt" | head -30
+    ;;
+tf32)
+    timeout 150 python3 -m pytest tests/test_tf32.py -q -n 8 -p no:cacheprovider > "$out/tf32-tests.log" 2>&1
+    echo "tf32 tests exit $?: $(tail -1 "$out/tf32-tests.log")"
+    timeout 150 python3 tools/tune.py --backend tf32 --dtype float32 --d 64 --N 4096 --causal 0 fwd \
+        "fwd=128,32,8,0,0,4,0,0,0,0,0,0" "fwd=128,32,8,0,0,2,1,1,0,0,0,0" "fwd=128,64,8,0,0,0,0,0,0,0,0,0" \
+        > "$out/tf32-tune.log" 2>&1
+    echo "tf32 tune exit $?"; grep TFLOP "$out/tf32-tune.log"
+    timeout 150 python3 -m numba_flash.bench --dtype float32 --impl numba_flash_tf32,numba_flash,sdpa_efficient \
+        --d 64,128 --N 4096 --causal 0,1 --pass fwd --out "$out/tf32-bench" > "$out/tf32-bench.log" 2>&1
+    echo "tf32 bench exit $?"; grep -E "^###|^\| [0-9]" "$out/tf32-bench.md" | head -16
     ;;
 paper)
     [ $# -gt 0 ] || { echo "paper: name the experiments (python -m paper_repro --help)"; exit 2; }
