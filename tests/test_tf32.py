@@ -360,13 +360,7 @@ def test_tf32_warp_specialised_within_the_bar_and_equal_to_the_synchronous_body(
 def test_tf32_warp_specialised_ping_pong_block_mask_and_unaligned_rows(rng, monkeypatch):
     """Two consumer warpgroups taking turns on the tensor cores (MmaTiles.pingpong), on a block mask, with
     rows that are not 16-byte aligned (the producer's copies by ordinary loads)."""
-    import dataclasses
-    if SIMULATOR:
-        monkeypatch.setitem(configs._SIM["tf32"], "fwd", configs.MmaTiles(128, 32, 8, a_regs=False, ring=2,
-                                                                         pingpong=True))
-    else:
-        monkeypatch.setenv("NUMBA_FLASH_FWD_TILES",
-                           dataclasses.replace(configs._tf32_tiles("fwd", 32), pingpong=True).override())
+    use_tiles(monkeypatch, 32, br=128, warps=8, ring=2, pingpong=True)
     bufs = [random_array(rng, (1, 150, 1, 32 + 4), "float32", FW) for _ in range(3)]
     q, k, v = (b[..., 1:33] for b in bufs)
     b1, b2 = block_sizes(32, "float32", "tf32")
@@ -379,12 +373,7 @@ def test_tf32_warp_specialised_ping_pong_block_mask_and_unaligned_rows(rng, monk
 def test_tf32_synchronous_body_on_64_key_tiles(rng, monkeypatch):
     """64-key tiles (a tuning option at d <= 64; H100, 2026-12-07: 61.7 TFLOP/s against the default's
     54.0): two groups of 32 k-indices per V transpose and two column blocks of the Vt images."""
-    import dataclasses
-    if SIMULATOR:
-        monkeypatch.setitem(configs._SIM["tf32"], "fwd", configs.MmaTiles(64, 64, 4, a_regs=False))
-    else:
-        t = dataclasses.replace(configs._tf32_tiles("fwd", 64), bc=64, ring=0, pingpong=False)
-        monkeypatch.setenv("NUMBA_FLASH_FWD_TILES", t.override())
+    use_tiles(monkeypatch, 64, bc=64, ring=0, pingpong=False)
     q, k, v = make_qkv_arrays(rng, 1, 50, 100, 1, 64, "float32", FW)
     got = run(q, k, v, "tf32", causal=True)
     monkeypatch.delenv("NUMBA_FLASH_FWD_TILES", raising=False)       # (SIMT reads it too)

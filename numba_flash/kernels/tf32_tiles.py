@@ -109,6 +109,18 @@ def split_finite(x):
     return hi, ptx.tf32_round(x - hi)
 
 
+@inline_device
+def split_p_step(p, kk):
+    """The A registers of P V's k8 step kk from the score fragment p (probabilities, split_finite):
+    ((hi0, hi1, hi2, hi3), (lo0, lo1, lo2, lo3)). A register i holds row g + 8 (i % 2), k-index t + 4 (i // 2),
+    i.e. key 8 kk + 2t + i // 2 of the thread's own columns (keys permuted as in the Vt images)."""
+    h0, l0 = split_finite(p[0, 2 * kk])
+    h1, l1 = split_finite(p[1, 2 * kk])
+    h2, l2 = split_finite(p[0, 2 * kk + 1])
+    h3, l3 = split_finite(p[1, 2 * kk + 1])
+    return (h0, h1, h2, h3), (l0, l1, l2, l3)
+
+
 @lru_cache(maxsize=None)
 def _v_geometry(bn, dp):
     """(SWV, VSW, VP) of the V images: the Vt images' swizzle width (rows of bn words), whether the plain V
@@ -365,14 +377,11 @@ def make_tf32_fwd_ops(tiles, headdim, aligned):
         ph = cuda.local.array((KK, 4), float32)
         pl = cuda.local.array((KK, 4), float32)
         for kk in range(KK):
-            h0, l0 = split_finite(p[0, 2 * kk])                 # row g,     key 8 kk + 2t     (k-index t)
-            h1, l1 = split_finite(p[1, 2 * kk])                 # row g + 8
-            h2, l2 = split_finite(p[0, 2 * kk + 1])             # row g,     key 8 kk + 2t + 1 (k-index t + 4)
-            h3, l3 = split_finite(p[1, 2 * kk + 1])
+            h, lo = split_p_step(p, kk)
             # pinned before the fence: else LLVM sinks each conversion to its wgmma and ptxas fences each
             # wgmma apart (hopper.py, "Ordering")
-            ph[kk, 0], ph[kk, 1], ph[kk, 2], ph[kk, 3] = hopper.wgmma_fence_a(h0, h1, h2, h3)
-            pl[kk, 0], pl[kk, 1], pl[kk, 2], pl[kk, 3] = hopper.wgmma_fence_a(l0, l1, l2, l3)
+            ph[kk, 0], ph[kk, 1], ph[kk, 2], ph[kk, 3] = hopper.wgmma_fence_a(h[0], h[1], h[2], h[3])
+            pl[kk, 0], pl[kk, 1], pl[kk, 2], pl[kk, 3] = hopper.wgmma_fence_a(lo[0], lo[1], lo[2], lo[3])
         main, corr = pv_product(smem, ph, 0, pl, 0, vt, 0)
         if AHEAD:
             # the next tile (streamed since this tile began) while the product runs; its buffers were
@@ -470,14 +479,11 @@ def _make_tf32_ws_ops(tiles, headdim, aligned):
         """probabilities p (score fragment) -> the bits of their high parts (pk[kk]) and low parts
         (pk[KK + kk]), in the A registers of P V's k8 steps (keys permuted as in the Vt images)."""
         for kk in range(KK):
-            h0, l0 = split_finite(p[0, 2 * kk])                 # row g,     key 8 kk + 2t     (k-index t)
-            h1, l1 = split_finite(p[1, 2 * kk])                 # row g + 8
-            h2, l2 = split_finite(p[0, 2 * kk + 1])             # row g,     key 8 kk + 2t + 1 (k-index t + 4)
-            h3, l3 = split_finite(p[1, 2 * kk + 1])
-            pk[kk, 0], pk[kk, 1] = ptx.f32_bits(h0), ptx.f32_bits(h1)
-            pk[kk, 2], pk[kk, 3] = ptx.f32_bits(h2), ptx.f32_bits(h3)
-            pk[KK + kk, 0], pk[KK + kk, 1] = ptx.f32_bits(l0), ptx.f32_bits(l1)
-            pk[KK + kk, 2], pk[KK + kk, 3] = ptx.f32_bits(l2), ptx.f32_bits(l3)
+            h, lo = split_p_step(p, kk)
+            pk[kk, 0], pk[kk, 1] = ptx.f32_bits(h[0]), ptx.f32_bits(h[1])
+            pk[kk, 2], pk[kk, 3] = ptx.f32_bits(h[2]), ptx.f32_bits(h[3])
+            pk[KK + kk, 0], pk[KK + kk, 1] = ptx.f32_bits(lo[0]), ptx.f32_bits(lo[1])
+            pk[KK + kk, 2], pk[KK + kk, 3] = ptx.f32_bits(lo[2]), ptx.f32_bits(lo[3])
         return
 
     pipe = AsyncOps(steps=2 * KK, stream_k=None, stream_v=None, visible=None, s_issue=s_issue,
