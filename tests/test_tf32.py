@@ -312,7 +312,7 @@ def use_tiles(monkeypatch, d, **kw):
 
 def use_split_ahead(monkeypatch, on, d):
     """The synchronous body's tiles with MmaTiles.split_ahead = on."""
-    use_tiles(monkeypatch, d, ring=0, pingpong=False, split_ahead=on)
+    use_tiles(monkeypatch, d, ring=0, pingpong=False, split_ahead=on, presplit=False)
 
 
 @pytest.mark.parametrize("causal,Nq,Nk,d", [(True, 70, 100, 32), (False, 65, 33, 64), (True, 100, 40, 16),
@@ -347,9 +347,9 @@ def test_tf32_warp_specialised_within_the_bar_and_equal_to_the_synchronous_body(
     same results: walks of several tiles and of one (Nk = 20), query rows that see no key (causal,
     Nq > Nk), padded head dims (40 -> 48, rows of V padded), rings of 2 and 4 stages."""
     q, k, v = make_qkv_arrays(rng, 1, Nq, Nk, 1, d, "float32", FW)
-    use_tiles(monkeypatch, d, ring=ring)
+    use_tiles(monkeypatch, d, bc=32, ring=ring)
     got = run(q, k, v, "tf32", causal=causal)
-    use_tiles(monkeypatch, d, ring=0, pingpong=False)
+    use_tiles(monkeypatch, d, bc=32, ring=0, pingpong=False, presplit=False)
     want = run(q, k, v, "tf32", causal=causal)
     monkeypatch.delenv("NUMBA_FLASH_FWD_TILES", raising=False)       # (SIMT reads it too)
     check_against_simt(q, k, v, causal=causal, tf32=got)
@@ -360,7 +360,7 @@ def test_tf32_warp_specialised_within_the_bar_and_equal_to_the_synchronous_body(
 def test_tf32_warp_specialised_ping_pong_block_mask_and_unaligned_rows(rng, monkeypatch):
     """Two consumer warpgroups taking turns on the tensor cores (MmaTiles.pingpong), on a block mask, with
     rows that are not 16-byte aligned (the producer's copies by ordinary loads)."""
-    use_tiles(monkeypatch, 32, br=128, warps=8, ring=2, pingpong=True)
+    use_tiles(monkeypatch, 32, br=128, bc=32, warps=8, ring=2, pingpong=True, presplit=False)
     bufs = [random_array(rng, (1, 150, 1, 32 + 4), "float32", FW) for _ in range(3)]
     q, k, v = (b[..., 1:33] for b in bufs)
     b1, b2 = block_sizes(32, "float32", "tf32")
@@ -373,8 +373,101 @@ def test_tf32_warp_specialised_ping_pong_block_mask_and_unaligned_rows(rng, monk
 def test_tf32_synchronous_body_on_64_key_tiles(rng, monkeypatch):
     """64-key tiles (a tuning option at d <= 64; H100, 2026-12-07: 61.7 TFLOP/s against the default's
     54.0): two groups of 32 k-indices per V transpose and two column blocks of the Vt images."""
-    use_tiles(monkeypatch, 64, bc=64, ring=0, pingpong=False)
+    use_tiles(monkeypatch, 64, bc=64, ring=0, pingpong=False, presplit=False)
     q, k, v = make_qkv_arrays(rng, 1, 50, 100, 1, 64, "float32", FW)
     got = run(q, k, v, "tf32", causal=True)
     monkeypatch.delenv("NUMBA_FLASH_FWD_TILES", raising=False)       # (SIMT reads it too)
     check_against_simt(q, k, v, causal=True, tf32=got)
+
+
+# --------------------------------------------------------------------------------------------------
+# pre-split K and V (MmaTiles.presplit: split once into global images, which the forward copies)
+# --------------------------------------------------------------------------------------------------
+
+def test_tf32_presplit_images_hold_the_split_transposed_permuted_and_zero_padded(rng, monkeypatch):
+    """The splitting kernel's images (tf32_tiles.presplit_layout) from strided inputs whose key count is
+    not a multiple of a tile and whose head dim is padded (40 -> 48): K_hi, K_lo rows; Vt_hi, Vt_lo rows
+    with each group of 8 keys permuted; zeros past the keys and past the head dim. Scratch poisoned."""
+    from numba_flash import interop
+    from numba_flash.kernels import tf32_tiles
+    B, NK, H, d, BN = 2, 45, 3, 40, 32
+    DP = 48
+    bufs = [random_array(rng, (B, NK, H + 1, d + 3), "float32", FW) for _ in range(2)]
+    k, v = (b[:, :, 1:, 2:2 + d] for b in bufs)
+    kv, vv = (interop.flat_view(x, n) for x, n in ((k, "k"), (v, "v")))
+    tiles = configs.MmaTiles(64, BN, 4, a_regs=False, presplit=True)
+    real_empty = interop.empty_like_framework
+    allocated = []
+
+    def poisoned(*a):
+        x = real_empty(*a)
+        x[...] = float("nan")
+        allocated.append(x)
+        return x
+
+    monkeypatch.setattr(interop, "empty_like_framework", poisoned)
+    launch_, k_img, v_img = tf32_tiles.presplit_launch(tiles, d, 0, kv, vv)
+    monkeypatch.undo()
+    kern, grid, stream, args = launch_
+    kern(grid, stream, *args)
+    if not SIMULATOR:
+        cuda.synchronize()
+    ki, vi = (x.cpu().numpy() for x in allocated)
+    NKP = tf32_tiles.presplit_keys(NK, BN)
+    assert NKP == 64
+    ki = ki[:B * H * 2 * NK * DP].reshape(B, H, 2, NK, DP)
+    vi = vi[:B * H * 2 * DP * NKP].reshape(B, H, 2, DP, NKP)
+    kx = np.zeros((B, H, NK, DP), np.float32)
+    kx[..., :d] = np.asarray(k.cpu() if hasattr(k, "cpu") else k).transpose(0, 2, 1, 3)
+    vx = np.zeros((B, H, NKP, DP), np.float32)
+    vx[:, :, :NK, :d] = np.asarray(v.cpu() if hasattr(v, "cpu") else v).transpose(0, 2, 1, 3)
+    perm = [8 * (i // 8) + 2 * (i % 4) + (i % 8) // 4 for i in range(NKP)]
+    vt = vx[:, :, perm, :].transpose(0, 1, 3, 2)
+    for x, img in ((kx, ki), (vt, vi)):
+        hi = tf32_reference(x)
+        lo = tf32_reference((x.astype(np.float64) - hi).astype(np.float32))
+        np.testing.assert_array_equal(img[:, :, 0], hi)
+        np.testing.assert_array_equal(img[:, :, 1], lo)
+    layout = tf32_tiles.presplit_layout(B, H, NK, DP, BN)
+    assert (k_img.strides[:3], v_img.strides[:3]) == (layout[0][1], layout[1][1])
+
+
+@pytest.mark.parametrize("causal,Nq,Nk,d", [(True, 70, 100, 32), (False, 65, 33, 64), (True, 100, 40, 16),
+                                            (False, 40, 20, 40)])
+def test_tf32_presplit_matches_the_synchronous_body(rng, monkeypatch, causal, Nq, Nk, d):
+    """Copying pre-split images instead of splitting each key tile in the block gives the same images, so
+    the same products: walks of several tiles and of one (Nk = 20), query rows that see no key (causal,
+    Nq > Nk), padded head dims (40 -> 48), a ragged last key tile (Nk = 33, 100)."""
+    q, k, v = make_qkv_arrays(rng, 2, Nq, Nk, 2, d, "float32", FW)
+    use_tiles(monkeypatch, d, ring=0, pingpong=False, split_ahead=False, presplit=False)
+    want = run(q, k, v, "tf32", causal=causal)
+    use_tiles(monkeypatch, d, ring=0, pingpong=False, split_ahead=False, presplit=True)
+    got = run(q, k, v, "tf32", causal=causal)
+    monkeypatch.delenv("NUMBA_FLASH_FWD_TILES", raising=False)       # (SIMT reads it too)
+    check_against_simt(q, k, v, causal=causal, tf32=got)
+    ref, _ = nf.attention_reference(q, k, v, causal=causal)
+    assert_same_up_to_fma(got, want, ref)
+
+
+def test_tf32_presplit_block_mask_unaligned_rows_and_nonfinite_inputs(rng, monkeypatch):
+    """Pre-split on a block mask with rows that are not 16-byte aligned (Q by plain loads; the images are
+    always aligned), and non-finite inputs: an infinite K element and a NaN V element reach the outputs
+    as they do on the synchronous body that splits in the block."""
+    use_tiles(monkeypatch, 32, ring=0, pingpong=False, split_ahead=False, presplit=True)
+    bufs = [random_array(rng, (1, 150, 1, 32 + 4), "float32", FW) for _ in range(3)]
+    q, k, v = (b[..., 1:33] for b in bufs)
+    b1, b2 = block_sizes(32, "float32", "tf32")
+    mask = BlockMask.random(0.5, 150, 150, (b1, b1), nheads=1, seed=int(rng.integers(1 << 31)))
+    got = run(q, k, v, "tf32", block_mask=mask, causal=True)
+    monkeypatch.delenv("NUMBA_FLASH_FWD_TILES", raising=False)       # (SIMT reads it too)
+    check_against_simt(q, k, v, block_mask=mask, causal=True, tf32=got)
+    k[0, 7, 0, 3] = float("inf")
+    v[0, 90, 0, 5] = float("nan")
+    use_tiles(monkeypatch, 32, ring=0, pingpong=False, split_ahead=False, presplit=True)
+    got = run(q, k, v, "tf32", block_mask=mask, causal=True)
+    use_tiles(monkeypatch, 32, ring=0, pingpong=False, split_ahead=False, presplit=False)
+    want = run(q, k, v, "tf32", block_mask=mask, causal=True)
+    for x, y in zip(got, want):
+        np.testing.assert_array_equal(np.isnan(as64(x)), np.isnan(as64(y)))
+        np.testing.assert_array_equal(np.isinf(as64(x)), np.isinf(as64(y)))
+    assert np.isnan(as64(got[0])).any()

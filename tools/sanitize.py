@@ -135,6 +135,17 @@ CASES = [
     dict(path="tf32", d=64, dtype="float32", causal=True, nq=333, nk=500, aligned=False, sparse=True,
          block=(128, 128), fwd_tiles="128,64,8,0,0,0,0,0,0,0,0,0"),
     dict(path="tf32", d=64, dtype="float32", causal=True, nq=500, nk=333, aligned=True, sparse=False, ring=4),
+    # K and V split once into global images by a kernel of their own, which the synchronous body copies
+    # (MmaTiles.presplit): 64-key tiles on a block mask with unaligned rows (Q by plain loads), three
+    # warpgroups on 192-query tiles, d = 128, and two blocks per SM with a padded head dim (40 -> 48)
+    dict(path="tf32", d=64, dtype="float32", causal=True, nq=333, nk=500, aligned=False, sparse=True,
+         block=(128, 128), fwd_tiles="128,64,8,0,0,0,0,0,0,0,0,0,1"),
+    dict(path="tf32", d=64, dtype="float32", causal=False, nq=400, nk=333, aligned=True, sparse=False,
+         fwd_tiles="192,64,12,0,0,0,0,0,0,0,0,0,1"),
+    dict(path="tf32", d=128, dtype="float32", causal=True, nq=200, nk=333, aligned=True, sparse=False,
+         fwd_tiles="64,32,4,0,0,0,0,0,0,0,0,0,1"),
+    dict(path="tf32", d=40, dtype="float32", causal=True, nq=300, nk=200, aligned=False, sparse=False,
+         fwd_tiles="64,32,4,0,2,0,0,0,0,0,0,0,1"),
 ]
 
 
@@ -162,7 +173,8 @@ def run(c):
         t = configs.tiles(c["path"], "fwd", c["d"])
         br, warps = (64 * c["consumers"], 4 * c["consumers"]) if c.get("consumers") else (t.br, t.warps)
         os.environ["NUMBA_FLASH_FWD_TILES"] = replace(
-            t, br=br, warps=warps, a_regs=False, min_blocks=0, ring=c["ring"], pingpong=c.get("pingpong", False),
+            t, br=br, bc=32 if c["path"] == "tf32" else t.bc, warps=warps, a_regs=False, min_blocks=0,
+            ring=c["ring"], pingpong=c.get("pingpong", False),
             late_pv_wait=False, persistent=c.get("persistent", False), tma=c.get("tma", False),
             dynamic=c.get("dynamic", False)).override()
     if c.get("fwd_tiles"):
@@ -170,7 +182,8 @@ def run(c):
     if c.get("split_ahead"):
         from numba_flash.kernels import configs
         os.environ["NUMBA_FLASH_FWD_TILES"] = replace(configs.tiles(c["path"], "fwd", c["d"]), ring=0,
-                                                      pingpong=False, split_ahead=True).override()
+                                                      pingpong=False, split_ahead=True,
+                                                      presplit=False).override()
     g = torch.Generator(device="cuda").manual_seed(0)
     dt = getattr(torch, c["dtype"])
     pad = 0 if c["aligned"] else 2          # views 2 elements into their rows: no 16-byte alignment

@@ -110,6 +110,10 @@ class MmaTiles:
     # tf32 forward only (tf32_tiles.py): split key tile j+1 into its tf32 images while tile j's P V product
     # runs on the tensor cores (the split images double-buffered), instead of before tile j+1's S product
     split_ahead: bool = False
+    # tf32 forward only, the synchronous body (tf32_tiles.py, "Pre-split"): a kernel before the forward
+    # splits K and V once into their tf32 images in global scratch (4x K's size), and the forward's
+    # blocks copy those instead of splitting every key tile again in each query tile's block
+    presplit: bool = False
 
     def padded_headdim(self, headdim):
         return -(-headdim // 16) * 16
@@ -286,7 +290,7 @@ def _override_text(role):
 def _override(path, role):
     """Tile overrides for tuning runs only: NUMBA_FLASH_{FWD,DQ,DKDV,BWD}_TILES = "br,bc,ty,tx[,min_blocks]"
     (simt) or "br,bc,warps,a_regs[,min_blocks[,ring[,pingpong[,late_pv_wait[,persistent[,tma[,dynamic]]]]]]]"
-    (mma, wgmma, tf32; then [,split_ahead] for tf32). None where no override is set."""
+    (mma, wgmma, tf32; then [,split_ahead[,presplit]] for tf32). None where no override is set."""
     text = _override_text(role)
     return None if text is None else _parse_override(path, text)
 

@@ -463,7 +463,8 @@ def launches(plan, stream, q, k, v, out, lse, nq, nk, scale, offset, masks):
     """[(kernel, grid, stream, args)] of the forward pass. q, k, v, out: interop.View of (B, N, H, d); lse:
     View of (B, H, Nq); masks.lists(br, bc, transpose) gives the walk arguments for the kernel's tiles.
     A plan whose producer copies by TMA (MmaTiles.tma) runs without it where the tensor maps of q, k, v
-    cannot be made (tma_maps)."""
+    cannot be made (tma_maps). A tf32 plan with MmaTiles.presplit first launches the kernel that splits
+    k and v into scratch (tf32_tiles.presplit_launch)."""
     B, H = q.shape[0], q.shape[2]
     maps = None
     if _uses_tma(plan):
@@ -472,6 +473,11 @@ def launches(plan, stream, q, k, v, out, lse, nq, nk, scale, offset, masks):
             plan = replace(plan, fwd=replace(plan.fwd, tma=False))
     if maps is None:
         maps = np.zeros(tma.hopper.TMAP_WORDS, np.uint64) if q.framework == "numpy" else tma.placeholder(q.device)
+    first = []
+    if plan.path == "tf32" and plan.fwd.presplit:     # K, V split once into scratch images, which the kernel
+        from .tf32_tiles import presplit_launch       # takes as its K and V operands
+        split, k, v = presplit_launch(plan.fwd, plan.headdim, stream, k, v)
+        first = [split] if split is not None else []
     kern = make_forward_kernel(plan)
     if getattr(plan.fwd, "persistent", False):
         section = 0
@@ -485,7 +491,7 @@ def launches(plan, stream, q, k, v, out, lse, nq, nk, scale, offset, masks):
             *masks.lists(plan.fwd.br, plan.fwd.bc, False), work, maps)
     if getattr(plan.fwd, "ring", 0):
         args += (work_counter(q, stream) if dynamic_order(plan) else maps,)    # (a placeholder: never read)
-    return [(kern, grid, stream, args)]
+    return first + [(kern, grid, stream, args)]
 
 
 def work_counter(like, stream):

@@ -30,6 +30,14 @@ thread waits for its copies of tile j + 1 (streamed since the start of tile j) a
 barrier, splits, fences, and only then waits for the product. S_j + 1 then needs no barrier of its own.
 Without it the split runs between tile j + 1's arrival and its S product, with nothing to overlap.
 
+Pre-split (MmaTiles.presplit; the synchronous body). Every query tile's block splits every key tile it
+visits, so each K, V element is split N / BM times. With presplit a kernel of its own splits K and V once,
+into images in global scratch (presplit_layout: K_hi, K_lo rows; V transposed, keys permuted, into Vt_hi,
+Vt_lo rows; 4x K's size, freed after the call), and the forward's threads copy a key tile's four images
+by cp.async into one of two stages while the previous tile is computed: the block does no splitting and
+meets at one barrier per tile (pipeline.acquire). The images hold what the in-block split writes, so the
+products and results are the same.
+
 Warp-specialised (MmaTiles.ring; the default at d <= 64; forward.py's _make_specialized with WsOps.lag).
 A producer warpgroup does the copying and the splitting, the consumer warpgroups only the products and the
 softmax, as the 16-bit wgmma path's pipelined body does: S_j issued with P_j-1 V_j-1, the softmax of S_j
@@ -64,17 +72,18 @@ where SIMT gives inf: its low part is 0, and a probability's low part times inf 
 
 Backward: float32 gradients stay on the SIMT kernels (configs.backward_path); this path is forward only.
 """
+from dataclasses import replace
 from functools import lru_cache
 
 from numba import cuda, float32, uint32
 
 from . import hopper, ptx
 from .fragments import AsyncOps, TileOps, WsOps, mma_fragment
-from .launch import inline_device
+from .launch import Launchable, inline_device, kernel, strides3
 from .tc_tiles import make_tile_copy
-from .wgmma_tiles import (ALIGN, SWIZZLE_MODES, base_bytes, desc_at, make_swizzled_copy, make_turns,
-                          make_ws_barriers, pointer_kv_src, pointer_q_src, swizzle_width, wait0, wait0_flag,
-                          wait0_late, wait1)
+from .wgmma_tiles import (ALIGN, SWIZZLE_MODES, base_bytes, copies_visible, desc_at, make_swizzled_copy,
+                          make_turns, make_ws_barriers, pointer_kv_src, pointer_q_src, swizzle_width, wait0,
+                          wait0_flag, wait0_late, wait1)
 
 
 @inline_device
@@ -279,6 +288,8 @@ def _make_products(bm, bn, dp, nc):
 def make_tf32_fwd_ops(tiles, headdim, aligned):
     if tiles.ring:
         return _make_tf32_ws_ops(tiles, headdim, aligned)
+    if tiles.presplit:
+        return _make_tf32_presplit_ops(tiles, headdim, aligned)
     BM, BN, W = tiles.br, tiles.bc, tiles.warps
     assert W % 4 == 0 and BM == 16 * W, ("a warp owns 16 rows, a warpgroup 64", tiles)
     assert BN % 8 == 0 and BN <= 256, tiles
@@ -404,6 +415,203 @@ def make_tf32_fwd_ops(tiles, headdim, aligned):
         min_regs=min_regs, frag=mma_fragment(1, NT, DT), a_shape=(1,), a_dtype=uint32, exp2=ptx.ex2,
         load_resident=load_resident, resident_ready=resident_ready, stream=stream, commit=ptx.cp_async_commit,
         wait_all=ptx.cp_async_wait_all, vec=None, mm_nt=mm_nt, mm_pv=mm_pv, dq=None, pipe=None, ws=None)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Pre-split (MmaTiles.presplit): K and V split once, by a kernel of their own, into images in global memory
+# ---------------------------------------------------------------------------------------------------------
+
+def presplit_keys(nk, bn):
+    """Keys per row of the Vt images: nk rounded up to whole key tiles (the columns past nk are zeros, so
+    every Vt copy is whole and 16-byte aligned)."""
+    return -(-nk // bn) * bn
+
+
+def presplit_layout(batch, nheads, nk, dp, bn):
+    """(K images, Vt images) of the pre-split forward, each as (elements, (batch, key, head) element
+    strides as the forward kernel takes them): float32
+      K images  [batch, head, 2, nk, dp]: K_hi rows then K_lo rows of each (batch, head), head dims past
+                the input's zero. The forward's K operand: row stride dp; K_lo starts nk rows after K_hi.
+      Vt images [batch, head, 2, dp, NKP] (NKP = presplit_keys): Vt_hi rows then Vt_lo rows, V
+                transposed, each group of 8 keys permuted as in the shared-memory Vt images (module
+                docstring), zeros past nk keys and past the head dim. The forward's V operand: its
+                "key" stride is the Vt row stride NKP; Vt_lo starts dp rows after Vt_hi."""
+    nkp = presplit_keys(nk, bn)
+    k_st = (nheads * 2 * nk * dp, dp, 2 * nk * dp)
+    v_st = (nheads * 2 * dp * nkp, nkp, 2 * dp * nkp)
+    return (batch * nheads * 2 * nk * dp, k_st), (batch * nheads * 2 * dp * nkp, v_st)
+
+
+_PRESPLIT_KEYS = 32           # keys per block of the splitting kernel
+_PRESPLIT_THREADS = 256
+
+
+@lru_cache(maxsize=None)
+def make_presplit_kernel(dp, headdim):
+    """Launchable presplit(k, v, k_st, v_st, nk, nkp, k_img, v_img) on a grid (nkp / 32, nheads, batch):
+    block (x, h, b) splits keys 32 x .. 32 x + 31 of head h of batch b into the images of presplit_layout
+    (k, v: the inputs' flat arrays and (batch, key, head) strides; k_img, v_img: the scratch). K rows are
+    read and written along the head dim; V goes through a shared-memory tile so that the transposed Vt
+    rows are written along the keys too."""
+    K = _PRESPLIT_KEYS
+    T = _PRESPLIT_THREADS
+    TP = dp + 1                            # the tile's row pitch: the transposed reads hit different banks
+    zero = float32(0)
+
+    @kernel(T, 0, 0, 32)
+    def presplit(k, v, k_st, v_st, nk, nkp, k_img, v_img):
+        tile = cuda.shared.array((K, TP), float32)
+        key0 = cuda.blockIdx.x * K
+        h = cuda.blockIdx.y
+        b = cuda.blockIdx.z
+        nh = cuda.gridDim.y
+        tid = cuda.threadIdx.x
+        kb = b * k_st[0] + h * k_st[2]
+        vb = b * v_st[0] + h * v_st[2]
+        ko = (b * nh + h) * 2 * nk * dp
+        vo = (b * nh + h) * 2 * dp * nkp
+        for e in range(tid, K * dp, T):
+            r = e // dp
+            c = e - r * dp
+            key = key0 + r
+            if key < nk:
+                hi, lo = split(k[kb + key * k_st[1] + c] if c < headdim else zero)
+                k_img[ko + key * dp + c] = hi
+                k_img[ko + (nk + key) * dp + c] = lo
+            tile[r, c] = v[vb + key * v_st[1] + c] if key < nk and c < headdim else zero
+        cuda.syncthreads()
+        for e in range(tid, K * dp, T):
+            n = e // K
+            i = e - n * K                  # k-index: key 8 (i // 8) + 2 (i % 4) + (i % 8) // 4 of the group
+            hi, lo = split(tile[8 * (i // 8) + 2 * (i % 4) + (i % 8) // 4, n])
+            v_img[vo + n * nkp + key0 + i] = hi
+            v_img[vo + (dp + n) * nkp + key0 + i] = lo
+
+    return Launchable(presplit, T, 0, 0, 32)
+
+
+def presplit_launch(tiles, headdim, stream, k, v):
+    """(launch, k_img, v_img): the splitting kernel's (kernel, grid, stream, args) (None where there are no
+    keys) and the scratch images it fills (interop.View, in k's framework), viewed as the forward kernel's
+    K and V operands (presplit_layout)."""
+    from .. import interop
+    B, NK, H = k.shape[0], k.shape[1], k.shape[2]
+    DP, BN = tiles.padded_headdim(headdim), tiles.bc
+    (nk_el, k_st), (nv_el, v_st) = presplit_layout(B, H, NK, DP, BN)
+    views = []
+    for n, st, name in ((nk_el, k_st, "tf32 K images"), (nv_el, v_st, "tf32 Vt images")):
+        buf = interop.empty_like_framework(k.framework, k.device, (max(n, 1),), "float32")
+        flat = interop.flat_view(buf, name)          # (its DeviceBuffer keeps buf alive)
+        views.append(replace(flat, shape=(B, NK, H, DP), strides=(*st, 1)))
+    if B * H * NK == 0:
+        return None, views[0], views[1]
+    kern = make_presplit_kernel(DP, headdim)
+    grid = (presplit_keys(NK, BN) // _PRESPLIT_KEYS, H, B)
+    args = (k.flat, v.flat, strides3(k), strides3(v), NK, presplit_keys(NK, BN), views[0].flat, views[1].flat)
+    return (kern, grid, stream, args), views[0], views[1]
+
+
+@lru_cache(maxsize=None)
+def _make_tf32_presplit_ops(tiles, headdim, aligned):
+    """TileOps of the synchronous body on pre-split K and V (MmaTiles.presplit): the kernel's K and V
+    operands are presplit_layout's images, which every thread copies by cp.async (whole, aligned rows:
+    `aligned` concerns Q only) into a stage of two; nothing is split per key tile. Q is split in place as
+    in the other bodies. The products are _make_products'.
+
+    Layout (bytes from the aligned start): Q_hi, Q_lo (BM x DP each); stage s: K_hi, K_lo (BN x DP), Vt_hi,
+    Vt_lo (DP x BN)."""
+    BM, BN, W = tiles.br, tiles.bc, tiles.warps
+    assert W % 4 == 0 and BM == 16 * W, ("a warp owns 16 rows, a warpgroup 64", tiles)
+    assert BN % 32 == 0 and BN <= 256, ("the images' keys come in groups of 32", tiles)
+    assert not tiles.split_ahead and not tiles.persistent and not tiles.tma, tiles
+    NTHREADS = 32 * W
+    DP = tiles.padded_headdim(headdim)
+    assert DP <= 256 and DP % 8 == 0, headdim
+    SW = swizzle_width(DP, 4)
+    KK = BN // 8
+    NT, DT = BN // 8, DP // 8
+    Q_BYTES, T_BYTES = BM * DP * 4, BN * DP * 4          # (a Vt image has T_BYTES too)
+    OFF_QLO = Q_BYTES
+    OFF_T = 2 * Q_BYTES                    # stage s at OFF_T + s STAGE: K_hi, K_lo, Vt_hi, Vt_lo
+    STAGE = 4 * T_BYTES
+    SMEM = ALIGN + OFF_T + 2 * STAGE
+    for off in (OFF_QLO, OFF_T, T_BYTES):
+        assert off % ALIGN == 0, (off, tiles, headdim)
+    QLO_W = OFF_QLO // 4
+    NCH = -(-DP // 64)                     # P V in NCH products of NC <= 64 output columns (registers)
+    NC = DP // NCH
+    assert NC % 8 == 0 and NCH <= 2, DP
+    s_product, pv_product = _make_products(BM, BN, DP, NC)
+    sum_s, _ = _acc_sums(BN // 2, 0)
+    add_o0 = _acc_sums(NC // 2, 0)[1]
+    add_o1 = _acc_sums(NC // 2, NC // 4)[1]
+
+    copy_q = make_swizzled_copy(BM, DP, headdim, aligned, NTHREADS, elem_bytes=4)
+    copy_k = make_swizzled_copy(BN, DP, DP, True, NTHREADS, elem_bytes=4)       # rows of K images
+    copy_vt = make_swizzled_copy(DP, BN, BN, True, NTHREADS, elem_bytes=4)      # BN columns of Vt rows
+    split_words = _make_splits(BN, DP, NTHREADS)[0]
+
+    @inline_device
+    def load_resident(smem, afrag, slot, g, base, row0, nrows, stride, tid):
+        copy_q(smem, 0, g, base, row0, nrows, stride, tid)
+        ptx.cp_async_commit()
+
+    @inline_device
+    def resident_ready(smem, afrag, tid):
+        ptx.cp_async_wait_group(1)          # Q; the first key tile's images may still fly
+        cuda.syncthreads()
+        q_w = base_bytes(smem) // 4
+        split_words(smem, q_w, q_w, q_w + QLO_W, BM * DP, tid)
+        hopper.fence_proxy_async_shared()   # then the first tile's barrier (pipeline.acquire)
+
+    @inline_device
+    def stream(smem, stage, t0, n_other, operands, tid):
+        """Key tile t0's four images into stage `stage` (operands: the kernel's (k images, base, DP,
+        vt images, base, NKP))."""
+        g0, b0, s0, g1, b1, s1 = operands
+        off = OFF_T + stage * STAGE
+        copy_k(smem, off, g0, b0, t0, n_other - t0, s0, tid)
+        copy_k(smem, off + T_BYTES, g0, b0 + n_other * s0, t0, n_other - t0, s0, tid)
+        copy_vt(smem, off + 2 * T_BYTES, g1, b1 + t0, 0, DP, s1, tid)
+        copy_vt(smem, off + 3 * T_BYTES, g1, b1 + DP * s1 + t0, 0, DP, s1, tid)
+
+    @inline_device
+    def mm_nt(smem, afrag, a_slot, stage, b_slot, c, tid):
+        """c = Q K^T for the K images of stage `stage`."""
+        base = base_bytes(smem)
+        q = base + (tid // 128) * 64 * SW
+        st = base + OFF_T + stage * STAGE
+        main, corr = s_product(smem, q, q + OFF_QLO, st, st + T_BYTES)
+        hopper.wgmma_wait_group(0)
+        sum_s(c, hopper.wgmma_fence_operand(main), hopper.wgmma_fence_operand(corr))
+        return
+
+    @inline_device
+    def mm_pv(smem, p, stage, b_slot, o, tid, lead_sync):
+        """o += P V with the Vt images of stage `stage`."""
+        vt = base_bytes(smem) + OFF_T + stage * STAGE + 2 * T_BYTES
+        ph = cuda.local.array((KK, 4), float32)
+        pl = cuda.local.array((KK, 4), float32)
+        for kk in range(KK):
+            h, lo = split_p_step(p, kk)
+            # pinned before the fence (make_tf32_fwd_ops' mm_pv says why)
+            ph[kk, 0], ph[kk, 1], ph[kk, 2], ph[kk, 3] = hopper.wgmma_fence_a(h[0], h[1], h[2], h[3])
+            pl[kk, 0], pl[kk, 1], pl[kk, 2], pl[kk, 3] = hopper.wgmma_fence_a(lo[0], lo[1], lo[2], lo[3])
+        main, corr = pv_product(smem, ph, 0, pl, 0, vt, 0)
+        hopper.wgmma_wait_group(0)
+        add_o0(o, hopper.wgmma_fence_operand(main), hopper.wgmma_fence_operand(corr))
+        if NCH > 1:
+            main, corr = pv_product(smem, ph, 0, pl, 0, vt, 1)
+            hopper.wgmma_wait_group(0)
+            add_o1(o, hopper.wgmma_fence_operand(main), hopper.wgmma_fence_operand(corr))
+        return
+
+    min_regs = min(255, max(128, BN // 2 + DP // 2 + 80))
+    return TileOps(
+        path="tf32", stages=2, threads=NTHREADS, smem_bytes=SMEM, min_blocks=max(1, tiles.min_blocks),
+        min_regs=min_regs, frag=mma_fragment(1, NT, DT), a_shape=(1,), a_dtype=uint32, exp2=ptx.ex2,
+        load_resident=load_resident, resident_ready=resident_ready, stream=stream, commit=ptx.cp_async_commit,
+        wait_all=copies_visible, vec=None, mm_nt=mm_nt, mm_pv=mm_pv, dq=None, pipe=None, ws=None)
 
 
 # the producer warpgroup's own named barrier (ping-pong turns take 1 and 2; a literal, so ptxas reserves 0-3)
