@@ -471,3 +471,20 @@ def test_tf32_presplit_block_mask_unaligned_rows_and_nonfinite_inputs(rng, monke
         np.testing.assert_array_equal(np.isnan(as64(x)), np.isnan(as64(y)))
         np.testing.assert_array_equal(np.isinf(as64(x)), np.isinf(as64(y)))
     assert np.isnan(as64(got[0])).any()
+
+
+@pytest.mark.parametrize("causal,Nq,Nk,d,ring", [(True, 70, 100, 32, 2), (False, 40, 20, 40, 3),
+                                                 (True, 100, 40, 64, 2)])
+def test_tf32_warp_specialised_on_presplit_images(rng, monkeypatch, causal, Nq, Nk, d, ring):
+    """The producer warpgroup copying pre-split images straight into the ring (the 16-bit producer's
+    protocol; any ring of >= 2 stages, 3 here) gives the synchronous body's results: walks of several
+    tiles and of one (Nk = 20), rows that see no key, a padded head dim."""
+    q, k, v = make_qkv_arrays(rng, 1, Nq, Nk, 2, d, "float32", FW)
+    use_tiles(monkeypatch, d, bc=32, ring=ring, presplit=True)
+    got = run(q, k, v, "tf32", causal=causal)
+    use_tiles(monkeypatch, d, bc=32, ring=0, pingpong=False, presplit=False)
+    want = run(q, k, v, "tf32", causal=causal)
+    monkeypatch.delenv("NUMBA_FLASH_FWD_TILES", raising=False)       # (SIMT reads it too)
+    check_against_simt(q, k, v, causal=causal, tf32=got)
+    ref, _ = nf.attention_reference(q, k, v, causal=causal)
+    assert_same_up_to_fma(got, want, ref)

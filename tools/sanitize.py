@@ -137,7 +137,7 @@ CASES = [
     dict(path="tf32", d=64, dtype="float32", causal=True, nq=500, nk=333, aligned=True, sparse=False, ring=4),
     # K and V split once into global images by a kernel of their own, which the synchronous body copies
     # (MmaTiles.presplit): 64-key tiles on a block mask with unaligned rows (Q by plain loads), three
-    # warpgroups on 192-query tiles, d = 128, and two blocks per SM with a padded head dim (40 -> 48)
+    # warpgroups on 192-query tiles, d = 128, and two blocks per SM with a padded head dim (40 -> 48);
     dict(path="tf32", d=64, dtype="float32", causal=True, nq=333, nk=500, aligned=False, sparse=True,
          block=(128, 128), fwd_tiles="128,64,8,0,0,0,0,0,0,0,0,0,1"),
     dict(path="tf32", d=64, dtype="float32", causal=False, nq=400, nk=333, aligned=True, sparse=False,
@@ -146,6 +146,10 @@ CASES = [
          fwd_tiles="64,32,4,0,0,0,0,0,0,0,0,0,1"),
     dict(path="tf32", d=40, dtype="float32", causal=True, nq=300, nk=200, aligned=False, sparse=False,
          fwd_tiles="64,32,4,0,2,0,0,0,0,0,0,0,1"),
+    # ... and the warp-specialised forward's producer copying them into a 3-stage ring, with the ping-pong,
+    # on a block mask with unaligned rows
+    dict(path="tf32", d=64, dtype="float32", causal=False, nq=300, nk=333, aligned=False, sparse=True,
+         block=(128, 128), fwd_tiles="128,32,8,0,0,3,1,0,0,0,0,0,1"),
 ]
 
 

@@ -627,12 +627,18 @@ def _make_tf32_ws_ops(tiles, headdim, aligned):
 
     Layout (bytes from the aligned start): Q_hi, Q_lo (BM x DP each; Q lands in Q_hi and is split in place);
     ring stage s: K_hi, K_lo (BN x DP), Vt_hi, Vt_lo (DP x BN); staging buffer b: K (the K images' layout)
-    and V (plain rows, _v_geometry), raw float32 as copied."""
+    and V (plain rows, _v_geometry), raw float32 as copied.
+
+    With MmaTiles.presplit the kernel's K and V are presplit_layout's images, and the producer copies them
+    straight into the ring stage (the 16-bit producer's protocol: K images of tile j, then mark tile j - 1's
+    V images full; Vt images of tile j, then mark its K images full; no staging buffers, no lag), splitting
+    only Q, in place, once all its copies have landed (a producer barrier). Any ring of >= 2 stages."""
     BM, BN, W = tiles.br, tiles.bc, tiles.warps
     RING = tiles.ring
     assert W % 4 == 0 and BM == 16 * W, ("a warp owns 16 rows, a warpgroup 64", tiles)
     assert BN % 8 == 0 and BN <= 256, tiles
-    assert RING >= 2 and RING % 2 == 0, ("tile j is staged in buffer j % 2 = its ring stage % 2", tiles)
+    assert RING >= 2 and (RING % 2 == 0 or tiles.presplit), ("tile j is staged in buffer j % 2 = its ring "
+                                                            "stage % 2", tiles)
     assert not tiles.persistent and not tiles.tma and not tiles.split_ahead, tiles
     P = hopper.WARPGROUP
     NTHREADS = 32 * W                      # consumers
@@ -649,7 +655,9 @@ def _make_tf32_ws_ops(tiles, headdim, aligned):
     STAGE = 4 * T_BYTES
     OFF_ST = OFF_R + RING * STAGE          # staging buffer b at OFF_ST + b ST: K, V
     ST = T_BYTES + V_BYTES
-    SMEM = ALIGN + OFF_ST + 2 * ST
+    PRE = bool(tiles.presplit)             # the producer copies pre-split images: no staging, no splits
+    assert BN % 32 == 0 or not PRE, ("the pre-split images' keys come in groups of 32", tiles)
+    SMEM = ALIGN + OFF_ST + (0 if PRE else 2 * ST)
     for off in (OFF_QLO, OFF_R, STAGE, T_BYTES):
         assert off % ALIGN == 0, (off, tiles, headdim)          # wgmma's images
     assert ST % 16 == 0, (ST, tiles, headdim)                  # (staging: cp.async's 16-byte chunks)
@@ -714,54 +722,102 @@ def _make_tf32_ws_ops(tiles, headdim, aligned):
         copy_q(smem, 0, g, base, row0, nq - row0, stride, ptid)
         ptx.cp_async_commit()
 
-    @inline_device
-    def put_k(smem, bars, stage, pstage, t0, nk, src, ptid):
-        """Copy tile j (keys t0..) into staging buffer stage % 2, once every producer thread is done
-        splitting tile j - 2 from it; then wait until tile j - 1 (Q, pstage < 0) has landed."""
-        g0, b0, s0, g1, b1, s1 = src
-        hopper.named_barrier_sync(_PRODUCERS_BAR, P)
-        sb = OFF_ST + (stage % 2) * ST
-        copy_k(smem, sb, g0, b0, t0, nk - t0, s0, ptid)
-        copy_v(smem, sb + T_BYTES, g1, b1, t0, nk - t0, s1, ptid)
-        ptx.cp_async_commit()
-        ptx.cp_async_wait_group(1)
-        hopper.named_barrier_sync(_PRODUCERS_BAR, P)
+    if not PRE:
+        @inline_device
+        def put_k(smem, bars, stage, pstage, t0, nk, src, ptid):
+            """Copy tile j (keys t0..) into staging buffer stage % 2, once every producer thread is done
+            splitting tile j - 2 from it; then wait until tile j - 1 (Q, pstage < 0) has landed."""
+            g0, b0, s0, g1, b1, s1 = src
+            hopper.named_barrier_sync(_PRODUCERS_BAR, P)
+            sb = OFF_ST + (stage % 2) * ST
+            copy_k(smem, sb, g0, b0, t0, nk - t0, s0, ptid)
+            copy_v(smem, sb + T_BYTES, g1, b1, t0, nk - t0, s1, ptid)
+            ptx.cp_async_commit()
+            ptx.cp_async_wait_group(1)
+            hopper.named_barrier_sync(_PRODUCERS_BAR, P)
 
-    @inline_device
-    def put_split(smem, bars, pstage, ptid):
-        """Split tile j - 1 from its staging buffer into ring stage pstage's images (Q in place where
-        pstage < 0), then mark them full (after the body's wait for that stage to be empty)."""
-        base = base_bytes(smem)
-        if pstage < 0:
-            q_w = base // 4
-            split_words(smem, q_w, q_w, q_w + OFF_QLO // 4, BM * DP, ptid)
+        @inline_device
+        def put_split(smem, bars, pstage, ptid):
+            """Split tile j - 1 from its staging buffer into ring stage pstage's images (Q in place where
+            pstage < 0), then mark them full (after the body's wait for that stage to be empty)."""
+            base = base_bytes(smem)
+            if pstage < 0:
+                q_w = base // 4
+                split_words(smem, q_w, q_w, q_w + OFF_QLO // 4, BM * DP, ptid)
+                hopper.fence_proxy_async_shared()
+                hopper.mbarrier_arrive(bars, 0)
+            else:
+                st = base + OFF_R + pstage * STAGE
+                sb = base + OFF_ST + (pstage % 2) * ST
+                split_words(smem, sb // 4, st // 4, (st + T_BYTES) // 4, BN * DP, ptid)
+                split_v(smem, (sb + T_BYTES) // 4, (st + 2 * T_BYTES) // 4, ptid)
+                hopper.fence_proxy_async_shared()
+                hopper.mbarrier_arrive(bars, FULL_K + pstage)
+                hopper.mbarrier_arrive(bars, FULL_V + pstage)
+
+        @inline_device
+        def put_v(smem, bars, stage, t0, nk, src, ptid):
+            return
+
+        @inline_device
+        def put_last(smem, bars, pstage, ptid):
+            """The last tile (Q where there are none): landed, split, marked full."""
+            ptx.cp_async_wait_group(0)
+            hopper.named_barrier_sync(_PRODUCERS_BAR, P)
+            put_split(smem, bars, pstage, ptid)
+
+    else:
+        # ---------------- or: a producer of pre-split images (the 16-bit producer's protocol, no lag) -----
+        copy_ki = make_swizzled_copy(BN, DP, DP, True, P, fixed_passes=True, elem_bytes=4)
+        copy_vt = make_swizzled_copy(DP, BN, BN, True, P, fixed_passes=True, elem_bytes=4)
+
+        @inline_device
+        def mark(smem, bars, pstage, ptid):
+            """Once this thread's older copies landed: Q split in place and marked (pstage < 0; after
+            every producer thread's Q copies landed), or tile j - 1's V images marked full."""
+            if pstage < 0:
+                hopper.named_barrier_sync(_PRODUCERS_BAR, P)
+                q_w = base_bytes(smem) // 4
+                split_words(smem, q_w, q_w, q_w + OFF_QLO // 4, BM * DP, ptid)
+                hopper.fence_proxy_async_shared()
+                hopper.mbarrier_arrive(bars, 0)
+            else:
+                hopper.fence_proxy_async_shared()
+                hopper.mbarrier_arrive(bars, FULL_V + pstage)
+
+        @inline_device
+        def put_k(smem, bars, stage, pstage, t0, nk, src, ptid):
+            """K_hi, K_lo of tile j into ring stage `stage`; then mark tile j - 1's V (or Q)."""
+            g0, b0, s0, g1, b1, s1 = src
+            st = OFF_R + stage * STAGE
+            copy_ki(smem, st, g0, b0, t0, nk - t0, s0, ptid)
+            copy_ki(smem, st + T_BYTES, g0, b0 + nk * s0, t0, nk - t0, s0, ptid)
+            ptx.cp_async_commit()
+            ptx.cp_async_wait_group(1)
+            mark(smem, bars, pstage, ptid)
+
+        @inline_device
+        def put_v(smem, bars, stage, t0, nk, src, ptid):        
+            """Vt_hi, Vt_lo of tile j into ring stage `stage`; then mark its K images full."""
+            g0, b0, s0, g1, b1, s1 = src
+            st = OFF_R + stage * STAGE + 2 * T_BYTES
+            copy_vt(smem, st, g1, b1 + t0, 0, DP, s1, ptid)
+            copy_vt(smem, st + T_BYTES, g1, b1 + DP * s1 + t0, 0, DP, s1, ptid)
+            ptx.cp_async_commit()
+            ptx.cp_async_wait_group(1)
             hopper.fence_proxy_async_shared()
-            hopper.mbarrier_arrive(bars, 0)
-        else:
-            st = base + OFF_R + pstage * STAGE
-            sb = base + OFF_ST + (pstage % 2) * ST
-            split_words(smem, sb // 4, st // 4, (st + T_BYTES) // 4, BN * DP, ptid)
-            split_v(smem, (sb + T_BYTES) // 4, (st + 2 * T_BYTES) // 4, ptid)
-            hopper.fence_proxy_async_shared()
-            hopper.mbarrier_arrive(bars, FULL_K + pstage)
-            hopper.mbarrier_arrive(bars, FULL_V + pstage)
+            hopper.mbarrier_arrive(bars, FULL_K + stage)
 
-    @inline_device
-    def put_v(smem, bars, stage, t0, nk, src, ptid):
-        return
-
-    @inline_device
-    def put_last(smem, bars, pstage, ptid):
-        """The last tile (Q where there are none): landed, split, marked full."""
-        ptx.cp_async_wait_group(0)
-        hopper.named_barrier_sync(_PRODUCERS_BAR, P)
-        put_split(smem, bars, pstage, ptid)
+        @inline_device
+        def put_last(smem, bars, pstage, ptid):                 
+            ptx.cp_async_wait_group(0)
+            mark(smem, bars, pstage, ptid)
 
     my_turn, your_turn = make_turns(bool(tiles.pingpong), CONSUMERS)
     ws = WsOps(stages=RING, producers=P, fillers=P, regs=regs, nbars=NB, init=init, arrive=arrive, wait=wait,
                q_src=q_src, kv_src=kv_src, put_q=put_q, put_k=put_k, put_v=put_v, put_last=put_last,
                reg_producer=reg_producer, reg_consumer=reg_consumer, pingpong=bool(tiles.pingpong),
-               my_turn=my_turn, your_turn=your_turn, lag=True, put_split=put_split)
+               my_turn=my_turn, your_turn=your_turn, lag=not PRE, put_split=None if PRE else put_split)
     min_regs = min(255, max(128, BN // 2 + DP // 2 + 80))
     return TileOps(
         path="tf32", stages=2, threads=NTHREADS + P, smem_bytes=SMEM, min_blocks=1, min_regs=min_regs,
