@@ -154,7 +154,7 @@ _SIM = {"simt": dict(fwd=SimtTiles(16, 16, 4, 4), dkdv=SimtTiles(16, 16, 4, 4), 
                       dq=MmaTiles(64, 32, 4, a_regs=False),
                       # the fused dQ's product takes 64 query rows (one wgmma M)
                       dkdv_atomic=MmaTiles(64, 64, 4, a_regs=False)),
-        "tf32": dict(fwd=MmaTiles(64, 32, 4, a_regs=False))}
+        "tf32": dict(fwd=MmaTiles(64, 32, 4, a_regs=False, presplit=True))}     # pre-split, as on a GPU
 
 
 def _simt_tiles(role, headdim):
@@ -264,18 +264,18 @@ def _wgmma_tiles(role, headdim, causal=False, sparse=False):
 
 
 def _tf32_tiles(role, headdim):
-    # The split-TF32 forward (tf32_tiles.py) holds Q, K and V twice (high and low parts) in shared memory.
-    # d <= 64: warp-specialised, 128 x 32 tiles (two consumer warpgroups; a producer warpgroup copies and
-    # splits into a 2-stage ring: 160 KB; 32 keys, as two accumulators per product leave no registers for
-    # 64). d <= 128: 64 x 32 tiles, one warpgroup, the synchronous body. H100, fp32, N = 4096, one run
-    # (tools/tune.py, 2026-12-07, after the producer's splits were vectorised), d = 64 TFLOP/s: this 54.0,
-    # ring 4 59.7, ring 2 with ping-pong and the late P V wait 53.0, the synchronous body on 128 x 64 tiles
-    # 61.7 (SDPA memory-efficient 35.3; SIMT 34.0); d = 128: 31.1 (memory-efficient 46.3). The faster
-    # two have not been through the sanitizer and GPU tests on this code, so they are not the default yet.
+    # The split-TF32 forward (tf32_tiles.py): K and V pre-split once into global images (MmaTiles.presplit:
+    # 4x K's size of scratch during the call), copied by the synchronous body (the block's warps copy a
+    # tile's four images while computing the one before; one barrier per tile). d <= 64: 128 x 64 tiles
+    # (two warpgroups, 193 KB); d <= 128: 64 x 32 (one warpgroup, 193 KB). Before pre-splitting, each
+    # block split every key tile itself: H100, fp32, N = 4096 (tools/tune.py, 2026-12-07), d = 64
+    # TFLOP/s: warp-specialised 128 x 32 with a 2-stage ring 54.0, ring 4 60.1, the synchronous body
+    # on 128 x 64 tiles 62.2 (SDPA memory-efficient 35.2; SIMT 34.0); d = 128: 31.3 (memory-efficient
+    # 46.6). docs/PERFORMANCE.md has the pre-split numbers.
     assert role == "fwd", role
     if headdim <= 64:
-        return MmaTiles(128, 32, 8, a_regs=False, ring=2)
-    return MmaTiles(64, 32, 4, a_regs=False)
+        return MmaTiles(128, 64, 8, a_regs=False, presplit=True)
+    return MmaTiles(64, 32, 4, a_regs=False, presplit=True)
 
 
 def _override_text(role):
