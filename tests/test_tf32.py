@@ -310,6 +310,15 @@ def use_tiles(monkeypatch, d, **kw):
         monkeypatch.setenv("NUMBA_FLASH_FWD_TILES", t.override())
 
 
+def test_tile_override_with_more_values_than_fields_is_refused():
+    """A tuning override with a value past MmaTiles' last field names the fields instead of dropping it
+    (a 14-value string once ran the wrong tiles in a tuning run without a word)."""
+    n = len(configs.MmaTiles(64, 32, 4).override().split(","))
+    assert configs._parse_override("tf32", ",".join(["64", "32", "4"] + ["0"] * (n - 3))).br == 64
+    with pytest.raises(ValueError, match="presplit"):
+        configs._parse_override("tf32", ",".join(["64", "32", "4"] + ["0"] * (n - 2)))
+
+
 def use_split_ahead(monkeypatch, on, d):
     """The synchronous body's tiles with MmaTiles.split_ahead = on."""
     use_tiles(monkeypatch, d, ring=0, pingpong=False, split_ahead=on, presplit=False)

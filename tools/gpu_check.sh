@@ -27,9 +27,11 @@
 #                                              its per-SASS-instruction source page (csv) (~30-60 s per kernel;
 #                                              python tools/ncu_sass_stats.py summarises the csv)
 #   tools/gpu_check.sh tf32     OUT            the split-TF32 forward: tests/test_tf32.py (-n 8), tools/tune.py
-#                                              at d = 64 (the default against ring 4, the ping-pong and the
-#                                              synchronous 128 x 64 tiles) and the fp32 benchmark against SIMT
-#                                              and SDPA memory-efficient at N = 4096 (~200 s on an H100)
+#                                              at d = 64 (the pre-split default against the warp-specialised
+#                                              body on pre-split images, ring 4, and the bodies that split in
+#                                              the block: synchronous 128 x 64, warp-specialised 128 x 32) and
+#                                              the fp32 benchmark against SIMT and SDPA memory-efficient at
+#                                              N = 4096 (~200 s on an H100)
 #   tools/gpu_check.sh paper    OUT NAME...    python -m paper_repro --quick --only NAME... into OUT/paper
 #                                              (copy its JSON/PNG into paper_repro/results/<gpu>/ and run
 #                                              python -m paper_repro --report-only to update REPORT.md)
@@ -126,7 +128,7 @@ tf32)
     timeout 150 python3 -m pytest tests/test_tf32.py -q -n 8 -p no:cacheprovider > "$out/tf32-tests.log" 2>&1
     echo "tf32 tests exit $?: $(tail -1 "$out/tf32-tests.log")"
     timeout 150 python3 tools/tune.py --backend tf32 --dtype float32 --d 64 --N 4096 --causal 0 fwd \
-        "fwd=128,32,8,0,0,4,0,0,0,0,0,0" "fwd=128,32,8,0,0,2,1,1,0,0,0,0" "fwd=128,64,8,0,0,0,0,0,0,0,0,0" \
+        "fwd=128,32,8,0,0,4,0,0,0,0,0,0,1" "fwd=128,64,8,0,0,0,0,0,0,0,0,0,0" "fwd=128,32,8,0,0,2,0,0,0,0,0,0,0" \
         > "$out/tf32-tune.log" 2>&1
     echo "tf32 tune exit $?"; grep TFLOP "$out/tf32-tune.log"
     timeout 150 python3 -m numba_flash.bench --dtype float32 --impl numba_flash_tf32,numba_flash,sdpa_efficient \

@@ -301,6 +301,9 @@ def _parse_override(path, text):
     if path == "simt":
         return SimtTiles(*vals)
     # the fields in declaration order (MmaTiles.override writes them so), flags as bools
+    if len(vals) > len(fields(MmaTiles)):       # (a value past the last field would be dropped silently)
+        raise ValueError(f"tile override {text!r}: {len(vals)} values, MmaTiles has {len(fields(MmaTiles))} "
+                         f"fields ({', '.join(f.name for f in fields(MmaTiles))})")
     return MmaTiles(*(bool(x) if f.type is bool else x for f, x in zip(fields(MmaTiles), vals)))
 
 
