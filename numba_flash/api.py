@@ -341,8 +341,9 @@ def flash_attn_forward(q, k, v, *, softmax_scale=None, causal=False, causal_alig
             arithmetic; float64 in float64); "mma" insists on mma.sync tensor cores (float16 / bfloat16
             only), "wgmma" on warpgroup MMA (cc 9.0 only; the backward past headdim 128 on mma.sync),
             "simt" on CUDA cores. "tf32" (opt-in; float32 inputs, cc 9.0, headdim <= 128): the forward
-            on tensor cores at float32 accuracy by split TF32 (three tf32 products per product; its
-            backward runs the SIMT kernels).
+            on tensor cores at float32 accuracy by split TF32 (three tf32 products per product; K and
+            V are split once into scratch of 4x K's size, freed after the call; its backward runs the
+            SIMT kernels).
 
     Returns:
         (out, lse), arrays of the inputs' framework. lse is the natural-log log-sum-exp of each row's scaled

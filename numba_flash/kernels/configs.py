@@ -271,7 +271,10 @@ def _tf32_tiles(role, headdim):
     # block split every key tile itself: H100, fp32, N = 4096 (tools/tune.py, 2026-12-07), d = 64
     # TFLOP/s: warp-specialised 128 x 32 with a 2-stage ring 54.0, ring 4 60.1, the synchronous body
     # on 128 x 64 tiles 62.2 (SDPA memory-efficient 35.2; SIMT 34.0); d = 128: 31.3 (memory-efficient
-    # 46.6). docs/PERFORMANCE.md has the pre-split numbers.
+    # 46.6). Pre-split, same H100, one lease (2026-12-07, benchmarks/results/h100-2026-12-07e-*): d = 64
+    # this 76.2, warp-specialised 128 x 32 ring 4 on the images 74.6, the in-block split 128 x 64 60.5;
+    # benchmark d = 64 76.3 (causal 67.2) against memory-efficient 35.2 (33.5), d = 128 43.8 (40.5)
+    # against 46.0 (45.1).
     assert role == "fwd", role
     if headdim <= 64:
         return MmaTiles(128, 64, 8, a_regs=False, presplit=True)

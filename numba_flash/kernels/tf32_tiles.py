@@ -30,7 +30,7 @@ thread waits for its copies of tile j + 1 (streamed since the start of tile j) a
 barrier, splits, fences, and only then waits for the product. S_j + 1 then needs no barrier of its own.
 Without it the split runs between tile j + 1's arrival and its S product, with nothing to overlap.
 
-Pre-split (MmaTiles.presplit; the synchronous body). Every query tile's block splits every key tile it
+Pre-split (MmaTiles.presplit; the default, on the synchronous body). Every query tile's block splits every key tile it
 visits, so each K, V element is split N / BM times. With presplit a kernel of its own splits K and V once,
 into images in global scratch (presplit_layout: K_hi, K_lo rows; V transposed, keys permuted, into Vt_hi,
 Vt_lo rows; 4x K's size, freed after the call), and the forward's threads copy a key tile's four images
@@ -38,7 +38,7 @@ by cp.async into one of two stages while the previous tile is computed: the bloc
 meets at one barrier per tile (pipeline.acquire). The images hold what the in-block split writes, so the
 products and results are the same.
 
-Warp-specialised (MmaTiles.ring; the default at d <= 64; forward.py's _make_specialized with WsOps.lag).
+Warp-specialised (MmaTiles.ring, a tuning option; forward.py's _make_specialized with WsOps.lag).
 A producer warpgroup does the copying and the splitting, the consumer warpgroups only the products and the
 softmax, as the 16-bit wgmma path's pipelined body does: S_j issued with P_j-1 V_j-1, the softmax of S_j
 while P_j-1 V_j-1 runs. The producer, for tile j: once its warpgroup is done splitting tile j - 2 from
