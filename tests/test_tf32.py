@@ -324,6 +324,19 @@ def use_split_ahead(monkeypatch, on, d):
     use_tiles(monkeypatch, d, ring=0, pingpong=False, split_ahead=on, presplit=False)
 
 
+def check_same_as(monkeypatch, d, q, k, v, tiles, same_as, causal):
+    """The tf32 forward under use_tiles(**tiles) within the bar against SIMT, and equal to the one under
+    use_tiles(**same_as) up to FMA contraction (assert_same_up_to_fma)."""
+    use_tiles(monkeypatch, d, **tiles)
+    got = run(q, k, v, "tf32", causal=causal)
+    use_tiles(monkeypatch, d, **same_as)
+    want = run(q, k, v, "tf32", causal=causal)
+    monkeypatch.delenv("NUMBA_FLASH_FWD_TILES", raising=False)       # (SIMT reads it too)
+    check_against_simt(q, k, v, causal=causal, tf32=got)
+    ref, _ = nf.attention_reference(q, k, v, causal=causal)
+    assert_same_up_to_fma(got, want, ref)
+
+
 @pytest.mark.parametrize("causal,Nq,Nk,d", [(True, 70, 100, 32), (False, 65, 33, 64), (True, 100, 40, 16),
                                             (False, 40, 20, 40)])
 def test_tf32_split_ahead_matches_the_default(rng, monkeypatch, causal, Nq, Nk, d):
@@ -356,20 +369,15 @@ def test_tf32_warp_specialised_within_the_bar_and_equal_to_the_synchronous_body(
     same results: walks of several tiles and of one (Nk = 20), query rows that see no key (causal,
     Nq > Nk), padded head dims (40 -> 48, rows of V padded), rings of 2 and 4 stages."""
     q, k, v = make_qkv_arrays(rng, 1, Nq, Nk, 1, d, "float32", FW)
-    use_tiles(monkeypatch, d, bc=32, ring=ring)
-    got = run(q, k, v, "tf32", causal=causal)
-    use_tiles(monkeypatch, d, bc=32, ring=0, pingpong=False, presplit=False)
-    want = run(q, k, v, "tf32", causal=causal)
-    monkeypatch.delenv("NUMBA_FLASH_FWD_TILES", raising=False)       # (SIMT reads it too)
-    check_against_simt(q, k, v, causal=causal, tf32=got)
-    ref, _ = nf.attention_reference(q, k, v, causal=causal)
-    assert_same_up_to_fma(got, want, ref)
+    check_same_as(monkeypatch, d, q, k, v, dict(bc=32, ring=ring, presplit=False),
+                  dict(bc=32, ring=0, pingpong=False, presplit=False), causal)
 
 
-def test_tf32_warp_specialised_ping_pong_block_mask_and_unaligned_rows(rng, monkeypatch):
-    """Two consumer warpgroups taking turns on the tensor cores (MmaTiles.pingpong), on a block mask, with
-    rows that are not 16-byte aligned (the producer's copies by ordinary loads)."""
-    use_tiles(monkeypatch, 32, br=128, bc=32, warps=8, ring=2, pingpong=True, presplit=False)
+def check_block_mask_unaligned(rng, monkeypatch, **tiles):
+    """(q, k, v, mask): d = 32 inputs whose rows are not 16-byte aligned (views one element into padded
+    rows) and a random block mask at half density; the tf32 forward under use_tiles(**tiles), causal,
+    within the bar against SIMT."""
+    use_tiles(monkeypatch, 32, **tiles)
     bufs = [random_array(rng, (1, 150, 1, 32 + 4), "float32", FW) for _ in range(3)]
     q, k, v = (b[..., 1:33] for b in bufs)
     b1, b2 = block_sizes(32, "float32", "tf32")
@@ -377,6 +385,13 @@ def test_tf32_warp_specialised_ping_pong_block_mask_and_unaligned_rows(rng, monk
     got = run(q, k, v, "tf32", block_mask=mask, causal=True)
     monkeypatch.delenv("NUMBA_FLASH_FWD_TILES", raising=False)       # (SIMT reads it too)
     check_against_simt(q, k, v, block_mask=mask, causal=True, tf32=got)
+    return q, k, v, mask
+
+
+def test_tf32_warp_specialised_ping_pong_block_mask_and_unaligned_rows(rng, monkeypatch):
+    """Two consumer warpgroups taking turns on the tensor cores (MmaTiles.pingpong), on a block mask, with
+    rows that are not 16-byte aligned (the producer's copies by ordinary loads)."""
+    check_block_mask_unaligned(rng, monkeypatch, br=128, bc=32, warps=8, ring=2, pingpong=True, presplit=False)
 
 
 def test_tf32_synchronous_body_on_64_key_tiles(rng, monkeypatch):
@@ -448,28 +463,16 @@ def test_tf32_presplit_matches_the_synchronous_body(rng, monkeypatch, causal, Nq
     the same products: walks of several tiles and of one (Nk = 20), query rows that see no key (causal,
     Nq > Nk), padded head dims (40 -> 48), a ragged last key tile (Nk = 33, 100)."""
     q, k, v = make_qkv_arrays(rng, 2, Nq, Nk, 2, d, "float32", FW)
-    use_tiles(monkeypatch, d, ring=0, pingpong=False, split_ahead=False, presplit=False)
-    want = run(q, k, v, "tf32", causal=causal)
-    use_tiles(monkeypatch, d, ring=0, pingpong=False, split_ahead=False, presplit=True)
-    got = run(q, k, v, "tf32", causal=causal)
-    monkeypatch.delenv("NUMBA_FLASH_FWD_TILES", raising=False)       # (SIMT reads it too)
-    check_against_simt(q, k, v, causal=causal, tf32=got)
-    ref, _ = nf.attention_reference(q, k, v, causal=causal)
-    assert_same_up_to_fma(got, want, ref)
+    sync = dict(ring=0, pingpong=False, split_ahead=False)
+    check_same_as(monkeypatch, d, q, k, v, dict(sync, presplit=True), dict(sync, presplit=False), causal)
 
 
 def test_tf32_presplit_block_mask_unaligned_rows_and_nonfinite_inputs(rng, monkeypatch):
     """Pre-split on a block mask with rows that are not 16-byte aligned (Q by plain loads; the images are
     always aligned), and non-finite inputs: an infinite K element and a NaN V element reach the outputs
     as they do on the synchronous body that splits in the block."""
-    use_tiles(monkeypatch, 32, ring=0, pingpong=False, split_ahead=False, presplit=True)
-    bufs = [random_array(rng, (1, 150, 1, 32 + 4), "float32", FW) for _ in range(3)]
-    q, k, v = (b[..., 1:33] for b in bufs)
-    b1, b2 = block_sizes(32, "float32", "tf32")
-    mask = BlockMask.random(0.5, 150, 150, (b1, b1), nheads=1, seed=int(rng.integers(1 << 31)))
-    got = run(q, k, v, "tf32", block_mask=mask, causal=True)
-    monkeypatch.delenv("NUMBA_FLASH_FWD_TILES", raising=False)       # (SIMT reads it too)
-    check_against_simt(q, k, v, block_mask=mask, causal=True, tf32=got)
+    q, k, v, mask = check_block_mask_unaligned(rng, monkeypatch, ring=0, pingpong=False, split_ahead=False,
+                                               presplit=True)
     k[0, 7, 0, 3] = float("inf")
     v[0, 90, 0, 5] = float("nan")
     use_tiles(monkeypatch, 32, ring=0, pingpong=False, split_ahead=False, presplit=True)
@@ -489,11 +492,5 @@ def test_tf32_warp_specialised_on_presplit_images(rng, monkeypatch, causal, Nq, 
     protocol; any ring of >= 2 stages, 3 here) gives the synchronous body's results: walks of several
     tiles and of one (Nk = 20), rows that see no key, a padded head dim."""
     q, k, v = make_qkv_arrays(rng, 1, Nq, Nk, 2, d, "float32", FW)
-    use_tiles(monkeypatch, d, bc=32, ring=ring, presplit=True)
-    got = run(q, k, v, "tf32", causal=causal)
-    use_tiles(monkeypatch, d, bc=32, ring=0, pingpong=False, presplit=False)
-    want = run(q, k, v, "tf32", causal=causal)
-    monkeypatch.delenv("NUMBA_FLASH_FWD_TILES", raising=False)       # (SIMT reads it too)
-    check_against_simt(q, k, v, causal=causal, tf32=got)
-    ref, _ = nf.attention_reference(q, k, v, causal=causal)
-    assert_same_up_to_fma(got, want, ref)
+    check_same_as(monkeypatch, d, q, k, v, dict(bc=32, ring=ring, presplit=True),
+                  dict(bc=32, ring=0, pingpong=False, presplit=False), causal)

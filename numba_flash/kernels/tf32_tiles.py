@@ -284,6 +284,77 @@ def _make_products(bm, bn, dp, nc):
     return s_product, pv_product
 
 
+@inline_device
+def _no_split(smem, stage, tid):
+    return
+
+
+@lru_cache(maxsize=None)
+def _make_sync_steps(bm, bn, dp, between=_no_split):
+    """The synchronous bodies' products, issued, waited for and summed (each as _make_products' two
+    accumulator sets, added on the CUDA cores); addresses in bytes, base included:
+    s_step(smem, q_hi, q_lo, k_hi, k_lo, c): c = S = Q K^T of the warpgroup's rows (c zero on entry);
+    pv_step(smem, p, vt, o, stage, tid): o += P V, P split from the score fragment p into A registers,
+        Vt_hi at vt and Vt_lo after it; `between(smem, stage, tid)` runs while the first product is on
+        the tensor cores (split_ahead: the next tile's split). At DP > 64, two products of DP / 2 output
+        columns, one after the other (registers)."""
+    NCH = -(-dp // 64)
+    NC = dp // NCH
+    assert NC % 8 == 0 and NCH <= 2, dp
+    KK = bn // 8
+    s_product, pv_product = _make_products(bm, bn, dp, NC)
+    sum_s = _acc_sums(bn // 2, 0)[0]
+    add_o0 = _acc_sums(NC // 2, 0)[1]
+    add_o1 = _acc_sums(NC // 2, NC // 4)[1]
+
+    @inline_device
+    def s_step(smem, q_hi, q_lo, k_hi, k_lo, c):
+        main, corr = s_product(smem, q_hi, q_lo, k_hi, k_lo)
+        hopper.wgmma_wait_group(0)
+        sum_s(c, hopper.wgmma_fence_operand(main), hopper.wgmma_fence_operand(corr))
+
+    @inline_device
+    def pv_step(smem, p, vt, o, stage, tid):
+        ph = cuda.local.array((KK, 4), float32)
+        pl = cuda.local.array((KK, 4), float32)
+        for kk in range(KK):
+            h, lo = split_p_step(p, kk)
+            # pinned before the fence: else LLVM sinks each conversion to its wgmma and ptxas fences each
+            # wgmma apart (hopper.py, "Ordering")
+            ph[kk, 0], ph[kk, 1], ph[kk, 2], ph[kk, 3] = hopper.wgmma_fence_a(h[0], h[1], h[2], h[3])
+            pl[kk, 0], pl[kk, 1], pl[kk, 2], pl[kk, 3] = hopper.wgmma_fence_a(lo[0], lo[1], lo[2], lo[3])
+        main, corr = pv_product(smem, ph, 0, pl, 0, vt, 0)
+        between(smem, stage, tid)
+        hopper.wgmma_wait_group(0)
+        add_o0(o, hopper.wgmma_fence_operand(main), hopper.wgmma_fence_operand(corr))
+        if NCH > 1:
+            main, corr = pv_product(smem, ph, 0, pl, 0, vt, 1)
+            hopper.wgmma_wait_group(0)
+            add_o1(o, hopper.wgmma_fence_operand(main), hopper.wgmma_fence_operand(corr))
+
+    return s_step, pv_step
+
+
+@lru_cache(maxsize=None)
+def _q_loader(copy_q):
+    """TileOps.load_resident of the synchronous bodies: Q into Q_hi's image (at 0) by `copy_q`, committed."""
+    @inline_device
+    def load_resident(smem, afrag, slot, g, base, row0, nrows, stride, tid):
+        copy_q(smem, 0, g, base, row0, nrows, stride, tid)
+        ptx.cp_async_commit()
+    return load_resident
+
+
+def _sync_tile_ops(tiles, headdim, threads, smem_bytes, **ops):
+    """TileOps of a synchronous tf32 body (forward.py's loop: two stages, the block's barriers)."""
+    bn, dp = tiles.bc, tiles.padded_headdim(headdim)
+    return TileOps(
+        path="tf32", stages=2, threads=threads, smem_bytes=smem_bytes, min_blocks=max(1, tiles.min_blocks),
+        min_regs=min(255, max(128, bn // 2 + dp // 2 + 80)), frag=mma_fragment(1, bn // 8, dp // 8),
+        a_shape=(1,), a_dtype=uint32, exp2=ptx.ex2, commit=ptx.cp_async_commit, vec=None, dq=None, pipe=None,
+        ws=None, **ops)
+
+
 @lru_cache(maxsize=None)
 def make_tf32_fwd_ops(tiles, headdim, aligned):
     if tiles.ring:
@@ -298,8 +369,6 @@ def make_tf32_fwd_ops(tiles, headdim, aligned):
     assert DP <= 256 and DP % 8 == 0, headdim
     SW = swizzle_width(DP, 4)              # Q, K images: rows of DP words
     _, VSW, VP = _v_geometry(BN, DP)       # plain V rows
-    KK = BN // 8                           # k8 steps of P V
-    NT, DT = BN // 8, DP // 8
     AHEAD = bool(tiles.split_ahead)
     NB = 2 if AHEAD else 1                 # buffers of K_lo and of the Vt images
     Q_BYTES, T_BYTES, VT_BYTES = BM * DP * 4, BN * DP * 4, DP * BN * 4
@@ -313,23 +382,13 @@ def make_tf32_fwd_ops(tiles, headdim, aligned):
     for off in (OFF_QLO, OFF_K, OFF_KLO, OFF_VT, OFF_VT + VT_BYTES):
         assert off % ALIGN == 0, (off, tiles, headdim)
     QLO_W = OFF_QLO // 4
-    NCH = -(-DP // 64)                     # P V in NCH products of NC <= 64 output columns (registers)
-    NC = DP // NCH
-    assert NC % 8 == 0 and NCH <= 2, DP
-    s_product, pv_product = _make_products(BM, BN, DP, NC)
-    sum_s, _ = _acc_sums(BN // 2, 0)
-    add_o0 = _acc_sums(NC // 2, 0)[1]
-    add_o1 = _acc_sums(NC // 2, NC // 4)[1]
 
     copy_q, copy_k = (make_swizzled_copy(rows, DP, headdim, aligned, NTHREADS, elem_bytes=4)
                       for rows in (BM, BN))
     copy_v = _make_v_copy(BN, DP, headdim, aligned, NTHREADS)
     split_words, split_v = _make_splits(BN, DP, NTHREADS)
 
-    @inline_device
-    def load_resident(smem, afrag, slot, g, base, row0, nrows, stride, tid):
-        copy_q(smem, 0, g, base, row0, nrows, stride, tid)
-        ptx.cp_async_commit()
+    load_resident = _q_loader(copy_q)
 
     @inline_device
     def split_tiles(smem, stage, tid):
@@ -364,6 +423,17 @@ def make_tf32_fwd_ops(tiles, headdim, aligned):
         copy_v(smem, OFF_V + stage * V_BYTES, g1, b1, t0, n_other - t0, s1, tid)
 
     @inline_device
+    def split_next(smem, stage, tid):
+        """(split_ahead, while P V runs) the next tile, streamed since this tile began; its buffers were
+        last read by the products of the tile before this one, complete before this tile's barrier."""
+        ptx.cp_async_wait_all()
+        cuda.syncthreads()
+        split_tiles(smem, 1 - stage, tid)          # (after the last tile: stale words, never read)
+        hopper.fence_proxy_async_shared()          # then the next tile's barrier
+
+    s_step, pv_step = _make_sync_steps(BM, BN, DP, split_next if AHEAD else _no_split)
+
+    @inline_device
     def mm_nt(smem, afrag, a_slot, stage, b_slot, c, tid):
         """c = Q K^T for K tile `stage` (c is zero on entry: the body clears it), after splitting K and V
         (split_ahead: split already, during the previous tile's mm_pv or in resident_ready)."""
@@ -373,48 +443,20 @@ def make_tf32_fwd_ops(tiles, headdim, aligned):
             cuda.syncthreads()              # every split visible to every warpgroup's wgmmas
         base = base_bytes(smem)
         q = base + (tid // 128) * 64 * SW
-        main, corr = s_product(smem, q, q + OFF_QLO, base + OFF_K + stage * T_BYTES,
-                               base + OFF_KLO + (stage if AHEAD else 0) * T_BYTES)
-        hopper.wgmma_wait_group(0)
-        sum_s(c, hopper.wgmma_fence_operand(main), hopper.wgmma_fence_operand(corr))
+        s_step(smem, q, q + OFF_QLO, base + OFF_K + stage * T_BYTES,
+               base + OFF_KLO + (stage if AHEAD else 0) * T_BYTES, c)
         return
 
     @inline_device
     def mm_pv(smem, p, stage, b_slot, o, tid, lead_sync):
         """o += P V (V tile split and transposed by this tile's mm_nt; split_ahead: split earlier, and
         the next tile is split here while the product runs)."""
-        base = base_bytes(smem)
-        vt = base + OFF_VT + (stage if AHEAD else 0) * 2 * VT_BYTES
-        ph = cuda.local.array((KK, 4), float32)
-        pl = cuda.local.array((KK, 4), float32)
-        for kk in range(KK):
-            h, lo = split_p_step(p, kk)
-            # pinned before the fence: else LLVM sinks each conversion to its wgmma and ptxas fences each
-            # wgmma apart (hopper.py, "Ordering")
-            ph[kk, 0], ph[kk, 1], ph[kk, 2], ph[kk, 3] = hopper.wgmma_fence_a(h[0], h[1], h[2], h[3])
-            pl[kk, 0], pl[kk, 1], pl[kk, 2], pl[kk, 3] = hopper.wgmma_fence_a(lo[0], lo[1], lo[2], lo[3])
-        main, corr = pv_product(smem, ph, 0, pl, 0, vt, 0)
-        if AHEAD:
-            # the next tile (streamed since this tile began) while the product runs; its buffers were
-            # last read by the products of the tile before this one, complete before this tile's barrier
-            ptx.cp_async_wait_all()
-            cuda.syncthreads()
-            split_tiles(smem, 1 - stage, tid)      # (after the last tile: stale words, never read)
-            hopper.fence_proxy_async_shared()      # then the next tile's barrier
-        hopper.wgmma_wait_group(0)
-        add_o0(o, hopper.wgmma_fence_operand(main), hopper.wgmma_fence_operand(corr))
-        if NCH > 1:
-            main, corr = pv_product(smem, ph, 0, pl, 0, vt, 1)
-            hopper.wgmma_wait_group(0)
-            add_o1(o, hopper.wgmma_fence_operand(main), hopper.wgmma_fence_operand(corr))
+        pv_step(smem, p, base_bytes(smem) + OFF_VT + (stage if AHEAD else 0) * 2 * VT_BYTES, o, stage, tid)
         return
 
-    min_regs = min(255, max(128, BN // 2 + DP // 2 + 80))
-    return TileOps(
-        path="tf32", stages=2, threads=NTHREADS, smem_bytes=SMEM, min_blocks=max(1, tiles.min_blocks),
-        min_regs=min_regs, frag=mma_fragment(1, NT, DT), a_shape=(1,), a_dtype=uint32, exp2=ptx.ex2,
-        load_resident=load_resident, resident_ready=resident_ready, stream=stream, commit=ptx.cp_async_commit,
-        wait_all=ptx.cp_async_wait_all, vec=None, mm_nt=mm_nt, mm_pv=mm_pv, dq=None, pipe=None, ws=None)
+    return _sync_tile_ops(tiles, headdim, NTHREADS, SMEM, load_resident=load_resident,
+                          resident_ready=resident_ready, stream=stream, wait_all=ptx.cp_async_wait_all,
+                          mm_nt=mm_nt, mm_pv=mm_pv)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -528,8 +570,6 @@ def _make_tf32_presplit_ops(tiles, headdim, aligned):
     DP = tiles.padded_headdim(headdim)
     assert DP <= 256 and DP % 8 == 0, headdim
     SW = swizzle_width(DP, 4)
-    KK = BN // 8
-    NT, DT = BN // 8, DP // 8
     Q_BYTES, T_BYTES = BM * DP * 4, BN * DP * 4          # (a Vt image has T_BYTES too)
     OFF_QLO = Q_BYTES
     OFF_T = 2 * Q_BYTES                    # stage s at OFF_T + s STAGE: K_hi, K_lo, Vt_hi, Vt_lo
@@ -538,23 +578,14 @@ def _make_tf32_presplit_ops(tiles, headdim, aligned):
     for off in (OFF_QLO, OFF_T, T_BYTES):
         assert off % ALIGN == 0, (off, tiles, headdim)
     QLO_W = OFF_QLO // 4
-    NCH = -(-DP // 64)                     # P V in NCH products of NC <= 64 output columns (registers)
-    NC = DP // NCH
-    assert NC % 8 == 0 and NCH <= 2, DP
-    s_product, pv_product = _make_products(BM, BN, DP, NC)
-    sum_s, _ = _acc_sums(BN // 2, 0)
-    add_o0 = _acc_sums(NC // 2, 0)[1]
-    add_o1 = _acc_sums(NC // 2, NC // 4)[1]
+    s_step, pv_step = _make_sync_steps(BM, BN, DP)
 
     copy_q = make_swizzled_copy(BM, DP, headdim, aligned, NTHREADS, elem_bytes=4)
     copy_k = make_swizzled_copy(BN, DP, DP, True, NTHREADS, elem_bytes=4)       # rows of K images
     copy_vt = make_swizzled_copy(DP, BN, BN, True, NTHREADS, elem_bytes=4)      # BN columns of Vt rows
     split_words = _make_splits(BN, DP, NTHREADS)[0]
 
-    @inline_device
-    def load_resident(smem, afrag, slot, g, base, row0, nrows, stride, tid):
-        copy_q(smem, 0, g, base, row0, nrows, stride, tid)
-        ptx.cp_async_commit()
+    load_resident = _q_loader(copy_q)
 
     @inline_device
     def resident_ready(smem, afrag, tid):
@@ -581,37 +612,18 @@ def _make_tf32_presplit_ops(tiles, headdim, aligned):
         base = base_bytes(smem)
         q = base + (tid // 128) * 64 * SW
         st = base + OFF_T + stage * STAGE
-        main, corr = s_product(smem, q, q + OFF_QLO, st, st + T_BYTES)
-        hopper.wgmma_wait_group(0)
-        sum_s(c, hopper.wgmma_fence_operand(main), hopper.wgmma_fence_operand(corr))
+        s_step(smem, q, q + OFF_QLO, st, st + T_BYTES, c)
         return
 
     @inline_device
     def mm_pv(smem, p, stage, b_slot, o, tid, lead_sync):
         """o += P V with the Vt images of stage `stage`."""
-        vt = base_bytes(smem) + OFF_T + stage * STAGE + 2 * T_BYTES
-        ph = cuda.local.array((KK, 4), float32)
-        pl = cuda.local.array((KK, 4), float32)
-        for kk in range(KK):
-            h, lo = split_p_step(p, kk)
-            # pinned before the fence (make_tf32_fwd_ops' mm_pv says why)
-            ph[kk, 0], ph[kk, 1], ph[kk, 2], ph[kk, 3] = hopper.wgmma_fence_a(h[0], h[1], h[2], h[3])
-            pl[kk, 0], pl[kk, 1], pl[kk, 2], pl[kk, 3] = hopper.wgmma_fence_a(lo[0], lo[1], lo[2], lo[3])
-        main, corr = pv_product(smem, ph, 0, pl, 0, vt, 0)
-        hopper.wgmma_wait_group(0)
-        add_o0(o, hopper.wgmma_fence_operand(main), hopper.wgmma_fence_operand(corr))
-        if NCH > 1:
-            main, corr = pv_product(smem, ph, 0, pl, 0, vt, 1)
-            hopper.wgmma_wait_group(0)
-            add_o1(o, hopper.wgmma_fence_operand(main), hopper.wgmma_fence_operand(corr))
+        pv_step(smem, p, base_bytes(smem) + OFF_T + stage * STAGE + 2 * T_BYTES, o, stage, tid)
         return
 
-    min_regs = min(255, max(128, BN // 2 + DP // 2 + 80))
-    return TileOps(
-        path="tf32", stages=2, threads=NTHREADS, smem_bytes=SMEM, min_blocks=max(1, tiles.min_blocks),
-        min_regs=min_regs, frag=mma_fragment(1, NT, DT), a_shape=(1,), a_dtype=uint32, exp2=ptx.ex2,
-        load_resident=load_resident, resident_ready=resident_ready, stream=stream, commit=ptx.cp_async_commit,
-        wait_all=copies_visible, vec=None, mm_nt=mm_nt, mm_pv=mm_pv, dq=None, pipe=None, ws=None)
+    return _sync_tile_ops(tiles, headdim, NTHREADS, SMEM, load_resident=load_resident,
+                          resident_ready=resident_ready, stream=stream, wait_all=copies_visible, mm_nt=mm_nt,
+                          mm_pv=mm_pv)
 
 
 # the producer warpgroup's own named barrier (ping-pong turns take 1 and 2; a literal, so ptxas reserves 0-3)
