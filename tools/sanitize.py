@@ -116,11 +116,11 @@ CASES = [
          pingpong=True, persistent=True, tma=True, dynamic=True, l2_section=1),
     dict(path="wgmma", d=64, dtype="bfloat16", causal=True, nq=500, nk=640, aligned=True, sparse=False, ring=2,
          pingpong=True, persistent=True, tma=True, dynamic=False, l2_section=1),
-    # split TF32 (float32 on tf32 wgmma; its backward runs the SIMT kernels): the warp-specialised forward
-    # (d <= 64: a producer warpgroup copying and splitting into a ring; 2 and 4 stages, the ping-pong) and
-    # the synchronous one (d <= 128, and at d = 64 with ring 0), aligned and not, causal and a block mask;
-    # the synchronous one with the split of the next tile during the P V product (MmaTiles.split_ahead)
-    # and without
+    # split TF32 (float32 on tf32 wgmma; its backward runs the SIMT kernels): the default tiles at d = 64
+    # and 128 (the synchronous body on pre-split images), aligned and not, causal and a block mask; the
+    # synchronous body splitting in the block with the split of the next tile during the P V product
+    # (MmaTiles.split_ahead); the warp-specialised forward whose producer warpgroup copies and splits into
+    # a ring (2 and 4 stages, the ping-pong)
     dict(path="tf32", d=64, dtype="float32", causal=True, nq=333, nk=500, aligned=True, sparse=False),
     dict(path="tf32", d=128, dtype="float32", causal=False, nq=300, nk=260, aligned=False, sparse=True),
     dict(path="tf32", d=64, dtype="float32", causal=False, nq=300, nk=333, aligned=False, sparse=True,
@@ -180,7 +180,7 @@ def run(c):
             t, br=br, bc=32 if c["path"] == "tf32" else t.bc, warps=warps, a_regs=False, min_blocks=0,
             ring=c["ring"], pingpong=c.get("pingpong", False),
             late_pv_wait=False, persistent=c.get("persistent", False), tma=c.get("tma", False),
-            dynamic=c.get("dynamic", False)).override()
+            dynamic=c.get("dynamic", False), presplit=False).override()   # tf32: the splitting producer
     if c.get("fwd_tiles"):
         os.environ["NUMBA_FLASH_FWD_TILES"] = c["fwd_tiles"]             # MmaTiles.override's order
     if c.get("split_ahead"):

@@ -30,8 +30,8 @@ thread waits for its copies of tile j + 1 (streamed since the start of tile j) a
 barrier, splits, fences, and only then waits for the product. S_j + 1 then needs no barrier of its own.
 Without it the split runs between tile j + 1's arrival and its S product, with nothing to overlap.
 
-Pre-split (MmaTiles.presplit; the default, on the synchronous body). Every query tile's block splits every key tile it
-visits, so each K, V element is split N / BM times. With presplit a kernel of its own splits K and V once,
+Pre-split (MmaTiles.presplit; the default, on the synchronous body). Every query tile's block splits every
+key tile it visits, so each K, V element is split N / BM times. With presplit a kernel of its own splits K and V once,
 into images in global scratch (presplit_layout: K_hi, K_lo rows; V transposed, keys permuted, into Vt_hi,
 Vt_lo rows; 4x K's size, freed after the call), and the forward's threads copy a key tile's four images
 by cp.async into one of two stages while the previous tile is computed: the block does no splitting and
@@ -484,6 +484,31 @@ def presplit_layout(batch, nheads, nk, dp, bn):
     return (batch * nheads * 2 * nk * dp, k_st), (batch * nheads * 2 * dp * nkp, v_st)
 
 
+@lru_cache(maxsize=None)
+def _make_image_copies(bn, dp, nthreads, fixed_passes=False):
+    """Copies of one key tile's pre-split images (presplit_layout) into shared memory by cp.async (whole,
+    aligned rows), at byte offsets from the aligned start, in the layout the products read:
+    copy_k_images(smem, off, g, base, stride, t0, nk, tid): K_hi rows t0.. at off, K_lo rows at off + one
+        image (zeros past nk); g, base, stride: the kernel's K operand (the K images);
+    copy_vt_images(smem, off, g, base, stride, t0, tid): keys t0.. of the Vt_hi rows at off, of the Vt_lo
+        rows one image later; g, base, stride: the kernel's V operand (the Vt images, stride NKP)."""
+    T_BYTES = bn * dp * 4
+    copy_k = make_swizzled_copy(bn, dp, dp, True, nthreads, fixed_passes=fixed_passes, elem_bytes=4)
+    copy_vt = make_swizzled_copy(dp, bn, bn, True, nthreads, fixed_passes=fixed_passes, elem_bytes=4)
+
+    @inline_device
+    def copy_k_images(smem, off, g, base, stride, t0, nk, tid):
+        copy_k(smem, off, g, base, t0, nk - t0, stride, tid)
+        copy_k(smem, off + T_BYTES, g, base + nk * stride, t0, nk - t0, stride, tid)
+
+    @inline_device
+    def copy_vt_images(smem, off, g, base, stride, t0, tid):
+        copy_vt(smem, off, g, base + t0, 0, dp, stride, tid)
+        copy_vt(smem, off + T_BYTES, g, base + dp * stride + t0, 0, dp, stride, tid)
+
+    return copy_k_images, copy_vt_images
+
+
 _PRESPLIT_KEYS = 32           # keys per block of the splitting kernel
 _PRESPLIT_THREADS = 256
 
@@ -547,9 +572,10 @@ def presplit_launch(tiles, headdim, stream, k, v):
         views.append(replace(flat, shape=(B, NK, H, DP), strides=(*st, 1)))
     if B * H * NK == 0:
         return None, views[0], views[1]
+    nkp = presplit_keys(NK, BN)
+    grid = (nkp // _PRESPLIT_KEYS, H, B)
+    args = (k.flat, v.flat, strides3(k), strides3(v), NK, nkp, views[0].flat, views[1].flat)
     kern = make_presplit_kernel(DP, headdim)
-    grid = (presplit_keys(NK, BN) // _PRESPLIT_KEYS, H, B)
-    args = (k.flat, v.flat, strides3(k), strides3(v), NK, presplit_keys(NK, BN), views[0].flat, views[1].flat)
     return (kern, grid, stream, args), views[0], views[1]
 
 
@@ -581,8 +607,7 @@ def _make_tf32_presplit_ops(tiles, headdim, aligned):
     s_step, pv_step = _make_sync_steps(BM, BN, DP)
 
     copy_q = make_swizzled_copy(BM, DP, headdim, aligned, NTHREADS, elem_bytes=4)
-    copy_k = make_swizzled_copy(BN, DP, DP, True, NTHREADS, elem_bytes=4)       # rows of K images
-    copy_vt = make_swizzled_copy(DP, BN, BN, True, NTHREADS, elem_bytes=4)      # BN columns of Vt rows
+    copy_k_images, copy_vt_images = _make_image_copies(BN, DP, NTHREADS)
     split_words = _make_splits(BN, DP, NTHREADS)[0]
 
     load_resident = _q_loader(copy_q)
@@ -601,10 +626,8 @@ def _make_tf32_presplit_ops(tiles, headdim, aligned):
         vt images, base, NKP))."""
         g0, b0, s0, g1, b1, s1 = operands
         off = OFF_T + stage * STAGE
-        copy_k(smem, off, g0, b0, t0, n_other - t0, s0, tid)
-        copy_k(smem, off + T_BYTES, g0, b0 + n_other * s0, t0, n_other - t0, s0, tid)
-        copy_vt(smem, off + 2 * T_BYTES, g1, b1 + t0, 0, DP, s1, tid)
-        copy_vt(smem, off + 3 * T_BYTES, g1, b1 + DP * s1 + t0, 0, DP, s1, tid)
+        copy_k_images(smem, off, g0, b0, s0, t0, n_other, tid)
+        copy_vt_images(smem, off + 2 * T_BYTES, g1, b1, s1, t0, tid)
 
     @inline_device
     def mm_nt(smem, afrag, a_slot, stage, b_slot, c, tid):
@@ -780,8 +803,7 @@ def _make_tf32_ws_ops(tiles, headdim, aligned):
 
     else:
         # ---------------- or: a producer of pre-split images (the 16-bit producer's protocol, no lag) -----
-        copy_ki = make_swizzled_copy(BN, DP, DP, True, P, fixed_passes=True, elem_bytes=4)
-        copy_vt = make_swizzled_copy(DP, BN, BN, True, P, fixed_passes=True, elem_bytes=4)
+        copy_k_images, copy_vt_images = _make_image_copies(BN, DP, P, fixed_passes=True)
 
         @inline_device
         def mark(smem, bars, pstage, ptid):
@@ -801,27 +823,23 @@ def _make_tf32_ws_ops(tiles, headdim, aligned):
         def put_k(smem, bars, stage, pstage, t0, nk, src, ptid):
             """K_hi, K_lo of tile j into ring stage `stage`; then mark tile j - 1's V (or Q)."""
             g0, b0, s0, g1, b1, s1 = src
-            st = OFF_R + stage * STAGE
-            copy_ki(smem, st, g0, b0, t0, nk - t0, s0, ptid)
-            copy_ki(smem, st + T_BYTES, g0, b0 + nk * s0, t0, nk - t0, s0, ptid)
+            copy_k_images(smem, OFF_R + stage * STAGE, g0, b0, s0, t0, nk, ptid)
             ptx.cp_async_commit()
             ptx.cp_async_wait_group(1)
             mark(smem, bars, pstage, ptid)
 
         @inline_device
-        def put_v(smem, bars, stage, t0, nk, src, ptid):        
+        def put_v(smem, bars, stage, t0, nk, src, ptid):
             """Vt_hi, Vt_lo of tile j into ring stage `stage`; then mark its K images full."""
             g0, b0, s0, g1, b1, s1 = src
-            st = OFF_R + stage * STAGE + 2 * T_BYTES
-            copy_vt(smem, st, g1, b1 + t0, 0, DP, s1, ptid)
-            copy_vt(smem, st + T_BYTES, g1, b1 + DP * s1 + t0, 0, DP, s1, ptid)
+            copy_vt_images(smem, OFF_R + stage * STAGE + 2 * T_BYTES, g1, b1, s1, t0, ptid)
             ptx.cp_async_commit()
             ptx.cp_async_wait_group(1)
             hopper.fence_proxy_async_shared()
             hopper.mbarrier_arrive(bars, FULL_K + stage)
 
         @inline_device
-        def put_last(smem, bars, pstage, ptid):                 
+        def put_last(smem, bars, pstage, ptid):
             ptx.cp_async_wait_group(0)
             mark(smem, bars, pstage, ptid)
 
